@@ -1,0 +1,9 @@
+"""Encoders, masked autoencoders and checkpoint conversion. Pure nn.Modules: nothing here knows about data,
+training or the apps."""
+
+from . import hiera  # noqa: F401  (registers the Hiera names)
+from .loading import CheckpointError, LoadReport, load_pretrained, read_state_dict
+from .registry import create_model, get_config, list_models
+
+__all__ = ["CheckpointError", "LoadReport", "create_model", "get_config", "list_models", "load_pretrained",
+           "read_state_dict"]

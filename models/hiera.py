@@ -1,0 +1,383 @@
+"""Hiera: a hierarchical vision transformer with mask-unit attention (Ryali et al., 2023), image and video.
+
+Tokens are "unrolled" once after the position embedding, so that the offsets of every pooling stride become
+leading dimensions of the token axis. Then a kernel = stride max-pool is `x.view(B, stride, -1, C).amax(1)`,
+mask-unit windows are the trailing part of the token axis, and dropping masked units keeps the layout.
+State-dict keys are those of the official implementation (facebookresearch/hiera), so its checkpoints load
+as they are.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp, resample_abs_pos_embed
+from torch import nn
+
+from .registry import register_model
+
+MAE_ONLY_KEY_PREFIXES = ("mask_token", "decoder_", "encoder_norm.", "multi_scale_fusion_heads.")
+
+
+@dataclass(frozen=True)
+class HieraConfig:
+    input_size: tuple[int, ...] = (224, 224)  # (H, W) or (T, H, W)
+    in_chans: int = 3
+    embed_dim: int = 96
+    num_heads: int = 1
+    num_classes: int = 1000  # 0: no classifier, forward returns pooled features
+    stages: tuple[int, ...] = (2, 3, 16, 3)
+    q_pool: int = 3  # number of stage transitions that pool
+    q_stride: tuple[int, ...] = (2, 2)
+    mask_unit_size: tuple[int, ...] = (8, 8)  # in tokens; equals q_stride ** (len(stages) - 1)
+    mask_unit_attn: tuple[bool, ...] = (True, True, False, False)
+    dim_mul: float = 2.0
+    head_mul: float = 2.0
+    patch_kernel: tuple[int, ...] = (7, 7)
+    patch_stride: tuple[int, ...] = (4, 4)
+    patch_padding: tuple[int, ...] = (3, 3)
+    mlp_ratio: float = 4.0
+    drop_path_rate: float = 0.0
+    head_dropout: float = 0.0
+    head_init_scale: float = 0.001
+    sep_pos_embed: bool = False  # video: separate spatial and temporal position embeddings
+
+    def __post_init__(self):
+        dims = len(self.input_size)
+        for field in ("q_stride", "mask_unit_size", "patch_kernel", "patch_stride", "patch_padding"):
+            if len(getattr(self, field)) != dims:
+                raise ValueError(f"Hiera: {field}={getattr(self, field)} needs {dims} entries like input_size")
+        if not 0 <= self.q_pool < len(self.stages):
+            raise ValueError(f"Hiera: q_pool={self.q_pool} must be in [0, {len(self.stages) - 1}]")
+        if len(self.mask_unit_attn) != len(self.stages):
+            raise ValueError("Hiera: mask_unit_attn needs one flag per stage")
+        unroll = tuple(s ** (len(self.stages) - 1) for s in self.q_stride)
+        if self.mask_unit_size != unroll:
+            raise ValueError(f"Hiera: mask_unit_size {self.mask_unit_size} must equal q_stride ** (stages - 1) "
+                             f"= {unroll}")
+        if self.sep_pos_embed and dims != 3:
+            raise ValueError("Hiera: sep_pos_embed needs a video input_size (T, H, W)")
+        for size, patch, unit in zip(self.input_size, self.patch_stride, self.mask_unit_size):
+            if size % patch or (size // patch) % unit:
+                raise ValueError(
+                    f"Hiera: input_size {self.input_size} / patch_stride {self.patch_stride} must give a token "
+                    f"grid divisible by the mask unit {self.mask_unit_size}"
+                )
+
+    @property
+    def token_grid(self) -> tuple[int, ...]:
+        return tuple(i // s for i, s in zip(self.input_size, self.patch_stride))
+
+    @property
+    def mask_unit_grid(self) -> tuple[int, ...]:
+        return tuple(t // u for t, u in zip(self.token_grid, self.mask_unit_size))
+
+    @property
+    def num_mask_units(self) -> int:
+        return math.prod(self.mask_unit_grid)
+
+    @property
+    def stage_ends(self) -> list[int]:
+        return [sum(self.stages[: i + 1]) - 1 for i in range(len(self.stages))]
+
+
+def max_pool_unrolled(x: torch.Tensor, stride: int) -> torch.Tensor:
+    """[B, stride * N, C] unrolled tokens -> [B, N, C]: a kernel = stride max-pool over the leading offsets."""
+    return x.view(x.shape[0], stride, -1, x.shape[-1]).amax(dim=1)
+
+
+class Unroll:
+    """Token reordering between spatial order and the unrolled layout.
+
+    With strides s_0..s_{L-1} per dimension, unrolled tokens are ordered [s_0, s_1, ..., s_{L-1}, grid / prod(s)]
+    (each s_l expanded over the spatial dims), s_0 being the finest offset. After pooling p times, the first p
+    offset groups are gone and the layout is [s_p, ..., s_{L-1}, grid / prod(s)].
+    """
+
+    def __init__(self, token_grid: tuple[int, ...], strides: list[tuple[int, ...]]):
+        self.grid, self.strides, self.dims = token_grid, strides, len(token_grid)
+        self.base = tuple(g // math.prod(s[d] for s in strides) for d, g in enumerate(token_grid))
+
+    def unroll(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, N, C] tokens in spatial order -> [B, N, C] unrolled."""
+        B, N, C = x.shape
+        levels = len(self.strides)
+        shape = []  # per dim d: [base_d, s_{L-1,d}, ..., s_{0,d}], s_0 the finest offset
+        for d in range(self.dims):
+            shape += [self.base[d]] + [self.strides[lv][d] for lv in reversed(range(levels))]
+        offset_axes = [1 + d * (levels + 1) + levels - lv for lv in range(levels) for d in range(self.dims)]
+        base_axes = [1 + d * (levels + 1) for d in range(self.dims)]
+        return x.view(B, *shape, C).permute(0, *offset_axes, *base_axes, len(shape) + 1).reshape(B, N, C)
+
+    def reroll(self, x: torch.Tensor, done: int, sparse: bool = False) -> torch.Tensor:
+        """Unrolled tokens after `done` poolings -> spatial order.
+
+        Dense: [B, N, C] -> [B, *grid_now, C]. Sparse (masked units dropped): [B, N, C] ->
+        [B, #kept units, *unit_shape_now, C], units in ascending index order.
+        """
+        B, N, C = x.shape
+        remaining = self.strides[done:]
+        flat_levels = [s[d] for s in remaining for d in range(self.dims)]
+        unit_now = [math.prod(s[d] for s in remaining) for d in range(self.dims)]
+        # Source axes: 1 + i for the remaining offsets (level-major), then the unit axes.
+        level_axis = {(lv, d): 1 + (lv - done) * self.dims + d for lv in range(done, len(self.strides))
+                      for d in range(self.dims)}
+        offsets_of = [[level_axis[(lv, d)] for lv in range(len(self.strides) - 1, done - 1, -1)]
+                      for d in range(self.dims)]
+        first_unit_axis = 1 + len(flat_levels)
+        if sparse:
+            x = x.view(B, *flat_levels, -1, C)
+            order = [0, first_unit_axis] + sum(offsets_of, []) + [first_unit_axis + 1]
+            return x.permute(order).reshape(B, -1, *unit_now, C)
+        x = x.view(B, *flat_levels, *self.base, C)
+        order = [0] + sum(([first_unit_axis + d] + offsets_of[d] for d in range(self.dims)), [])
+        grid_now = [b * u for b, u in zip(self.base, unit_now)]
+        return x.permute(*order, len(x.shape) - 1).reshape(B, *grid_now, C)
+
+
+class MaskUnitAttention(nn.Module):
+    """Attention within mask units (or global), with optional max-pooling of q over the leading offsets."""
+
+    def __init__(self, dim: int, dim_out: int, heads: int, q_stride: int = 1, window_size: int = 0,
+                 use_mask_unit_attn: bool = False):
+        super().__init__()
+        self.dim_out, self.heads, self.q_stride = dim_out, heads, q_stride
+        self.head_dim = dim_out // heads
+        self.window_size, self.use_mask_unit_attn = window_size, use_mask_unit_attn
+        self.qkv = nn.Linear(dim, 3 * dim_out)
+        self.proj = nn.Linear(dim_out, dim_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, N, dim] unrolled -> [B, N / q_stride, dim_out]."""
+        B, N, _ = x.shape
+        windows = N // (self.q_stride * self.window_size) if self.use_mask_unit_attn else 1
+        tokens = N // windows
+        # Windows are folded into the batch so that SDPA sees contiguous 4-D [B, heads * windows, tokens, hd].
+        qkv = self.qkv(x).view(B, tokens, windows, 3, self.heads, self.head_dim)
+        q, k, v = qkv.permute(3, 0, 4, 2, 1, 5).reshape(3, B, self.heads * windows, tokens, self.head_dim)
+        if self.q_stride > 1:
+            q = q.view(B, self.heads * windows, self.q_stride, -1, self.head_dim).amax(dim=2)
+        x = F.scaled_dot_product_attention(q, k, v)
+        x = x.view(B, self.heads, windows, -1, self.head_dim).permute(0, 3, 2, 1, 4).reshape(B, -1, self.dim_out)
+        return self.proj(x)
+
+
+class HieraBlock(nn.Module):
+    def __init__(self, dim: int, dim_out: int, heads: int, mlp_ratio: float, drop_path: float,
+                 q_stride: int, window_size: int, use_mask_unit_attn: bool):
+        super().__init__()
+        self.dim, self.dim_out = dim, dim_out
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = MaskUnitAttention(dim, dim_out, heads, q_stride, window_size, use_mask_unit_attn)
+        self.norm2 = nn.LayerNorm(dim_out, eps=1e-6)
+        self.mlp = Mlp(dim_out, int(dim_out * mlp_ratio), act_layer=nn.GELU)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        if dim != dim_out:
+            self.proj = nn.Linear(dim, dim_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, N, dim] -> [B, N / q_stride, dim_out]."""
+        x_norm = self.norm1(x)
+        if self.dim != self.dim_out:
+            # The residual at a dim change is the projection of the *normed* input, pooled like q.
+            x = max_pool_unrolled(self.proj(x_norm), self.attn.q_stride)
+        x = x + self.drop_path(self.attn(x_norm))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, proj: nn.Module):
+        super().__init__()
+        self.proj = proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, (T,) H, W] -> [B, N, C0] in spatial order."""
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Head(nn.Module):
+    """Dropout + linear classifier on pooled features; returns logits (the official one softmaxes in eval)."""
+
+    def __init__(self, dim: int, num_classes: int, dropout: float):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.projection = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projection(self.dropout(x))
+
+
+class Hiera(nn.Module):
+    foreign_key_prefixes = MAE_ONLY_KEY_PREFIXES
+
+    def __init__(self, config: HieraConfig):
+        super().__init__()
+        self.config = cfg = config
+        self.token_grid = cfg.token_grid
+        self.mask_unit_grid = cfg.mask_unit_grid
+        self.stage_ends = cfg.stage_ends
+        self.mu_size = math.prod(cfg.mask_unit_size)
+        self.q_pool_blocks = [end + 1 for end in self.stage_ends[: cfg.q_pool]]
+        flat_q_stride = math.prod(cfg.q_stride)
+
+        conv = (nn.Conv2d, nn.Conv3d)[len(cfg.input_size) - 2]
+        self.patch_embed = PatchEmbed(conv(cfg.in_chans, cfg.embed_dim, cfg.patch_kernel, cfg.patch_stride,
+                                           cfg.patch_padding))
+        if cfg.sep_pos_embed:
+            self.pos_embed_spatial = nn.Parameter(torch.zeros(1, math.prod(self.token_grid[1:]), cfg.embed_dim))
+            self.pos_embed_temporal = nn.Parameter(torch.zeros(1, self.token_grid[0], cfg.embed_dim))
+        else:
+            self.pos_embed = nn.Parameter(torch.zeros(1, math.prod(self.token_grid), cfg.embed_dim))
+        self.unroller = Unroll(self.token_grid, [cfg.q_stride] * (len(cfg.stages) - 1))
+
+        depth = sum(cfg.stages)
+        drop_path = torch.linspace(0, cfg.drop_path_rate, depth).tolist()
+        dim, heads, stage, window = cfg.embed_dim, cfg.num_heads, 0, self.mu_size
+        self.blocks = nn.ModuleList()
+        for i in range(depth):
+            dim_out = dim
+            # The flag is read before the stage counter moves: the first block of a stage keeps the
+            # previous stage's attention kind (the official "lag by 1 block").
+            use_mask_unit_attn = cfg.mask_unit_attn[stage]
+            if i - 1 in self.stage_ends:
+                dim_out, heads, stage = int(dim * cfg.dim_mul), int(heads * cfg.head_mul), stage + 1
+                if i in self.q_pool_blocks:
+                    window //= flat_q_stride
+            q_stride = flat_q_stride if i in self.q_pool_blocks else 1
+            self.blocks.append(HieraBlock(dim, dim_out, heads, cfg.mlp_ratio, drop_path[i], q_stride, window,
+                                          use_mask_unit_attn))
+            dim = dim_out
+        self.num_features = dim
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head = Head(dim, cfg.num_classes, cfg.head_dropout) if cfg.num_classes > 0 else nn.Identity()
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for p in (self.pos_embed_spatial, self.pos_embed_temporal) if self.config.sep_pos_embed else (self.pos_embed,):
+            nn.init.trunc_normal_(p, std=0.02)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv3d)):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if isinstance(m, nn.Linear):
+                    nn.init.constant_(m.bias, 0.02)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.constant_(m.bias, 0.02)
+                nn.init.constant_(m.weight, 1.0)
+        if isinstance(self.head, Head):
+            self.head.projection.weight.data.mul_(self.config.head_init_scale)
+            self.head.projection.bias.data.mul_(self.config.head_init_scale)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed_spatial", "pos_embed_temporal"} if self.config.sep_pos_embed else {"pos_embed"}
+
+    def get_pos_embed(self) -> torch.Tensor:
+        """[1, N, C] in spatial order."""
+        if self.config.sep_pos_embed:
+            return (self.pos_embed_temporal[:, :, None] + self.pos_embed_spatial[:, None]).flatten(1, 2)
+        return self.pos_embed
+
+    def stage_pool_counts(self) -> list[int]:
+        """How many poolings have happened by the end of each stage."""
+        return [min(i, self.config.q_pool) for i in range(len(self.config.stages))]
+
+    def embed(self, x: torch.Tensor, keep_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Pixels [B, C, (T,) H, W] -> unrolled tokens [B, N, C0]; with `keep_idx` [B, K] (ascending mask-unit
+        indices) only the kept units: [B, mu_size * K, C0]. Masked pixels are zeroed before the overlapping
+        patch conv so they cannot leak into kept tokens."""
+        B = x.shape[0]
+        if keep_idx is not None:
+            keep = torch.zeros(B, self.config.num_mask_units, device=x.device, dtype=x.dtype)
+            keep = keep.scatter(1, keep_idx, 1.0).view(B, 1, *self.mask_unit_grid)
+            x = x * F.interpolate(keep, size=x.shape[2:])
+        x = self.patch_embed(x)
+        x = self.unroller.unroll(x + self.get_pos_embed())
+        if keep_idx is None:
+            return x
+        C, K = x.shape[-1], keep_idx.shape[1]
+        x = x.view(B, self.mu_size, -1, C)
+        return x.gather(2, keep_idx[:, None, :, None].expand(B, self.mu_size, K, C)).reshape(B, -1, C)
+
+    def forward_stages(self, x: torch.Tensor, keep_idx: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The output of every stage, unrolled: [B, N_s, C_s]."""
+        x = self.embed(x, keep_idx)
+        outputs = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i in self.stage_ends:
+                outputs.append(x)
+        return outputs
+
+    def forward_intermediates(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Stage outputs in spatial order: [B, (T,) H_s, W_s, C_s]; with `mask` [B, #MU] bool (True = keep),
+        [B, #kept, *unit_shape_s, C_s]."""
+        keep_idx = None if mask is None else mask_to_keep_indices(mask)
+        stages = self.forward_stages(x, keep_idx)
+        return [self.unroller.reroll(s, done, sparse=mask is not None)
+                for s, done in zip(stages, self.stage_pool_counts())]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, (T,) H, W] -> pooled, normed features [B, num_features]."""
+        return self.norm(self.forward_stages(x)[-1].mean(dim=1))
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, (T,) H, W] -> logits [B, num_classes]."""
+        return self.forward_head(self.forward_features(x))
+
+    def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Official or timm keys -> ours; position embeddings resampled to this model's token grid."""
+        renamed = {}
+        for key, value in state_dict.items():
+            key = key.replace("head.fc.", "head.projection.")
+            if key.startswith("head.norm."):
+                key = key[len("head."):]
+            renamed[key] = value
+        for key, target in self.state_dict().items():
+            if key.startswith("pos_embed") and key in renamed and renamed[key].shape != target.shape:
+                renamed[key] = self._resample_pos_embed(key, renamed[key])
+        return renamed
+
+    def _resample_pos_embed(self, key: str, pos: torch.Tensor) -> torch.Tensor:
+        """Interpolate a [1, N, C] embedding: bicubic over a square spatial grid, linear over time."""
+        if key == "pos_embed_temporal":
+            resized = F.interpolate(pos.transpose(1, 2), size=self.token_grid[0], mode="linear", align_corners=False)
+            return resized.transpose(1, 2)
+        grid = self.token_grid[-2:]
+        if key == "pos_embed" and len(self.token_grid) == 3:
+            raise ValueError("a single pos_embed cannot be resampled to a video grid; use sep_pos_embed")
+        side = math.isqrt(pos.shape[1])
+        if side * side != pos.shape[1]:
+            raise ValueError(f"{key}: cannot resample {pos.shape[1]} positions (not a square grid) to {grid}")
+        return resample_abs_pos_embed(pos, list(grid), [side, side], num_prefix_tokens=0)
+
+
+def mask_to_keep_indices(mask: torch.Tensor) -> torch.Tensor:
+    """[B, #MU] bool (True = keep, the same count per sample) -> ascending kept indices [B, K].
+
+    Reads the count on the host: the MAE path draws keep indices directly and never calls this.
+    """
+    num_keep = int(mask[0].sum())
+    order = torch.argsort(mask.to(torch.int8), dim=1, descending=True, stable=True)[:, :num_keep]
+    return order.sort(dim=1).values
+
+
+_IMAGE = dict(input_size=(224, 224))
+_VIDEO = dict(input_size=(16, 224, 224), num_classes=400, q_stride=(1, 2, 2), mask_unit_size=(1, 8, 8),
+              patch_kernel=(3, 7, 7), patch_stride=(2, 4, 4), patch_padding=(1, 3, 3), sep_pos_embed=True)
+_SIZES = {
+    "tiny": dict(embed_dim=96, num_heads=1, stages=(1, 2, 7, 2)),
+    "small": dict(embed_dim=96, num_heads=1, stages=(1, 2, 11, 2)),
+    "base": dict(embed_dim=96, num_heads=1, stages=(2, 3, 16, 3)),
+    "base_plus": dict(embed_dim=112, num_heads=2, stages=(2, 3, 16, 3)),
+    "large": dict(embed_dim=144, num_heads=2, stages=(2, 6, 36, 4)),
+    "huge": dict(embed_dim=256, num_heads=4, stages=(2, 6, 36, 4)),
+}
+for _size, _arch in _SIZES.items():
+    register_model(f"hiera_{_size}_224", Hiera, HieraConfig(**_IMAGE, **_arch))
+    if _size not in ("tiny", "small"):
+        register_model(f"hiera_{_size}_16x224", Hiera, HieraConfig(**_VIDEO, **_arch))
