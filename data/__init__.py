@@ -1,0 +1,33 @@
+"""Video and image data pipeline: tar shards -> decoded clips -> augmented, masked batches.
+
+See ``data/stream.py`` for how epochs are planned (deterministic, evenly split, resumable) and
+``data/loader.py`` for the batch format.
+"""
+
+from .decode import DecodeError, VideoInfo, decode_image, decode_video, probe_video
+from .loader import DataFailureError, ShardLoader
+from .masking import num_kept, random_mask
+from .samples import SampleConfig, SampleProcessor, position_rng
+from .shards import SampleError, ShardReader, ShardSet
+from .stream import ShardStream, epoch_order, rank_batches
+
+__all__ = [
+    "DataFailureError",
+    "DecodeError",
+    "SampleConfig",
+    "SampleError",
+    "SampleProcessor",
+    "ShardLoader",
+    "ShardReader",
+    "ShardSet",
+    "ShardStream",
+    "VideoInfo",
+    "decode_image",
+    "decode_video",
+    "epoch_order",
+    "num_kept",
+    "position_rng",
+    "probe_video",
+    "random_mask",
+    "rank_batches",
+]

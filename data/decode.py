@@ -1,0 +1,164 @@
+"""Decoding videos and images from bytes held in memory.
+
+Video frames are chosen by presentation time, not by frame count, so variable frame rates and streams that
+do not start at zero are handled: the frame shown at time ``t`` is the last frame whose timestamp is <= t.
+Only frames that some requested time selects are converted to RGB (the conversion costs ~6x the decoding,
+REFERENCE.md §6), and decoding starts from a seek to the key frame before the earliest requested time.
+
+Short videos: a requested time past the last frame gets the last frame (the clip "freezes" at the end), and
+a time before the first frame gets the first frame. Audio and other streams are never demuxed.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+from fractions import Fraction
+
+import av
+import numpy as np
+from PIL import Image
+
+VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "avi", "mov", "m4v", "mpg", "mpeg")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff")
+
+
+class DecodeError(ValueError):
+    """The bytes are not a decodable video or image."""
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    duration: float  # seconds of video, measured from the first frame
+    fps: float  # average frame rate; 30 when the container does not say
+    width: int
+    height: int
+
+
+def _open(data: bytes):
+    if not data:
+        raise DecodeError("zero-byte input")
+    try:
+        container = av.open(io.BytesIO(data), mode="r")
+    except (av.FFmpegError, UnicodeDecodeError) as e:
+        raise DecodeError(f"unreadable container: {e}") from e
+    if not container.streams.video:
+        container.close()
+        raise DecodeError("no video stream")
+    return container
+
+
+def _stream_info(container) -> tuple[VideoInfo, float]:
+    """(info, start) where ``start`` is the stream's first timestamp in seconds."""
+    stream = container.streams.video[0]
+    time_base = stream.time_base or Fraction(1, 1_000_000)
+    start = float((stream.start_time or 0) * time_base)
+    fps = float(stream.average_rate or stream.guessed_rate or 30)
+    if stream.duration:
+        duration = float(stream.duration * time_base)
+    elif container.duration:
+        duration = container.duration / av.time_base - start
+    elif stream.frames:
+        duration = stream.frames / fps
+    else:
+        duration = 0.0  # unknown: every clip starts at 0 and repeats its last frame if needed
+    ctx = stream.codec_context
+    return VideoInfo(duration=max(duration, 0.0), fps=fps, width=ctx.width, height=ctx.height), start
+
+
+def probe_video(data: bytes) -> VideoInfo:
+    """Container metadata plus a check that a first frame decodes. Raises ``DecodeError``."""
+    container = _open(data)
+    try:
+        info, _ = _stream_info(container)
+        try:
+            next(container.decode(video=0))
+        except (av.FFmpegError, StopIteration) as e:
+            raise DecodeError(f"no decodable frame: {e}") from e
+        return info
+    finally:
+        container.close()
+
+
+def decode_video(
+    data: bytes, choose_times: Callable[[VideoInfo], np.ndarray]
+) -> tuple[np.ndarray, VideoInfo]:
+    """Frames shown at ``choose_times(info)`` (seconds from the first frame, any order, repeats allowed);
+    the callback sees the metadata before any frame is decoded, so the container is opened once.
+
+    Returns (frames [len(times), H, W, 3] uint8 RGB, info). Raises ``DecodeError``.
+    """
+    container = _open(data)
+    try:
+        info, start = _stream_info(container)
+        times = np.asarray(choose_times(info), dtype=np.float64)
+        try:
+            frames = _frames_at(container, start, times)
+        except av.FFmpegError as e:
+            raise DecodeError(f"decoding failed: {e}") from e
+    finally:
+        container.close()
+    return frames, info
+
+
+def _frames_at(container, start: float, times: np.ndarray) -> np.ndarray:
+    stream = container.streams.video[0]
+    order = np.argsort(times, kind="stable")
+    wanted = times[order] + start
+    seek_to = wanted[0]
+    if seek_to > start:
+        # Seeking is advisory: if the demuxer lands after the target we rewind and decode from the start.
+        container.seek(int(seek_to / stream.time_base), stream=stream, backward=True, any_frame=False)
+    selected = _select(container.decode(stream), wanted, rewind_ok=seek_to > start)
+    if selected is None:
+        container.seek(0, stream=stream, backward=True, any_frame=False)
+        selected = _select(container.decode(stream), wanted, rewind_ok=False)
+    if not selected:
+        raise DecodeError("no decodable frame")
+    rgb = {}  # frame id -> array, so a frame picked by several times converts once
+    out = np.empty((len(times), *_rgb(selected[0], rgb).shape), dtype=np.uint8)
+    for slot, frame in zip(order, selected):
+        out[slot] = _rgb(frame, rgb)
+    return out
+
+
+def _rgb(frame, cache: dict) -> np.ndarray:
+    key = id(frame)
+    if key not in cache:
+        cache[key] = frame.to_ndarray(format="rgb24")
+    return cache[key]
+
+
+def _select(frames, wanted: np.ndarray, rewind_ok: bool):
+    """For sorted ``wanted`` times, the frame on screen at each; None if the first frame overshot.
+
+    After the last frame every remaining time gets the last frame (short-video policy).
+    """
+    eps = 1e-6
+    picked, previous, i = [], None, 0
+    for frame in frames:
+        if frame.time is None:
+            continue
+        if previous is None and rewind_ok and frame.time > wanted[0] + eps:
+            return None
+        while i < len(wanted) and frame.time > wanted[i] + eps:
+            picked.append(previous if previous is not None else frame)
+            i += 1
+        if i == len(wanted):
+            break
+        previous = frame
+    if previous is not None:
+        picked.extend([previous] * (len(wanted) - i))
+    return picked
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """An image [H, W, 3] uint8 RGB. Raises ``DecodeError``."""
+    if not data:
+        raise DecodeError("zero-byte input")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return np.asarray(image.convert("RGB"))
+    except (OSError, Image.DecompressionBombError, SyntaxError) as e:
+        raise DecodeError(f"unreadable image: {e}") from e

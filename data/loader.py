@@ -1,0 +1,121 @@
+"""The training/evaluation batch loader: torch DataLoader workers over a ``ShardStream``, plus its position.
+
+Batches are dicts; N = (samples that decoded) x views, views of one sample adjacent:
+
+- ``video`` float32 [N, 3, T, S, S] (or ``image`` [N, 3, S, S]), normalised;
+- ``label`` int64 [N] (-1 when unlabelled), ``index`` int64 [N] (epoch position), ``view`` int64 [N]
+  (repeat r in training, ``t * spatial_views + s`` in evaluation), ``valid`` bool [N], ``key`` list[str];
+- ``mask`` bool [N, #MU] (True = keep) when ``SampleConfig.mask_grid`` is set;
+- ``num_samples`` int (planned samples) and ``failures`` [(shard, key, reason)] for this batch.
+
+Tensors stay on the CPU: the caller moves them to its device (do not hand this loader to
+``accelerator.prepare``, which re-shards it).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from torch.utils.data import DataLoader
+
+from .samples import SampleConfig
+from .shards import ShardSet
+from .stream import ShardStream, rank_batches
+
+
+class DataFailureError(RuntimeError):
+    """Too many samples failed to decode."""
+
+
+def _no_collate(batch):
+    return batch  # the stream yields finished batches
+
+
+class ShardLoader:
+    """Iterates the rest of the current epoch, then moves to the next one; ``len()`` is batches per epoch.
+
+    ``state_dict()`` after consuming k batches, restored with ``load_state_dict`` into a fresh loader with
+    the same arguments (any ``num_workers``), continues with exactly batch k + 1 of that epoch.
+    More than ``max_fail_fraction`` failed samples (checked once ``min_samples_checked`` were tried) raises
+    ``DataFailureError`` naming the shards.
+    """
+
+    def __init__(
+        self,
+        shards: str | Path | ShardSet,
+        sample: SampleConfig,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        max_fail_fraction: float = 0.05,
+        min_samples_checked: int = 100,
+        prefetch_factor: int = 2,
+        pin_memory: bool = False,
+    ):
+        self.shards = shards if isinstance(shards, ShardSet) else ShardSet.load(shards)
+        self.sample, self.batch_size, self.seed = sample, batch_size, seed
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.shuffle, self.drop_last = shuffle, drop_last
+        self.max_fail_fraction, self.min_samples_checked = max_fail_fraction, min_samples_checked
+        self.loader_kwargs = {"pin_memory": pin_memory}
+        if num_workers:
+            self.loader_kwargs["prefetch_factor"] = prefetch_factor
+        self.epoch = 0
+        self.consumed = 0  # batches of ``epoch`` already handed out
+        self.tried = 0
+        self.failed: Counter[str] = Counter()  # shard name -> failed samples
+
+    def __len__(self) -> int:
+        return len(rank_batches(self.shards.num_samples, self.batch_size, self.rank, self.world_size,
+                                self.drop_last))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.shards.classes)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.consumed = epoch, 0
+
+    def __iter__(self):
+        stream = ShardStream(self.shards, self.sample, self.batch_size, self.seed, self.epoch, self.consumed,
+                             self.rank, self.world_size, self.shuffle, self.drop_last)
+        loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, collate_fn=_no_collate,
+                            **self.loader_kwargs)
+        for batch in loader:
+            self.consumed += 1
+            self._count(batch)
+            yield batch
+        self.set_epoch(self.epoch + 1)
+
+    def _count(self, batch: dict) -> None:
+        self.tried += batch["num_samples"]
+        self.failed.update(shard for shard, _, _ in batch["failures"])
+        failed = sum(self.failed.values())
+        if self.tried >= self.min_samples_checked and failed > self.max_fail_fraction * self.tried:
+            worst = ", ".join(f"{name} ({n})" for name, n in self.failed.most_common())
+            raise DataFailureError(
+                f"{failed} of {self.tried} samples failed to load (more than {self.max_fail_fraction:.0%}); "
+                f"failures by shard: {worst}; the last: {batch['failures'][-1:]}"
+            )
+
+    @property
+    def stats(self) -> dict:
+        """Counts for logging: samples tried and failed since construction (or the restored state)."""
+        return {"samples_tried": self.tried, "samples_failed": sum(self.failed.values()),
+                "failed_by_shard": dict(self.failed)}
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed, "tried": self.tried,
+                "failed": dict(self.failed)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["seed"] != self.seed:
+            raise ValueError(f"data state was saved with seed {state['seed']}, this loader has {self.seed}")
+        self.epoch, self.consumed = state["epoch"], state["consumed"]
+        self.tried, self.failed = state["tried"], Counter(state["failed"])

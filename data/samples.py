@@ -1,0 +1,134 @@
+"""From one sample's bytes to its training or evaluation views.
+
+A video is decoded once for all of its views: the R clips of repeated sampling (mae_st's trick) or the
+S x T evaluation views. Every random choice comes from ``position_rng(seed, epoch, index, view, purpose)``,
+where ``index`` is the sample's position in the epoch order, so results do not depend on the worker layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from .decode import IMAGE_EXTENSIONS, VideoInfo, decode_image, decode_video
+from .masking import random_mask
+from .transforms import (
+    ClipRandAugment,
+    clip_span,
+    clip_times,
+    crop_resize,
+    normalize,
+    random_clip_start,
+    random_resized_crop_box,
+    spatial_view_boxes,
+    uniform_clip_starts,
+)
+
+_PURPOSES = {"clip": 0, "crop": 1, "flip": 2, "augment": 3, "mask": 4}
+
+
+def position_rng(seed: int, epoch: int, index: int, view: int, purpose: str) -> np.random.Generator:
+    """The generator for one random choice of one view of one sample; one stream per purpose, so turning
+    an augmentation off does not change the clips or masks of the others."""
+    return np.random.default_rng([seed, epoch, index, view, _PURPOSES[purpose]])
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """How a sample becomes views. Defaults follow the Hiera K400 MAE recipe (REFERENCE.md §4).
+
+    Train: ``repeats`` views per sample, each a random clip + random resized crop (+ flip, RandAugment).
+    Eval (``train=False``): ``temporal_views`` uniformly spaced clips x ``spatial_views`` short-side crops,
+    view index ``t * spatial_views + s``. Images use the same path with one frame and come out [3, S, S].
+    """
+
+    train: bool = True
+    num_frames: int = 16
+    sampling_rate: int = 4
+    target_fps: float | None = 30.0  # frame spacing is sampling_rate / target_fps; None: the video's rate
+    crop_size: int = 224
+    scale: tuple[float, float] = (0.5, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    rand_augment: str | None = None  # timm config string, e.g. "rand-m7-n4-mstd0.5-inc1"
+    mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
+    std: tuple[float, float, float] = IMAGENET_DEFAULT_STD
+    repeats: int = 1
+    spatial_views: int = 1
+    temporal_views: int = 1
+    mask_grid: tuple[int, ...] | None = None  # mask-unit grid, e.g. (8, 7, 7); None: no mask
+    mask_ratio: float = 0.9
+
+    @property
+    def num_views(self) -> int:
+        return self.repeats if self.train else self.spatial_views * self.temporal_views
+
+    def view_shape(self, is_image: bool) -> tuple[int, ...]:
+        s = self.crop_size
+        return (3, s, s) if is_image else (3, self.num_frames, s, s)
+
+
+class SampleProcessor:
+    """Callable: (bytes, extension, seed, epoch, index) -> list of ``num_views`` dicts with
+    ``pixels`` float32 [3, T, S, S] (video) or [3, S, S] (image) and ``mask`` bool [#MU] when configured.
+    Raises ``decode.DecodeError`` for undecodable input."""
+
+    def __init__(self, config: SampleConfig):
+        self.config = config
+        self.rand_augment = (
+            ClipRandAugment(config.rand_augment, config.mean) if config.train and config.rand_augment else None
+        )
+
+    def __call__(self, data: bytes, ext: str, seed: int, epoch: int, index: int) -> list[dict]:
+        cfg = self.config
+        is_image = ext.lower() in IMAGE_EXTENSIONS
+        if is_image:  # one frame, shared by every view (use temporal_views=1 for images)
+            clips = [decode_image(data)[None]] * cfg.num_views
+        else:
+            clips = self._decode_clips(data, seed, epoch, index)
+        views = []
+        for v, clip in enumerate(clips):
+            pixels = self._spatial(torch.from_numpy(clip), seed, epoch, index, v)
+            view = {"pixels": pixels[:, 0] if is_image else pixels}
+            if cfg.mask_grid is not None:
+                rng = position_rng(seed, epoch, index, v, "mask")
+                view["mask"] = torch.from_numpy(random_mask(cfg.mask_grid, cfg.mask_ratio, rng))
+            views.append(view)
+        return views
+
+    def _decode_clips(self, data: bytes, seed: int, epoch: int, index: int) -> list[np.ndarray]:
+        """One decode for all views; returns [T, H, W, 3] uint8 per view (in view order)."""
+        cfg = self.config
+
+        def choose_times(info: VideoInfo) -> np.ndarray:
+            fps = cfg.target_fps or info.fps
+            span = clip_span(fps, cfg.num_frames, cfg.sampling_rate)
+            if cfg.train:
+                starts = [random_clip_start(info.duration, span, position_rng(seed, epoch, index, r, "clip"))
+                          for r in range(cfg.repeats)]
+            else:
+                starts = np.repeat(uniform_clip_starts(info.duration, span, cfg.temporal_views),
+                                   cfg.spatial_views)
+            return np.concatenate([clip_times(s, fps, cfg.num_frames, cfg.sampling_rate) for s in starts])
+
+        frames, _ = decode_video(data, choose_times)
+        return list(frames.reshape(cfg.num_views, cfg.num_frames, *frames.shape[1:]))
+
+    def _spatial(self, clip: torch.Tensor, seed: int, epoch: int, index: int, view: int) -> torch.Tensor:
+        """clip [T, H, W, 3] uint8 -> [3, T, S, S] float32."""
+        cfg = self.config
+        _, height, width, _ = clip.shape
+        if cfg.train:
+            box = random_resized_crop_box(height, width, cfg.scale, cfg.ratio,
+                                          position_rng(seed, epoch, index, view, "crop"))
+        else:
+            box = spatial_view_boxes(height, width, cfg.spatial_views)[view % cfg.spatial_views]
+        out = crop_resize(clip, box, cfg.crop_size)
+        if cfg.train and position_rng(seed, epoch, index, view, "flip").random() < cfg.hflip:
+            out = out.flip(-1)
+        if self.rand_augment is not None:
+            out = self.rand_augment(out, position_rng(seed, epoch, index, view, "augment"))
+        return normalize(out, cfg.mean, cfg.std)

@@ -1,0 +1,136 @@
+"""Clip-level sampling and augmentation: temporal windows, crops, flips, RandAugment, normalisation.
+
+Every function takes its randomness as an explicit ``numpy.random.Generator`` so the caller can seed it from
+the sample's position (DESIGN.md, "randomness is a function of position"). Frames are handled as a clip
+[T, H, W, 3] uint8 and the same crop / flip / augmentation is applied to every frame of the clip.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from timm.data.auto_augment import rand_augment_transform
+
+Box = tuple[int, int, int, int]  # top, left, height, width in source pixels
+
+
+def clip_times(start: float, fps: float, num_frames: int, sampling_rate: int) -> np.ndarray:
+    """Times [num_frames] (seconds) of a clip taking every ``sampling_rate``-th frame at ``fps``."""
+    return start + np.arange(num_frames) * (sampling_rate / fps)
+
+
+def clip_span(fps: float, num_frames: int, sampling_rate: int) -> float:
+    return num_frames * sampling_rate / fps
+
+
+def random_clip_start(duration: float, span: float, rng: np.random.Generator) -> float:
+    """Uniform over the starts that keep the clip inside the video; 0 for videos shorter than a clip."""
+    return float(rng.uniform(0.0, max(0.0, duration - span)))
+
+
+def uniform_clip_starts(duration: float, span: float, num_views: int) -> np.ndarray:
+    """Starts [num_views] of uniformly spaced evaluation clips (first at 0, last ending at the end)."""
+    last = max(0.0, duration - span)
+    if num_views == 1:
+        return np.array([last / 2])
+    return np.linspace(0.0, last, num_views)
+
+
+def random_resized_crop_box(
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    rng: np.random.Generator,
+) -> Box:
+    """torchvision's RandomResizedCrop box selection, drawn from ``rng``: area fraction in ``scale``,
+    log-uniform aspect in ``ratio``; after 10 misses, the largest centred box within ``ratio``."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    aspect = width / height
+    if aspect < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif aspect > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        h, w = height, width
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def spatial_view_boxes(height: int, width: int, num_views: int) -> list[Box]:
+    """Square boxes of the short side, uniformly spaced along the long side (SlowFast's 3-crop test).
+
+    Cropping these and resizing to the crop size equals resizing the short side first, then cropping.
+    """
+    side = min(height, width)
+    offsets = [(max(height, width) - side) // 2] if num_views == 1 else \
+        np.linspace(0, max(height, width) - side, num_views).round().astype(int).tolist()
+    if height >= width:
+        return [(int(o), 0, side, side) for o in offsets]
+    return [(0, int(o), side, side) for o in offsets]
+
+
+def crop_resize(frames: torch.Tensor, box: Box, size: int) -> torch.Tensor:
+    """Crop ``box`` from frames [T, H, W, 3] uint8 and resize to [T, 3, size, size] uint8 (bilinear,
+    antialiased), any input size including ones smaller than ``size``."""
+    top, left, h, w = box
+    crop = frames[:, top : top + h, left : left + w].permute(0, 3, 1, 2)
+    if (h, w) == (size, size):
+        return crop.contiguous()
+    return F.interpolate(crop.contiguous(), size=(size, size), mode="bilinear", antialias=True,
+                         align_corners=False)
+
+
+@contextmanager
+def _seeded_global_rngs(seed: int):
+    """timm's RandAugment draws from the global ``random`` and ``numpy.random``; pin both, restore after."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        yield lambda: (random.seed(seed), np.random.seed(seed))
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+class ClipRandAugment:
+    """timm RandAugment (config string such as ``rand-m7-n4-mstd0.5-inc1``) applied identically to every
+    frame of a clip: the global RNGs are reset to the same seed before each frame, so each frame draws the
+    same ops and magnitudes."""
+
+    def __init__(self, config: str, mean: tuple[float, float, float]):
+        fill = tuple(round(255 * m) for m in mean)
+        self.transform = rand_augment_transform(config, {"translate_const": 100, "img_mean": fill})
+
+    def __call__(self, clip: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        """clip [T, 3, S, S] uint8 -> [T, 3, S, S] uint8."""
+        seed = int(rng.integers(2**31))
+        frames = clip.permute(0, 2, 3, 1).numpy()
+        out = []
+        with _seeded_global_rngs(seed) as reseed:
+            for frame in frames:
+                reseed()
+                out.append(np.asarray(self.transform(Image.fromarray(frame))))
+        return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2)
+
+
+def normalize(clip: torch.Tensor, mean, std) -> torch.Tensor:
+    """clip [T, 3, S, S] uint8 -> [3, T, S, S] float32, (x / 255 - mean) / std per channel."""
+    mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1, 1)
+    x = clip.permute(1, 0, 2, 3).to(torch.float32).div_(255.0)
+    return x.sub_(mean).div_(std)
