@@ -159,6 +159,6 @@ def decode_image(data: bytes) -> np.ndarray:
         raise DecodeError("zero-byte input")
     try:
         with Image.open(io.BytesIO(data)) as image:
-            return np.asarray(image.convert("RGB"))
+            return np.array(image.convert("RGB"))  # a writable copy: torch.from_numpy needs one
     except (OSError, Image.DecompressionBombError, SyntaxError) as e:
         raise DecodeError(f"unreadable image: {e}") from e

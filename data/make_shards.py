@@ -178,7 +178,8 @@ def sample_key(index: int, name: str) -> str:
     return f"{index:08d}_{re.sub(r'[^A-Za-z0-9_-]', '_', name)}"
 
 
-def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+def add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    """A read-only member with a fixed mtime, so re-running a job writes identical shards."""
     member = tarfile.TarInfo(name)
     member.size, member.mode, member.mtime = len(payload), 0o444, 0
     tar.addfile(member, io.BytesIO(payload))
@@ -229,8 +230,8 @@ def _write_shard(out: Path, shard: int, encoded: list) -> None:
                 continue
             ext, payload = result
             key = sample_key(k, item.name)
-            _add_member(tar, f"{key}.{ext}", payload)
-            _add_member(tar, f"{key}.json", json.dumps({"label": item.label, "source": item.path}).encode())
+            add_member(tar, f"{key}.{ext}", payload)
+            add_member(tar, f"{key}.json", json.dumps({"label": item.label, "source": item.path}).encode())
             count += 1
     (out / f"{name}.json.tmp").write_text(json.dumps({"num_samples": count, "skipped": skipped}))
     os.replace(out / f"{name}.json.tmp", out / f"{name}.json")

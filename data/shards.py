@@ -111,7 +111,8 @@ class ShardReader:
                 index = index_tar(path)
             except (OSError, tarfile.TarError) as e:
                 raise SampleError(f"unreadable shard: {e}") from e
-            self._open[shard] = (open(path, "rb"), index)
+            # Held open across reads and closed by the LRU eviction or close(), hence no ``with``.
+            self._open[shard] = (open(path, "rb"), index)  # noqa: SIM115
             if len(self._open) > self.max_open:
                 self._open.popitem(last=False)[1][0].close()
         return self._open[shard]

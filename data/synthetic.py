@@ -14,10 +14,15 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
+import tarfile
 from pathlib import Path
 
 import av
 import numpy as np
+
+from .make_shards import add_member
+from .shards import INFO_NAME
 
 CLASSES = ("moving_left", "moving_right", "growing", "shrinking")
 CSV_HEADER = ("label", "youtube_id", "time_start", "time_end", "split")
@@ -145,6 +150,25 @@ def write_zero_byte(path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"")
     return path
+
+
+def write_shard_dir(out: str | Path, shards: list[list[tuple[str, str, bytes, int]]], media: str = "video") -> Path:
+    """Shards exactly as given, bypassing ``make_shards``' input checks: each shard is a list of
+    (key, extension, payload, label). Lets tests put corrupt or zero-byte samples inside shards."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i, samples in enumerate(shards):
+        name = f"shard-{i:06d}.tar"
+        with tarfile.open(out / name, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for key, ext, payload, label in samples:
+                add_member(tar, f"{key}.{ext}", payload)
+                add_member(tar, f"{key}.json", json.dumps({"label": label}).encode())
+        entries.append({"name": name, "num_samples": len(samples)})
+    info = {"version": 1, "media": media, "num_samples": sum(e["num_samples"] for e in entries),
+            "classes": list(CLASSES), "shards": entries, "skipped": []}
+    (out / INFO_NAME).write_text(json.dumps(info))
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:

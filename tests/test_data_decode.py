@@ -1,0 +1,100 @@
+"""Decoding real mp4 files written with PyAV: timestamps, seeking, audio, odd sizes, short and bad inputs."""
+
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+
+from data.decode import DecodeError, decode_image, decode_video, probe_video
+from data.synthetic import write_corrupt, write_video, write_zero_byte
+
+FPS = 25
+
+
+def ramp(num_frames, height=48, width=64):
+    """Frame t is uniformly grey level 8 * t: the decoded value tells which frame was picked."""
+    return np.repeat((np.arange(num_frames, dtype=np.uint8) * 8)[:, None, None, None], height, 1) \
+        .repeat(width, 2).repeat(3, 3)
+
+
+def frame_ids(frames):
+    return np.rint(frames.reshape(len(frames), -1).mean(1) / 8).astype(int).tolist()
+
+
+@pytest.fixture(scope="module")
+def ramp_video(tmp_path_factory):
+    path = write_video(tmp_path_factory.mktemp("v") / "ramp.mp4", ramp(30), FPS, gop=4)
+    return path.read_bytes()
+
+
+def test_frames_are_chosen_by_timestamp_in_any_order(ramp_video):
+    times = np.array([0.5, 0.0, 0.04, 0.0799, 1.0, 0.61])
+    frames, info = decode_video(ramp_video, lambda _: times)
+    assert frames.shape == (6, 48, 64, 3) and frames.dtype == np.uint8
+    assert frame_ids(frames) == [12, 0, 1, 1, 25, 15]
+    assert info.duration == pytest.approx(30 / FPS) and info.fps == FPS
+    assert (info.width, info.height) == (64, 48)
+
+
+def test_times_past_the_end_repeat_the_last_frame(ramp_video):
+    frames, _ = decode_video(ramp_video, lambda info: info.duration + np.array([0.0, 5.0]))
+    assert frame_ids(frames) == [29, 29]
+
+
+def test_variable_frame_rate_uses_timestamps(tmp_path):
+    """Frames at irregular times: selection must follow pts, not frame counts."""
+    pts_ms = [0, 10, 200, 210, 900, 1000]
+    path = tmp_path / "vfr.mp4"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=FPS)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.time_base = stream.time_base = Fraction(1, 1000)
+        for pts, image in zip(pts_ms, ramp(len(pts_ms))):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts = pts
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    frames, _ = decode_video(path.read_bytes(), lambda _: np.array([0.005, 0.1, 0.5, 0.95]))
+    assert frame_ids(frames) == [0, 1, 3, 4]
+
+
+def test_audio_stream_and_odd_size_smaller_than_a_crop(tmp_path):
+    path = write_video(tmp_path / "odd.mp4", ramp(8, height=17, width=23), FPS, audio=True)
+    assert [s.type for s in av.open(str(path)).streams] == ["video", "audio"]
+    frames, info = decode_video(path.read_bytes(), lambda _: np.array([0.0, 0.12]))
+    assert frames.shape == (2, 17, 23, 3) and (info.width, info.height) == (23, 17)
+    assert frame_ids(frames) == [0, 3]
+
+
+def test_very_short_video(tmp_path):
+    data = write_video(tmp_path / "short.mp4", ramp(2), FPS).read_bytes()
+    frames, info = decode_video(data, lambda info: np.arange(8) * 0.1)
+    assert frame_ids(frames) == [0, 1, 1, 1, 1, 1, 1, 1]
+    assert info.duration == pytest.approx(2 / FPS)
+
+
+def test_bad_inputs_raise_decode_error(tmp_path, ramp_video):
+    (tmp_path / "ok.mp4").write_bytes(ramp_video)
+    audio_only = tmp_path / "tone.m4a"
+    with av.open(str(audio_only), "w") as out:
+        stream = out.add_stream("aac", rate=16000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 16000
+        out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    bad = {
+        "zero-byte": write_zero_byte(tmp_path / "empty.mp4"),
+        "unreadable": write_corrupt(tmp_path / "noise.mp4"),
+        "truncated": write_corrupt(tmp_path / "cut.mp4", tmp_path / "ok.mp4"),
+        "no video stream": audio_only,
+    }
+    for expected, path in bad.items():
+        with pytest.raises(DecodeError) as err:
+            decode_video(path.read_bytes(), lambda _: np.zeros(1))
+        with pytest.raises(DecodeError):
+            probe_video(path.read_bytes())
+        if expected in ("zero-byte", "no video stream"):
+            assert expected in str(err.value)
+    with pytest.raises(DecodeError):
+        decode_image(ramp_video)

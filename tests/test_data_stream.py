@@ -1,0 +1,164 @@
+"""The shard stream: exact-once over ranks x workers, equal batch counts, exact resume, bad data."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from data.loader import DataFailureError, ShardLoader
+from data.samples import SampleConfig
+from data.stream import epoch_order, rank_batches
+from data.synthetic import CLASSES, motion_clip, write_corrupt, write_shard_dir, write_video, write_zero_byte
+
+UNEVEN = (5, 1, 3, 2)  # samples per shard
+SAMPLE = SampleConfig(num_frames=4, sampling_rate=2, crop_size=16, repeats=2, mask_grid=(2, 2, 2),
+                      mask_ratio=0.5)
+
+
+def tiny_videos(tmp_path, count, seed=0):
+    rng = np.random.default_rng(seed)
+    return [write_video(tmp_path / f"v{i}.mp4", motion_clip(i % 4, rng, 16, 48, 64)).read_bytes()
+            for i in range(count)]
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("uneven")
+    videos = iter(tiny_videos(tmp, sum(UNEVEN)))
+    shards = [[(f"s{s}_{m}", "mp4", next(videos), (s + m) % 4) for m in range(n)] for s, n in enumerate(UNEVEN)]
+    return write_shard_dir(tmp / "shards", shards)
+
+
+def run_epoch(loader):
+    return list(loader)
+
+
+def keys_of(batches):
+    return [k for b in batches for k, v, ok in zip(b["key"], b["view"].tolist(), b["valid"].tolist())
+            if v == 0 and ok]
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x["key"] == y["key"]
+        for name in ("video", "mask", "label", "index", "view", "valid"):
+            assert torch.equal(x[name], y[name]), name
+
+
+@pytest.mark.parametrize("num_samples", [1, 3, 8, 9, 11, 13, 17])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_rank_plan_is_even_and_exact(num_samples, drop_last):
+    world, batch = 3, 2
+    plans = [rank_batches(num_samples, batch, r, world, drop_last) for r in range(world)]
+    assert len({len(p) for p in plans}) == 1, "ranks must agree on the number of batches"
+    seen = np.concatenate([b.positions[b.valid] for p in plans for b in p]) if plans[0] else np.array([])
+    assert len(seen) == len(set(seen.tolist()))
+    expected = num_samples - num_samples % (world * batch) if drop_last else num_samples
+    assert sorted(seen.tolist()) == list(range(expected))
+
+
+def test_epoch_order_is_a_permutation_that_depends_on_seed_and_epoch():
+    a = epoch_order(UNEVEN, seed=1, epoch=0)
+    assert sorted(map(tuple, a.tolist())) == [(s, m) for s, n in enumerate(UNEVEN) for m in range(n)]
+    assert np.array_equal(a, epoch_order(UNEVEN, seed=1, epoch=0))
+    assert not np.array_equal(a, epoch_order(UNEVEN, seed=1, epoch=1))
+    assert not np.array_equal(a, epoch_order(UNEVEN, seed=2, epoch=0))
+
+
+def test_two_ranks_two_workers_see_every_sample_once(uneven):
+    per_rank = []
+    for rank in range(2):
+        loader = ShardLoader(uneven, SAMPLE, batch_size=2, rank=rank, world_size=2, num_workers=2,
+                             drop_last=False)
+        batches = run_epoch(loader)
+        assert len(batches) == len(loader) == 3
+        assert all(b["video"].shape[1:] == (3, 4, 16, 16) for b in batches)
+        assert all(b["mask"].sum(1).eq(4).all() for b in batches)
+        per_rank.append(keys_of(batches))
+    seen = per_rank[0] + per_rank[1]
+    assert sorted(seen) == sorted(f"s{s}_{m}" for s, n in enumerate(UNEVEN) for m in range(n))
+
+
+def test_resume_and_worker_count_change_nothing_but_speed(uneven):
+    def make(num_workers):
+        return ShardLoader(uneven, SAMPLE, batch_size=2, num_workers=num_workers, seed=7, drop_last=False)
+
+    reference = run_epoch(make(num_workers=2))
+    assert_same_batches(reference, run_epoch(make(num_workers=0)))
+
+    first = make(num_workers=2)
+    stream = iter(first)
+    consumed = [next(stream), next(stream)]
+    state = json.loads(json.dumps(first.state_dict()))  # checkpoints store it as JSON
+    assert state["consumed"] == 2
+    del stream
+
+    resumed = make(num_workers=1)
+    resumed.load_state_dict(state)
+    rest = run_epoch(resumed)
+    assert_same_batches(consumed + rest, reference)
+    assert resumed.state_dict()["epoch"] == 1
+    next_epoch = run_epoch(resumed)
+    assert keys_of(next_epoch) != keys_of(reference) and sorted(keys_of(next_epoch)) == sorted(keys_of(reference))
+
+
+@pytest.fixture(scope="module")
+def dirty(tmp_path_factory):
+    """Shards holding corrupt, zero-byte and non-video samples, and a shard cut in the middle."""
+    tmp = tmp_path_factory.mktemp("dirty")
+    good = tiny_videos(tmp, 8, seed=1)
+    truncated_video = write_corrupt(tmp / "cut.mp4", tmp / "v0.mp4").read_bytes()
+    bad = [("zero", "mp4", write_zero_byte(tmp / "z.mp4").read_bytes()),
+           ("noise", "mp4", write_corrupt(tmp / "n.mp4").read_bytes()),
+           ("cut", "mp4", truncated_video),
+           ("text", "mp4", b"not a video at all\n")]
+    shards = [
+        [("a0", "mp4", good[0], 0), *[(k, e, d, 1) for k, e, d in bad[:2]], ("a1", "mp4", good[1], 1)],
+        [("b0", "mp4", good[2], 2), *[(k, e, d, 1) for k, e, d in bad[2:]]],
+        [(f"c{i}", "mp4", good[3 + i], 3) for i in range(5)],
+    ]
+    root = write_shard_dir(tmp / "shards", shards)
+    path = root / "shard-000002.tar"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # c0.. survive, the tail is lost
+    return root
+
+
+def test_bad_samples_and_a_truncated_tar_are_skipped_and_counted(dirty):
+    loader = ShardLoader(dirty, SAMPLE, batch_size=3, num_workers=2, drop_last=False, max_fail_fraction=1.0)
+    batches = run_epoch(loader)
+    seen = keys_of(batches)
+    assert {"a0", "a1", "b0", "c0"} <= set(seen)
+    assert not {"zero", "noise", "cut", "text"} & set(seen)
+    failures = [f for b in batches for f in b["failures"]]
+    stats = loader.stats
+    assert stats["samples_tried"] == 12
+    assert stats["samples_failed"] == len(failures) == 12 - len(seen)
+    assert stats["failed_by_shard"]["shard-000000.tar"] == 2
+    assert stats["failed_by_shard"]["shard-000001.tar"] == 2
+    truncated = [f for f in failures if f[0] == "shard-000002.tar"]
+    assert truncated and all("truncated" in reason for _, _, reason in truncated)
+
+
+def test_too_many_failures_stop_the_run_naming_the_shards(dirty):
+    loader = ShardLoader(dirty, SAMPLE, batch_size=3, num_workers=0, max_fail_fraction=0.2,
+                         min_samples_checked=6, shuffle=False)
+    with pytest.raises(DataFailureError, match="shard-000000.tar"):
+        run_epoch(loader)
+
+
+def test_synthetic_classes_need_temporal_order():
+    rng = np.random.default_rng(0)
+    left = motion_clip(CLASSES.index("moving_left"), rng, 8, 48, 64)
+    grow = motion_clip(CLASSES.index("growing"), rng, 8, 48, 64)
+
+    def bright_columns(clip):  # x centroid of the square (brighter than any background pixel)
+        return [np.nonzero((f.min(-1) >= 150).any(0))[0].mean() for f in clip]
+
+    def bright_area(clip):
+        return [(f.min(-1) >= 150).sum() for f in clip]
+
+    assert np.all(np.diff(bright_columns(left)) < 0) and np.all(np.diff(bright_columns(left[::-1])) > 0)
+    assert np.all(np.diff(bright_area(grow)) >= 0) and bright_area(grow)[-1] > bright_area(grow)[0]
