@@ -155,11 +155,19 @@ class MaskUnitAttention(nn.Module):
         B, N, _ = x.shape
         windows = N // (self.q_stride * self.window_size) if self.use_mask_unit_attn else 1
         tokens = N // windows
-        # Windows are folded into the batch so that SDPA sees contiguous 4-D [B, heads * windows, tokens, hd].
+        # SDPA gets 4-D [B, heads * windows, tokens, head_dim]: windows are folded into the batch (a 5-D
+        # layout falls back to the slow math kernel). Global attention keeps q, k, v as strided views of qkv
+        # on the CPU, saving a copy; CUDA's fused kernels want them contiguous.
         qkv = self.qkv(x).view(B, tokens, windows, 3, self.heads, self.head_dim)
-        q, k, v = qkv.permute(3, 0, 4, 2, 1, 5).reshape(3, B, self.heads * windows, tokens, self.head_dim)
+        if windows > 1:
+            qkv = qkv.permute(3, 0, 4, 2, 1, 5).reshape(3, B, self.heads * windows, tokens, self.head_dim)
+        else:
+            qkv = qkv.permute(3, 0, 4, 1, 2, 5).flatten(3, 4)
+        q, k, v = qkv.unbind(0)
         if self.q_stride > 1:
-            q = q.view(B, self.heads * windows, self.q_stride, -1, self.head_dim).amax(dim=2)
+            q = q.unflatten(2, (self.q_stride, -1)).amax(dim=2)
+        if x.is_cuda:
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         x = F.scaled_dot_product_attention(q, k, v)
         x = x.view(B, self.heads, windows, -1, self.head_dim).permute(0, 3, 2, 1, 4).reshape(B, -1, self.dim_out)
         return self.proj(x)
@@ -234,7 +242,7 @@ class Hiera(nn.Module):
         self.unroller = Unroll(self.token_grid, [cfg.q_stride] * (len(cfg.stages) - 1))
 
         depth = sum(cfg.stages)
-        drop_path = torch.linspace(0, cfg.drop_path_rate, depth).tolist()
+        drop_path = [cfg.drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         dim, heads, stage, window = cfg.embed_dim, cfg.num_heads, 0, self.mu_size
         self.blocks = nn.ModuleList()
         for i in range(depth):

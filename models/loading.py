@@ -8,6 +8,7 @@ compares against the model and reports (or refuses) every difference.
 from __future__ import annotations
 
 import pickle
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,10 +63,13 @@ def read_state_dict(source: str | Path | Mapping[str, torch.Tensor]) -> tuple[di
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"{path}: refused to load: it holds Python objects beyond tensors and plain containers, and "
-            f"loading it would run code ({err}). Re-save its state dict alone."
-        ) from err
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if refused:
+            raise CheckpointError(
+                f"{path}: refused to load: it references Python code ({refused.group(1)}), and unpickling it "
+                f"would run that code. Re-save its state dict of tensors alone."
+            ) from err
+        raise CheckpointError(f"{path}: unreadable checkpoint (not a torch or safetensors file, or truncated)") from err
     except Exception as err:  # truncated or foreign files: say which file
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from err
     return _unwrap(state, str(path)), str(path)
