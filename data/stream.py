@@ -125,7 +125,7 @@ class ShardStream(IterableDataset):
         pixels_key = "image" if self.is_image else "video"
         shape = self.sample.view_shape(self.is_image)
         batch = {
-            pixels_key: torch.stack([r[1]["pixels"] for r in rows]) if rows else torch.zeros(0, *shape),
+            pixels_key: _stack([r[1]["pixels"] for r in rows], shape, torch.float32),
             "label": torch.tensor([r[2] for r in rows], dtype=torch.int64),
             "index": torch.tensor([r[3] for r in rows], dtype=torch.int64),
             "view": torch.tensor([r[0] for r in rows], dtype=torch.int64),
@@ -136,5 +136,14 @@ class ShardStream(IterableDataset):
         }
         if self.sample.mask_grid is not None:
             grid = int(np.prod(self.sample.mask_grid))
-            batch["mask"] = torch.stack([r[1]["mask"] for r in rows]) if rows else torch.zeros(0, grid, dtype=bool)
+            batch["mask"] = _stack([r[1]["mask"] for r in rows], (grid,), torch.bool)
         return batch
+
+
+def _stack(tensors: list[torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """[len(tensors), *shape]; inside a DataLoader worker, built directly in shared memory so that sending
+    the batch to the main process does not copy it again (as torch's default_collate does)."""
+    out = torch.empty(len(tensors), *shape, dtype=dtype)
+    if get_worker_info() is not None:
+        out.share_memory_()
+    return torch.stack(tensors, out=out) if tensors else out

@@ -87,13 +87,16 @@ def spatial_view_boxes(height: int, width: int, num_views: int) -> list[Box]:
 
 def crop_resize(frames: torch.Tensor, box: Box, size: int) -> torch.Tensor:
     """Crop ``box`` from frames [T, H, W, 3] uint8 and resize to [T, 3, size, size] uint8 (bilinear,
-    antialiased), any input size including ones smaller than ``size``."""
+    antialiased), any input size including ones smaller than ``size``.
+
+    The result stays in channels-last memory, the layout decoded frames already have: torch's uint8
+    resize kernel is ~4x faster on it than on a channels-first copy.
+    """
     top, left, h, w = box
     crop = frames[:, top : top + h, left : left + w].permute(0, 3, 1, 2)
     if (h, w) == (size, size):
-        return crop.contiguous()
-    return F.interpolate(crop.contiguous(), size=(size, size), mode="bilinear", antialias=True,
-                         align_corners=False)
+        return crop
+    return F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
 @contextmanager
@@ -129,8 +132,11 @@ class ClipRandAugment:
 
 
 def normalize(clip: torch.Tensor, mean, std) -> torch.Tensor:
-    """clip [T, 3, S, S] uint8 -> [3, T, S, S] float32, (x / 255 - mean) / std per channel."""
-    mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1, 1)
+    """clip [T, 3, S, S] uint8 (any memory layout) -> contiguous [3, T, S, S] float32,
+    (x / 255 - mean) / std per channel, computed as one multiply-add on the converted copy."""
     std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1, 1)
-    x = clip.permute(1, 0, 2, 3).to(torch.float32).div_(255.0)
-    return x.sub_(mean).div_(std)
+    scale = 1.0 / (255.0 * std)
+    shift = -torch.tensor(mean, dtype=torch.float32).view(3, 1, 1, 1) / std
+    out = torch.empty(clip.shape[1], clip.shape[0], *clip.shape[2:], dtype=torch.float32)
+    out.copy_(clip.permute(1, 0, 2, 3))
+    return out.mul_(scale).add_(shift)
