@@ -2,6 +2,7 @@
 training or the apps."""
 
 from . import hiera  # noqa: F401  (registers the Hiera names)
+from . import mvitv2  # noqa: F401  (registers the MViTv2 and MViT names)
 from .loading import CheckpointError, LoadReport, load_pretrained, read_state_dict
 from .registry import create_model, get_config, list_models
 

@@ -1,0 +1,481 @@
+"""MViTv2 (Li et al., 2022) and MViT (Fan et al., 2021) for images and video, with the switches of the Hiera
+paper's Table 1 that walk MViTv2 into Hiera one step at a time.
+
+Tokens stay in spatial order ([B, (1 +) T*H*W, C], an optional cls token first) and every block is told the grid
+it works on. Pooling (q, k, v and the skip path) reshapes to [B', C, (T,) H, W] and back. Mask-unit attention
+moves each unit into the batch dimension before pooling and attention ("separate-and-pad"), so an overlapping
+kernel never mixes units. Decomposed relative positions are an additive bias computed from q and handed to
+F.scaled_dot_product_attention, whose result equals the explicit softmax(q k^T * scale + bias) v.
+
+State-dict keys are those of facebookresearch/mvit and SlowFast (`blocks.{i}.attn.qkv`, `attn.pool_q`,
+`attn.norm_q`, `attn.rel_pos_h`, `blocks.{i}.proj`, `head.projection`), so their checkpoints load as they are;
+`adapt_state_dict` converts timm's and the older separate-q/k/v layouts (models/mvitv2_convert.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp, trunc_normal_
+from torch import nn
+
+from .hiera import Head, PatchEmbed
+from .mvitv2_convert import adapt_mvitv2_state_dict
+from .registry import register_model
+
+Grid = tuple[int, ...]
+_POOL_OPS = {"conv": None, "max": (F.max_pool2d, F.max_pool3d), "avg": (F.avg_pool2d, F.avg_pool3d)}
+_HEAD_POOLS = ("cls", "mean", "mean_then_norm")
+
+
+@dataclass(frozen=True)
+class MViTv2Config:
+    input_size: tuple[int, ...] = (224, 224)  # (H, W) or (T, H, W)
+    in_chans: int = 3
+    num_classes: int = 1000  # 0: no classifier, forward returns pooled features
+    embed_dim: int = 96
+    num_heads: int = 1
+    stages: tuple[int, ...] = (2, 3, 16, 3)  # channels and heads double at the first block of stages 2..
+    q_pool: int = 3  # number of stage transitions that also stride q (Hiera's MAE models use 2)
+    q_stride: tuple[int, ...] = (2, 2)
+    kv_stride: tuple[int, ...] = (4, 4)  # adaptive: the first stage's KV stride, divided by every q stride
+    pool_kernel: tuple[int, ...] = (3, 3)
+    patch_kernel: tuple[int, ...] = (7, 7)
+    patch_stride: tuple[int, ...] = (4, 4)
+    patch_padding: tuple[int, ...] = (3, 3)
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    dim_mul_in_att: bool = True  # channels grow in the attention (v2) or in the MLP of the block before (v1, L)
+    cls_token: bool = False
+    head_pool: str = "mean"  # "cls": normed cls token; "mean": norm, then mean; "mean_then_norm" (Hiera)
+    drop_path_rate: float = 0.0
+    head_dropout: float = 0.0
+    head_init_scale: float = 1.0
+    # The simplification switches (REFERENCE.md §3), MViTv2 values by default.
+    rel_pos: bool = True  # a: False = learned absolute positions
+    sep_pos_embed: bool = False  # absolute positions of video: separate spatial + temporal tables
+    pool_mode: str = "conv"  # b: "conv" (depthwise conv + LayerNorm), "max" or "avg"
+    q_pool_stride1: bool = True  # c: pool q with stride 1 in blocks that do not downsample
+    kv_pool_stride1: bool = True  # c: pool k, v where the adaptive KV stride has reached 1
+    kernel_equals_stride: bool = False  # d: pooling kernels (q, kv and skip) equal their stride, no padding
+    residual_pooling: bool = True  # e: add the pooled q to the attention output
+    kv_pool: bool = True  # f: False = k, v unpooled (mask-unit attention takes its place)
+    mask_unit_attn: tuple[bool, ...] = (False, False, False, False)  # f: per stage, as Hiera's flags
+    mask_unit_size: tuple[int, ...] = (8, 8)  # in tokens
+
+    def __post_init__(self):
+        dims = len(self.input_size)
+        for field in ("q_stride", "kv_stride", "pool_kernel", "patch_kernel", "patch_stride", "patch_padding",
+                      "mask_unit_size"):
+            if len(getattr(self, field)) != dims:
+                raise ValueError(f"MViTv2: {field}={getattr(self, field)} needs {dims} entries like input_size")
+        if self.pool_mode not in _POOL_OPS:
+            raise ValueError(f"MViTv2: pool_mode={self.pool_mode!r} must be one of {sorted(_POOL_OPS)}")
+        if self.head_pool not in _HEAD_POOLS or (self.head_pool == "cls") != self.cls_token:
+            raise ValueError(f"MViTv2: head_pool={self.head_pool!r} must be one of {_HEAD_POOLS}, 'cls' exactly "
+                             f"when cls_token (={self.cls_token})")
+        if not 0 <= self.q_pool < len(self.stages) or len(self.mask_unit_attn) != len(self.stages):
+            raise ValueError("MViTv2: q_pool must be below the number of stages; mask_unit_attn needs one flag "
+                             "per stage")
+        if any(self.mask_unit_attn) and (self.kv_pool or self.cls_token):
+            raise ValueError("MViTv2: mask-unit attention replaces kv pooling and has no place for a cls token: "
+                             "set kv_pool=False, cls_token=False")
+        if self.sep_pos_embed and (self.rel_pos or dims != 3):
+            raise ValueError("MViTv2: sep_pos_embed is for absolute positions (rel_pos=False) of video")
+
+    @property
+    def token_grid(self) -> Grid:
+        return tuple(i // s for i, s in zip(self.input_size, self.patch_stride))
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """Everything one block needs; kernels are None where that pooling is off."""
+
+    dim: int
+    dim_out: int
+    heads: int
+    grid: Grid  # input token grid
+    q_stride: Grid
+    q_kernel: Grid | None
+    kv_stride: Grid
+    kv_kernel: Grid | None
+    skip_kernel: Grid | None
+    window: Grid | None  # mask unit at this block's input resolution; None = global attention
+    drop_path: float
+
+
+def pool_padding(kernel: Grid, stride: Grid) -> Grid:
+    # The published kernels pad by k // 2; kernel = stride tiles the grid exactly and pads nothing.
+    return tuple(0 if k == s else k // 2 for k, s in zip(kernel, stride))
+
+
+def pooled_grid(grid: Grid, kernel: Grid | None, stride: Grid) -> Grid:
+    if kernel is None:
+        return grid
+    return tuple((g + 2 * p - k) // s + 1 for g, k, s, p in zip(grid, kernel, stride, pool_padding(kernel, stride)))
+
+
+def block_plan(cfg: MViTv2Config) -> list[BlockSpec]:
+    """The per-block geometry of the whole network at the configured input size."""
+    dims = len(cfg.input_size)
+    ones = (1,) * dims
+    starts = [sum(cfg.stages[:s]) for s in range(1, len(cfg.stages))]
+    stage_of = [s for s, n in enumerate(cfg.stages) for _ in range(n)]
+    depth = sum(cfg.stages)
+
+    def kernel(stride: Grid, pool_stride1: bool) -> Grid | None:
+        if math.prod(stride) == 1 and not pool_stride1:
+            return None
+        k = stride if cfg.kernel_equals_stride else cfg.pool_kernel
+        return None if math.prod(k) == 1 and math.prod(stride) == 1 else k
+
+    plan, dim, heads, kv, grid, cum = [], cfg.embed_dim, cfg.num_heads, cfg.kv_stride, cfg.token_grid, ones
+    for i in range(depth):
+        # The first block of a stage keeps the previous stage's attention kind (Hiera's "lag by 1 block").
+        mask_unit = cfg.mask_unit_attn[stage_of[max(i - 1, 0)]]
+        heads = heads * 2 if i in starts else heads
+        grows = i in starts if cfg.dim_mul_in_att else i + 1 in starts
+        dim_out = dim * 2 if grows else dim
+        q_stride = cfg.q_stride if i in starts[: cfg.q_pool] else ones
+        kv = tuple(max(k // s, 1) for k, s in zip(kv, q_stride))
+        window = tuple(m // c for m, c in zip(cfg.mask_unit_size, cum)) if mask_unit else None
+        downsample = math.prod(q_stride) > 1
+        skip_kernel = (q_stride if cfg.kernel_equals_stride else tuple(s + 1 if s > 1 else s for s in q_stride))
+        plan.append(BlockSpec(
+            dim=dim, dim_out=dim_out, heads=heads, grid=grid, q_stride=q_stride,
+            q_kernel=kernel(q_stride, cfg.q_pool_stride1), kv_stride=kv,
+            kv_kernel=kernel(kv, cfg.kv_pool_stride1) if cfg.kv_pool else None,
+            skip_kernel=skip_kernel if downsample else None, window=window,
+            drop_path=cfg.drop_path_rate * i / max(depth - 1, 1),
+        ))
+        grid = pooled_grid(grid, plan[-1].q_kernel, q_stride)
+        cum = tuple(c * s for c, s in zip(cum, q_stride))
+        dim = dim_out
+    return plan
+
+
+def pool_tokens(x: torch.Tensor, pool, grid: Grid, prefix: int) -> tuple[torch.Tensor, Grid]:
+    """Apply `pool` ([B', C, *grid] -> [B', C, *grid']) to tokens [..., prefix + prod(grid), C]; prefix tokens
+    (cls) bypass it. Returns [..., prefix + prod(grid'), C] and grid'."""
+    lead, C = x.shape[:-2], x.shape[-1]
+    spatial = x[..., prefix:, :].reshape(-1, *grid, C).movedim(-1, 1)
+    pooled = pool(spatial)
+    grid = tuple(pooled.shape[2:])
+    pooled = pooled.flatten(2).transpose(1, 2).reshape(*lead, -1, C)
+    return (torch.cat([x[..., :prefix, :], pooled], dim=-2) if prefix else pooled), grid
+
+
+def to_windows(x: torch.Tensor, grid: Grid, window: Grid) -> torch.Tensor:
+    """[B, X, prod(grid), C] -> [B, X * #windows, prod(window), C]: each window becomes a batch entry."""
+    B, X, _, C = x.shape
+    split = [n for g, w in zip(grid, window) for n in (g // w, w)]
+    x = x.reshape(B, X, *split, C)
+    dims = len(grid)
+    order = [0, 1] + [2 + 2 * d for d in range(dims)] + [3 + 2 * d for d in range(dims)] + [2 + 2 * dims]
+    return x.permute(order).reshape(B, -1, math.prod(window), C)
+
+
+def from_windows(x: torch.Tensor, X: int, counts: Grid, window: Grid) -> torch.Tensor:
+    """[B, X * prod(counts), prod(window), C] -> [B, X, prod(counts * window), C] in spatial order."""
+    B, C, dims = x.shape[0], x.shape[-1], len(window)
+    x = x.reshape(B, X, *counts, *window, C)
+    order = [0, 1] + [n for d in range(dims) for n in (2 + d, 2 + dims + d)] + [2 + 2 * dims]
+    return x.permute(order).reshape(B, X, -1, C)
+
+
+def rel_pos_lookup(table: torch.Tensor, q_size: int, k_size: int) -> torch.Tensor:
+    """[L, C] table -> [q_size, k_size, C] embeddings of the scaled query-key distances; the table is linearly
+    interpolated when the sizes need another length (another input size)."""
+    length = 2 * max(q_size, k_size) - 1
+    if table.shape[0] != length:
+        table = F.interpolate(table.T[None], size=length, mode="linear").squeeze(0).T
+    q_ratio, k_ratio = max(k_size / q_size, 1.0), max(q_size / k_size, 1.0)
+    dist = (torch.arange(q_size, device=table.device)[:, None] * q_ratio
+            - torch.arange(k_size, device=table.device)[None, :] * k_ratio)
+    dist += (k_size - 1) * k_ratio
+    return table[dist.long()]
+
+
+class PoolingAttention(nn.Module):
+    """Multi-head pooling attention: q, k, v are projected, pooled (q to the block's stride, k and v to the
+    adaptive KV stride), optionally within mask units, then attend with decomposed relative positions."""
+
+    def __init__(self, spec: BlockSpec, dim_out: int, cfg: MViTv2Config):
+        super().__init__()
+        self.dim_out, self.heads = dim_out, spec.heads
+        self.head_dim = dim_out // spec.heads
+        self.prefix = int(cfg.cls_token)
+        self.window, self.residual_pooling = spec.window, cfg.residual_pooling
+        self.qkv = nn.Linear(spec.dim, 3 * dim_out, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(dim_out, dim_out)
+        self.pool_q, self.norm_q = self._pool(cfg, spec.q_kernel, spec.q_stride)
+        self.pool_k, self.norm_k = self._pool(cfg, spec.kv_kernel, spec.kv_stride)
+        self.pool_v, self.norm_v = self._pool(cfg, spec.kv_kernel, spec.kv_stride)
+        self.rel_pos_names = ()
+        if cfg.rel_pos:
+            grid = spec.window or spec.grid
+            q_grid = pooled_grid(grid, spec.q_kernel, spec.q_stride)
+            k_grid = pooled_grid(grid, spec.kv_kernel, spec.kv_stride)
+            self.rel_pos_names = ("rel_pos_t", "rel_pos_h", "rel_pos_w")[-len(grid):]
+            for name, q, k in zip(self.rel_pos_names, q_grid, k_grid):
+                table = nn.Parameter(torch.zeros(2 * max(q, k) - 1, self.head_dim))
+                trunc_normal_(table, std=0.02)
+                setattr(self, name, table)
+
+    def _pool(self, cfg: MViTv2Config, kernel: Grid | None, stride: Grid) -> tuple[nn.Module | None, nn.Module]:
+        if kernel is None:
+            return None, nn.Identity()
+        padding = pool_padding(kernel, stride)
+        if cfg.pool_mode == "conv":
+            conv = (nn.Conv2d, nn.Conv3d)[len(kernel) - 2]
+            return (conv(self.head_dim, self.head_dim, kernel, stride, padding, groups=self.head_dim, bias=False),
+                    nn.LayerNorm(self.head_dim, eps=1e-6))
+        op = _POOL_OPS[cfg.pool_mode][len(kernel) - 2]
+        return _FunctionalPool(op, kernel, stride, padding), nn.Identity()
+
+    def rel_pos_bias(self, q: torch.Tensor, q_grid: Grid, k_grid: Grid) -> torch.Tensor:
+        """q [B, X, prefix + Nq, hd] -> additive bias [B, X, prefix + Nq, prefix + Nk]: q_i . R_d[dist_d(i, j)]
+        summed over the dims d of the grid; zero in the cls row and column."""
+        B, X, _, hd = q.shape
+        letters = "thw"[-len(q_grid):]
+        r_q = q[:, :, self.prefix:].reshape(B, X, *q_grid, hd)
+        bias = None
+        for d, name in enumerate(self.rel_pos_names):
+            R = rel_pos_lookup(getattr(self, name), q_grid[d], k_grid[d])
+            rel = torch.einsum(f"bx{letters}c,{letters[d]}kc->bx{letters}k", r_q, R)
+            rel = rel.reshape(B, X, *q_grid, *(k if j == d else 1 for j, k in enumerate(k_grid)))
+            bias = rel if bias is None else bias + rel
+        bias = bias.reshape(B, X, math.prod(q_grid), math.prod(k_grid))
+        return F.pad(bias, (self.prefix, 0, self.prefix, 0)) if self.prefix else bias
+
+    def forward(self, x: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, Grid]:
+        """[B, prefix + prod(grid), dim] -> [B, prefix + prod(grid'), dim_out] and grid'."""
+        B, L, _ = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        pool_grid = grid
+        if self.window is not None:
+            q, k, v = (to_windows(t, grid, self.window) for t in (q, k, v))
+            pool_grid = self.window
+        q, q_grid = self._apply_pool(q, self.pool_q, self.norm_q, pool_grid)
+        k, k_grid = self._apply_pool(k, self.pool_k, self.norm_k, pool_grid)
+        v, _ = self._apply_pool(v, self.pool_v, self.norm_v, pool_grid)
+        bias = self.rel_pos_bias(q, q_grid, k_grid) if self.rel_pos_names else None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        if self.residual_pooling:
+            # The cls token is not a pooled token: SlowFast leaves its row without the residual.
+            out = torch.cat([out[:, :, :self.prefix], out[:, :, self.prefix:] + q[:, :, self.prefix:]], dim=2) \
+                if self.prefix else out + q
+        if self.window is not None:
+            counts = tuple(g // w for g, w in zip(grid, self.window))
+            out = from_windows(out, self.heads, counts, q_grid)
+            q_grid = tuple(c * w for c, w in zip(counts, q_grid))
+        out = out.transpose(1, 2).reshape(B, -1, self.dim_out)
+        return self.proj(out), q_grid
+
+    def _apply_pool(self, t: torch.Tensor, pool: nn.Module | None, norm: nn.Module, grid: Grid):
+        if pool is None:
+            return t, grid
+        t, grid = pool_tokens(t, pool, grid, self.prefix)
+        return norm(t), grid
+
+
+class _FunctionalPool(nn.Module):
+    """A parameter-free max / avg pool for 2-D or 3-D grids (the functional op picked once at build time)."""
+
+    def __init__(self, op, kernel: Grid, stride: Grid, padding: Grid):
+        super().__init__()
+        self.op, self.kernel, self.stride, self.padding = op, kernel, stride, padding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x, self.kernel, self.stride, self.padding)
+
+
+class MultiScaleBlock(nn.Module):
+    def __init__(self, spec: BlockSpec, cfg: MViTv2Config):
+        super().__init__()
+        self.dim, self.dim_out, self.dim_mul_in_att = spec.dim, spec.dim_out, cfg.dim_mul_in_att
+        self.prefix = int(cfg.cls_token)
+        att_dim = spec.dim_out if cfg.dim_mul_in_att else spec.dim
+        self.norm1 = nn.LayerNorm(spec.dim, eps=1e-6)
+        self.attn = PoolingAttention(spec, att_dim, cfg)
+        self.norm2 = nn.LayerNorm(att_dim, eps=1e-6)
+        self.mlp = Mlp(att_dim, int(att_dim * cfg.mlp_ratio), spec.dim_out, act_layer=nn.GELU)
+        self.drop_path = DropPath(spec.drop_path) if spec.drop_path > 0 else nn.Identity()
+        if spec.dim != spec.dim_out:
+            self.proj = nn.Linear(spec.dim, spec.dim_out)
+        self.pool_skip = None
+        if spec.skip_kernel is not None:
+            op = (F.max_pool2d, F.max_pool3d)[len(spec.grid) - 2]
+            self.pool_skip = _FunctionalPool(op, spec.skip_kernel, spec.q_stride,
+                                             pool_padding(spec.skip_kernel, spec.q_stride))
+
+    def forward(self, x: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, Grid]:
+        """[B, prefix + prod(grid), dim] -> [B, prefix + prod(grid'), dim_out] and grid'."""
+        x_norm = self.norm1(x)
+        x_attn, grid_out = self.attn(x_norm, grid)
+        if self.dim_mul_in_att and self.dim != self.dim_out:
+            # Channels grow here: the shortcut is the projection of the *normed* input.
+            x = self.proj(x_norm)
+        if self.pool_skip is not None:
+            x, _ = pool_tokens(x, self.pool_skip, grid, self.prefix)
+        x = x + self.drop_path(x_attn)
+        x_norm = self.norm2(x)
+        x_mlp = self.mlp(x_norm)
+        if not self.dim_mul_in_att and self.dim != self.dim_out:
+            x = self.proj(x_norm)
+        return x + self.drop_path(x_mlp), grid_out
+
+
+class MViTv2(nn.Module):
+    foreign_key_prefixes = ()
+
+    def __init__(self, config: MViTv2Config):
+        super().__init__()
+        self.config = cfg = config
+        self.plan = block_plan(cfg)
+        self.token_grid = cfg.token_grid
+        self.prefix = int(cfg.cls_token)
+        conv = (nn.Conv2d, nn.Conv3d)[len(cfg.input_size) - 2]
+        self.patch_embed = PatchEmbed(conv(cfg.in_chans, cfg.embed_dim, cfg.patch_kernel, cfg.patch_stride,
+                                           cfg.patch_padding))
+        C, N = cfg.embed_dim, math.prod(self.token_grid)
+        if cfg.cls_token:
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, C))
+        if not cfg.rel_pos:
+            if cfg.sep_pos_embed:
+                self.pos_embed_spatial = nn.Parameter(torch.zeros(1, N // self.token_grid[0], C))
+                self.pos_embed_temporal = nn.Parameter(torch.zeros(1, self.token_grid[0], C))
+                if cfg.cls_token:
+                    self.pos_embed_class = nn.Parameter(torch.zeros(1, 1, C))
+            else:
+                self.pos_embed = nn.Parameter(torch.zeros(1, self.prefix + N, C))
+        self.blocks = nn.ModuleList(MultiScaleBlock(spec, cfg) for spec in self.plan)
+        self.stage_ends = [sum(cfg.stages[: s + 1]) - 1 for s in range(len(cfg.stages))]
+        self.num_features = self.plan[-1].dim_out
+        self.norm = nn.LayerNorm(self.num_features, eps=1e-6)
+        self.head = Head(self.num_features, cfg.num_classes, cfg.head_dropout) if cfg.num_classes > 0 \
+            else nn.Identity()
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # As SlowFast / facebookresearch/mvit; rel-pos tables were initialised where they were made.
+        for name, p in self.named_parameters():
+            if "." not in name:  # cls token and absolute position tables
+                trunc_normal_(p, std=0.02)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv3d)):
+                trunc_normal_(m.weight, std=0.02)
+                if isinstance(m, nn.Linear) and m.bias is not None:
+                    nn.init.constant_(m.bias, 0.02)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.constant_(m.bias, 0.02)
+                nn.init.constant_(m.weight, 1.0)
+        if isinstance(self.head, Head):
+            self.head.projection.weight.data.mul_(self.config.head_init_scale)
+            self.head.projection.bias.data.mul_(self.config.head_init_scale)
+
+    def no_weight_decay(self) -> set[str]:
+        """Position tables (absolute and relative) and the cls token."""
+        return {n for n, _ in self.named_parameters()
+                if "." not in n or n.rsplit(".", 1)[-1].startswith("rel_pos_")}
+
+    def get_pos_embed(self) -> torch.Tensor:
+        """[1, prefix + N, C] in spatial order."""
+        if not self.config.sep_pos_embed:
+            return self.pos_embed
+        pos = (self.pos_embed_temporal[:, :, None] + self.pos_embed_spatial[:, None]).flatten(1, 2)
+        return torch.cat([self.pos_embed_class, pos], dim=1) if self.prefix else pos
+
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, Grid]:
+        """Pixels [B, C, (T,) H, W] -> tokens [B, prefix + N, C0] and their grid."""
+        x = self.patch_embed.proj(x)
+        grid = tuple(x.shape[2:])
+        x = x.flatten(2).transpose(1, 2)
+        if self.prefix:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        if not self.config.rel_pos:
+            x = x + self.get_pos_embed()
+        return x, grid
+
+    def forward_stages(self, x: torch.Tensor) -> list[tuple[torch.Tensor, Grid]]:
+        """The output of every stage: tokens [B, prefix + N_s, C_s] and grid."""
+        x, grid = self.embed(x)
+        outputs = []
+        for i, block in enumerate(self.blocks):
+            x, grid = block(x, grid)
+            if i in self.stage_ends:
+                outputs.append((x, grid))
+        return outputs
+
+    def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Stage outputs in spatial order, cls token dropped: [B, (T,) H_s, W_s, C_s]."""
+        return [t[:, self.prefix:].reshape(t.shape[0], *grid, t.shape[-1]) for t, grid in self.forward_stages(x)]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, (T,) H, W] -> pooled, normed features [B, num_features]."""
+        x = self.forward_stages(x)[-1][0]
+        if self.config.head_pool == "mean_then_norm":
+            return self.norm(x.mean(dim=1))
+        x = self.norm(x)
+        return x[:, 0] if self.config.head_pool == "cls" else x[:, self.prefix:].mean(dim=1)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, (T,) H, W] -> logits [B, num_classes]."""
+        return self.forward_head(self.forward_features(x))
+
+    def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """timm, facebookresearch/mvit or SlowFast keys -> ours; position tables resampled to this model."""
+        return adapt_mvitv2_state_dict(state_dict, self.config.stages, self.state_dict())
+
+
+_IMAGE = dict(input_size=(224, 224))
+_VIDEO = dict(input_size=(16, 224, 224), num_classes=400, q_stride=(1, 2, 2), kv_stride=(1, 8, 8),
+              pool_kernel=(3, 3, 3), patch_kernel=(3, 7, 7), patch_stride=(2, 4, 4), patch_padding=(1, 3, 3),
+              mask_unit_size=(1, 8, 8), cls_token=True, head_pool="cls", head_dropout=0.5)
+_SIZES = {
+    "tiny": dict(stages=(1, 2, 5, 2)),
+    "small": dict(stages=(1, 2, 11, 2)),
+    "base": dict(stages=(2, 3, 16, 3)),
+    "large": dict(stages=(2, 6, 36, 4), embed_dim=144, num_heads=2, dim_mul_in_att=False),
+}
+for _size, _arch in _SIZES.items():
+    register_model(f"mvitv2_{_size}", MViTv2, MViTv2Config(**_IMAGE, **_arch))
+register_model("mvitv2_small_16x4", MViTv2, MViTv2Config(**_VIDEO, **_SIZES["small"], drop_path_rate=0.2))
+register_model("mvitv2_base_32x3", MViTv2, MViTv2Config(
+    **{**_VIDEO, "input_size": (32, 224, 224)}, **_SIZES["base"], drop_path_rate=0.3))
+# The published 217.6 M parameters of L 40x3 are those of channel growth in the MLP (REFERENCE.md §2).
+register_model("mvitv2_large_40x3", MViTv2, MViTv2Config(
+    **{**_VIDEO, "input_size": (40, 312, 312)}, **_SIZES["large"], drop_path_rate=0.75))
+# MViT v1: the same skeleton with absolute (separate) positions, no relative positions, no residual pooling,
+# channel growth in the MLP and q pooled only where it downsamples.
+_V1 = dict(_VIDEO, **_SIZES["small"], rel_pos=False, sep_pos_embed=True, residual_pooling=False,
+           dim_mul_in_att=False, q_pool_stride1=False, drop_path_rate=0.2)
+register_model("mvit_base_16x4", MViTv2, MViTv2Config(**_V1))
+register_model("mvit_base_32x3", MViTv2, MViTv2Config(**{**_V1, "input_size": (32, 224, 224)}))
+
+
+def simplification_overrides(row: str, video: bool) -> dict:
+    """Config overrides for a row of the Hiera paper's Table 1 ("" = MViTv2 itself, "a" .. "f"), cumulative:
+    row f is Hiera (no cls token, mean-then-norm head, mask-unit attention in the first two stages)."""
+    steps = {
+        "a": dict(rel_pos=False, sep_pos_embed=video),
+        "b": dict(pool_mode="max"),
+        "c": dict(q_pool_stride1=False, kv_pool_stride1=False),
+        "d": dict(kernel_equals_stride=True),
+        "e": dict(residual_pooling=False),
+        "f": dict(kv_pool=False, mask_unit_attn=(True, True, False, False), cls_token=False,
+                  head_pool="mean_then_norm"),
+    }
+    if row and row not in steps:
+        raise ValueError(f"unknown row {row!r}; rows are {sorted(steps)}")
+    overrides = {}
+    for name in sorted(steps)[: "abcdef".index(row) + 1 if row else 0]:
+        overrides.update(steps[name])
+    return overrides
