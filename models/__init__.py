@@ -1,8 +1,7 @@
 """Encoders, masked autoencoders and checkpoint conversion. Pure nn.Modules: nothing here knows about data,
 training or the apps."""
 
-from . import hiera  # noqa: F401  (registers the Hiera names)
-from . import mvitv2  # noqa: F401  (registers the MViTv2 and MViT names)
+from . import hiera, mae, mvitv2  # noqa: F401  (importing registers the model names)
 from .loading import CheckpointError, LoadReport, load_pretrained, read_state_dict
 from .registry import create_model, get_config, list_models
 

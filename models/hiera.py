@@ -90,7 +90,7 @@ def max_pool_unrolled(x: torch.Tensor, stride: int) -> torch.Tensor:
 
 
 class Unroll:
-    """Token reordering between spatial order and the unrolled layout.
+    """Token reordering between spatial order and the unrolled layout, as precomputed view/permute plans.
 
     With strides s_0..s_{L-1} per dimension, unrolled tokens are ordered [s_0, s_1, ..., s_{L-1}, grid / prod(s)]
     (each s_l expanded over the spatial dims), s_0 being the finest offset. After pooling p times, the first p
@@ -98,19 +98,29 @@ class Unroll:
     """
 
     def __init__(self, token_grid: tuple[int, ...], strides: list[tuple[int, ...]]):
-        self.grid, self.strides, self.dims = token_grid, strides, len(token_grid)
+        dims, levels = len(token_grid), len(strides)
         self.base = tuple(g // math.prod(s[d] for s in strides) for d, g in enumerate(token_grid))
+        # Spatial view per dim d: [base_d, s_{L-1,d}, ..., s_{0,d}].
+        self.spatial_view = [n for d in range(dims) for n in (self.base[d], *(s[d] for s in reversed(strides)))]
+        offset_axes = [1 + d * (levels + 1) + levels - lv for lv in range(levels) for d in range(dims)]
+        self.unroll_order = [0, *offset_axes, *(1 + d * (levels + 1) for d in range(dims)), 1 + len(self.spatial_view)]
+        self.plans = {}
+        for done in range(levels + 1):
+            remaining = strides[done:]
+            offsets = [s[d] for s in remaining for d in range(dims)]  # level-major, as laid out
+            unit = [math.prod(s[d] for s in remaining) for d in range(dims)]
+            # Axis of offset (level lv, dim d) in the view [B, *offsets, units..., C], finest last per dim.
+            per_dim = [[1 + (lv - done) * dims + d for lv in reversed(range(done, levels))] for d in range(dims)]
+            units_axis = 1 + len(offsets)
+            sparse_order = [0, units_axis, *sum(per_dim, []), units_axis + 1]
+            dense_order = [0, *sum(([units_axis + d, *per_dim[d]] for d in range(dims)), []), units_axis + dims]
+            grid_now = [b * u for b, u in zip(self.base, unit)]
+            self.plans[done] = (offsets, unit, sparse_order, dense_order, grid_now)
 
     def unroll(self, x: torch.Tensor) -> torch.Tensor:
         """[B, N, C] tokens in spatial order -> [B, N, C] unrolled."""
         B, N, C = x.shape
-        levels = len(self.strides)
-        shape = []  # per dim d: [base_d, s_{L-1,d}, ..., s_{0,d}], s_0 the finest offset
-        for d in range(self.dims):
-            shape += [self.base[d]] + [self.strides[lv][d] for lv in reversed(range(levels))]
-        offset_axes = [1 + d * (levels + 1) + levels - lv for lv in range(levels) for d in range(self.dims)]
-        base_axes = [1 + d * (levels + 1) for d in range(self.dims)]
-        return x.view(B, *shape, C).permute(0, *offset_axes, *base_axes, len(shape) + 1).reshape(B, N, C)
+        return x.view(B, *self.spatial_view, C).permute(self.unroll_order).reshape(B, N, C)
 
     def reroll(self, x: torch.Tensor, done: int, sparse: bool = False) -> torch.Tensor:
         """Unrolled tokens after `done` poolings -> spatial order.
@@ -118,24 +128,11 @@ class Unroll:
         Dense: [B, N, C] -> [B, *grid_now, C]. Sparse (masked units dropped): [B, N, C] ->
         [B, #kept units, *unit_shape_now, C], units in ascending index order.
         """
-        B, N, C = x.shape
-        remaining = self.strides[done:]
-        flat_levels = [s[d] for s in remaining for d in range(self.dims)]
-        unit_now = [math.prod(s[d] for s in remaining) for d in range(self.dims)]
-        # Source axes: 1 + i for the remaining offsets (level-major), then the unit axes.
-        level_axis = {(lv, d): 1 + (lv - done) * self.dims + d for lv in range(done, len(self.strides))
-                      for d in range(self.dims)}
-        offsets_of = [[level_axis[(lv, d)] for lv in range(len(self.strides) - 1, done - 1, -1)]
-                      for d in range(self.dims)]
-        first_unit_axis = 1 + len(flat_levels)
+        B, C = x.shape[0], x.shape[-1]
+        offsets, unit, sparse_order, dense_order, grid_now = self.plans[done]
         if sparse:
-            x = x.view(B, *flat_levels, -1, C)
-            order = [0, first_unit_axis] + sum(offsets_of, []) + [first_unit_axis + 1]
-            return x.permute(order).reshape(B, -1, *unit_now, C)
-        x = x.view(B, *flat_levels, *self.base, C)
-        order = [0] + sum(([first_unit_axis + d] + offsets_of[d] for d in range(self.dims)), [])
-        grid_now = [b * u for b, u in zip(self.base, unit_now)]
-        return x.permute(*order, len(x.shape) - 1).reshape(B, *grid_now, C)
+            return x.view(B, *offsets, -1, C).permute(sparse_order).reshape(B, -1, *unit, C)
+        return x.view(B, *offsets, *self.base, C).permute(dense_order).reshape(B, *grid_now, C)
 
 
 class MaskUnitAttention(nn.Module):
@@ -220,6 +217,7 @@ class Head(nn.Module):
 
 class Hiera(nn.Module):
     foreign_key_prefixes = MAE_ONLY_KEY_PREFIXES
+    mae_defaults = {"q_pool": 2, "num_classes": 0}  # MAE keeps stages 3 and 4 at one resolution
 
     def __init__(self, config: HieraConfig):
         super().__init__()
@@ -318,13 +316,27 @@ class Hiera(nn.Module):
                 outputs.append(x)
         return outputs
 
+    @property
+    def stage_dims(self) -> list[int]:
+        return [self.blocks[end].dim_out for end in self.stage_ends]
+
+    @property
+    def stage_unit_shapes(self) -> list[tuple[int, ...]]:
+        """Tokens per mask unit at the end of each stage."""
+        unit, stride = self.config.mask_unit_size, self.config.q_stride
+        return [tuple(u // s**done for u, s in zip(unit, stride)) for done in self.stage_pool_counts()]
+
+    def forward_mask_units(self, x: torch.Tensor, keep_idx: torch.Tensor) -> list[torch.Tensor]:
+        """Stage outputs of the kept units [B, K] (ascending): [B, K, *unit_shape_s, C_s] per stage."""
+        stages = self.forward_stages(x, keep_idx)
+        return [self.unroller.reroll(s, done, sparse=True) for s, done in zip(stages, self.stage_pool_counts())]
+
     def forward_intermediates(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Stage outputs in spatial order: [B, (T,) H_s, W_s, C_s]; with `mask` [B, #MU] bool (True = keep),
         [B, #kept, *unit_shape_s, C_s]."""
-        keep_idx = None if mask is None else mask_to_keep_indices(mask)
-        stages = self.forward_stages(x, keep_idx)
-        return [self.unroller.reroll(s, done, sparse=mask is not None)
-                for s, done in zip(stages, self.stage_pool_counts())]
+        if mask is not None:
+            return self.forward_mask_units(x, mask_to_keep_indices(mask))
+        return [self.unroller.reroll(s, done) for s, done in zip(self.forward_stages(x), self.stage_pool_counts())]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C, (T,) H, W] -> pooled, normed features [B, num_features]."""

@@ -53,6 +53,12 @@ def replace_config(config: Any, name: str, **overrides: Any) -> Any:
     return dataclasses.replace(config, **overrides)
 
 
+def model_class(name: str) -> type[nn.Module]:
+    if name not in _REGISTRY:
+        raise KeyError(_unknown_name_message(name))
+    return _REGISTRY[name][0]
+
+
 def create_model(name: str, **overrides: Any) -> nn.Module:
     """Build the registered model `name`, replacing config fields with `overrides`."""
     if name not in _REGISTRY:
