@@ -105,6 +105,7 @@ def write_kinetics_dataset(
     num_frames: int = 32,
     fps: int = 25,
     seed: int = 0,
+    gop: int = 8,
 ) -> dict[str, Path]:
     """Write ``per_class`` videos per class and split; returns ``{split: csv_path}``.
 
@@ -122,7 +123,8 @@ def write_kinetics_dataset(
                 youtube_id = f"{split[:2]}{label}x{i:04d}-syn"
                 start = int(rng.integers(0, 300))
                 frames = motion_clip(label, rng, num_frames, height, width)
-                write_video(out / "videos" / name / kinetics_name(youtube_id, start, start + seconds), frames, fps)
+                write_video(out / "videos" / name / kinetics_name(youtube_id, start, start + seconds), frames, fps,
+                            gop=gop)
                 rows.append((name, youtube_id, start, start + seconds, split))
         csv_paths[split] = out / f"{split}.csv"
         with open(csv_paths[split], "w", newline="") as f:
