@@ -234,8 +234,7 @@ class PoolingAttention(nn.Module):
             conv = (nn.Conv2d, nn.Conv3d)[len(kernel) - 2]
             return (conv(self.head_dim, self.head_dim, kernel, stride, padding, groups=self.head_dim, bias=False),
                     nn.LayerNorm(self.head_dim, eps=1e-6))
-        op = _POOL_OPS[cfg.pool_mode][len(kernel) - 2]
-        return _FunctionalPool(op, kernel, stride, padding), nn.Identity()
+        return _FunctionalPool(cfg.pool_mode, kernel, stride, padding), nn.Identity()
 
     def rel_pos_bias(self, q: torch.Tensor, q_grid: Grid, k_grid: Grid) -> torch.Tensor:
         """q [B, X, prefix + Nq, hd] -> additive bias [B, X, prefix + Nq, prefix + Nk]: q_i . R_d[dist_d(i, j)]
@@ -284,13 +283,19 @@ class PoolingAttention(nn.Module):
 
 
 class _FunctionalPool(nn.Module):
-    """A parameter-free max / avg pool for 2-D or 3-D grids (the functional op picked once at build time)."""
+    """A parameter-free max or avg pool of a 2-D or 3-D grid."""
 
-    def __init__(self, op, kernel: Grid, stride: Grid, padding: Grid):
+    def __init__(self, mode: str, kernel: Grid, stride: Grid, padding: Grid):
         super().__init__()
-        self.op, self.kernel, self.stride, self.padding = op, kernel, stride, padding
+        self.op = _POOL_OPS[mode][len(kernel) - 2]
+        self.kernel, self.stride, self.padding = kernel, stride, padding
+        # Avg pooling counts padded zeros (count_include_pad); padding explicitly gives the same result and
+        # also works where a mask unit is thinner than the kernel (one frame), which avg_pool3d refuses.
+        self.explicit_pad = [p for pad in reversed(padding) for p in (pad, pad)] if mode == "avg" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.explicit_pad is not None:
+            return self.op(F.pad(x, self.explicit_pad), self.kernel, self.stride)
         return self.op(x, self.kernel, self.stride, self.padding)
 
 
@@ -309,8 +314,7 @@ class MultiScaleBlock(nn.Module):
             self.proj = nn.Linear(spec.dim, spec.dim_out)
         self.pool_skip = None
         if spec.skip_kernel is not None:
-            op = (F.max_pool2d, F.max_pool3d)[len(spec.grid) - 2]
-            self.pool_skip = _FunctionalPool(op, spec.skip_kernel, spec.q_stride,
+            self.pool_skip = _FunctionalPool("max", spec.skip_kernel, spec.q_stride,
                                              pool_padding(spec.skip_kernel, spec.q_stride))
 
     def forward(self, x: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, Grid]:
