@@ -62,8 +62,20 @@ def hiera_forward_case(name: str, batch: int, device: torch.device) -> dict[str,
     return runners
 
 
+def mvitv2_forward_case(name: str, batch: int, device: torch.device) -> dict[str, Runner]:
+    """Ours and timm's image MViTv2, sharing one set of weights."""
+    import timm
+
+    reference = timm.create_model(name, pretrained=False).eval().to(device)
+    ours = create_model(name).eval().to(device)
+    load_pretrained(ours, reference.state_dict())
+    x = torch.randn(batch, 3, *ours.config.input_size, device=device)
+    return {"ours": forward_runner(ours, x), "timm": forward_runner(reference, x)}
+
+
 CASES: dict[str, Callable[[int, torch.device], dict[str, Runner]]] = {
     "hiera_base_224": lambda batch, device: hiera_forward_case("hiera_base_224", batch, device),
+    "mvitv2_base": lambda batch, device: mvitv2_forward_case("mvitv2_base", batch, device),
 }
 
 
