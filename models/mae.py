@@ -214,9 +214,10 @@ class MaskedAutoencoder(nn.Module):
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Pixel-space views of one forward's output, for the viewer. All [B, C, (T',) H, W], where video is
-        time-strided like the targets: `original`, `masked` (masked units blacked out), `reconstruction`
-        (the prediction everywhere; norm-pix undone with the true patch statistics) and `pasted` (visible
-        units from the original, masked ones from the prediction). HOG targets give no reconstruction."""
+        time-strided like the targets: `original`, `masked` (masked units zeroed: the dataset mean once
+        unnormalised), `reconstruction` (the prediction everywhere; norm-pix undone with the true patch
+        statistics) and `pasted` (visible units from the original, masked ones from the prediction).
+        HOG targets give no reconstruction."""
         rows = patchify(x, self.pred_stride, self.time_stride)
         grid = self.token_grid
         visible = out["token_mask"][..., None].to(rows.dtype)

@@ -1,0 +1,134 @@
+"""Training checkpoints: one directory per save, written under a temporary name and renamed into place.
+
+    output_dir/checkpoint-00001000/
+        model.safetensors      the whole model (for the MAE: encoder + decoder)
+        encoder.safetensors    the encoder alone, metadata {"model": registered name}: for fine-tuning
+        optimizer.pt           optimizer state (tensors and plain containers: torch.load(weights_only=True))
+        rng-rank{r}.pt         each rank's torch / numpy / python RNG states (tensors only)
+        state.json             step, epoch, data position, scheduler, scaler, counters
+        config.yaml            the resolved config
+
+A crash at any moment leaves either the previous checkpoints or the new one complete, never half a one.
+Nothing here unpickles code.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d{8})$")
+TEMP_PREFIX = ".tmp-checkpoint-"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint-{step:08d}"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and CHECKPOINT_PATTERN.match(p.name)]
+    return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def save_tensors(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path), metadata=metadata)
+
+
+def capture_rng() -> dict[str, torch.Tensor]:
+    numpy_state = np.random.get_state()
+    python_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(numpy_state[1].astype(np.int64)),
+        "numpy_meta": torch.tensor([numpy_state[2], numpy_state[3]], dtype=torch.float64),
+        "numpy_gauss": torch.tensor([numpy_state[4]], dtype=torch.float64),
+        "python": torch.tensor(python_state[1], dtype=torch.int64),
+        "python_version": torch.tensor([python_state[0]], dtype=torch.int64),
+        **({"cuda": torch.stack(torch.cuda.get_rng_state_all())} if torch.cuda.is_available() else {}),
+    }
+
+
+def restore_rng(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch"])
+    pos, has_gauss = state["numpy_meta"].tolist()
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), int(pos), int(has_gauss),
+                         float(state["numpy_gauss"].item())))
+    random.setstate((int(state["python_version"].item()), tuple(state["python"].tolist()), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+def begin_save(output_dir: str | Path, step: int) -> Path:
+    """A fresh temporary directory for checkpoint `step` (main process)."""
+    temp = Path(output_dir) / f"{TEMP_PREFIX}{step:08d}"
+    if temp.exists():
+        shutil.rmtree(temp)
+    temp.mkdir(parents=True)
+    return temp
+
+
+def write_rank_state(temp: Path, rank: int) -> None:
+    torch.save(capture_rng(), temp / f"rng-rank{rank}.pt")
+
+
+def write_main_state(temp: Path, model_state: dict[str, torch.Tensor], encoder_state: dict[str, torch.Tensor],
+                     encoder_name: str, optimizer_state: dict, state: dict[str, Any], config_yaml: str) -> None:
+    bad = [k for k, v in model_state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise FloatingPointError(f"refusing to save non-finite weights ({', '.join(bad[:5])})")
+    save_tensors(temp / "model.safetensors", model_state)
+    save_tensors(temp / "encoder.safetensors", encoder_state, {"model": encoder_name})
+    torch.save(optimizer_state, temp / "optimizer.pt")
+    (temp / "state.json").write_text(json.dumps(state, indent=2))
+    (temp / "config.yaml").write_text(config_yaml)
+
+
+def commit_save(temp: Path, keep: int) -> Path:
+    """Rename the finished temporary directory into place, then prune to the newest `keep`."""
+    final = temp.parent / temp.name.replace(TEMP_PREFIX, "checkpoint-")
+    if final.exists():  # the same step saved again (e.g. the end of a resumed run)
+        shutil.rmtree(final)
+    temp.rename(final)
+    for old in list_checkpoints(temp.parent)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_checkpoint(path: str | Path, rank: int) -> dict[str, Any]:
+    """Everything a resume needs, loaded safely; names the file when something is missing or broken."""
+    path = Path(path)
+    try:
+        rng_file = path / f"rng-rank{rank}.pt"
+        return {
+            "model": load_file(str(path / "model.safetensors")),
+            "optimizer": torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True),
+            "state": json.loads((path / "state.json").read_text()),
+            "rng": torch.load(rng_file, weights_only=True) if rng_file.exists() else None,
+        }
+    except (OSError, ValueError, RuntimeError) as err:
+        raise RuntimeError(f"cannot resume from {path}: {err}") from err
+
+
+def export_encoder(path: str | Path, encoder_state: dict[str, torch.Tensor], encoder_name: str) -> None:
+    """Write the encoder alone atomically (temp file + rename)."""
+    path = Path(path)
+    temp = path.with_name(path.name + ".tmp")
+    save_tensors(temp, encoder_state, {"model": encoder_name})
+    temp.replace(path)

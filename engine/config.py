@@ -1,0 +1,187 @@
+"""The typed config schema (the one source of defaults) and its loading from YAML files and `key=value`.
+
+    accelerate launch pretrain/main.py --config configs/pretrain/demo.yaml train.max_steps=50 seed=1
+
+A YAML file may name `_base_: other.yaml` (relative to itself) to inherit; later files and the command line
+override earlier ones. An unknown key or a value of the wrong type stops the program before any work with
+exit code 2 and a message that names the key (and the near one, if any).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mae_hiera_base_16x224"
+    input_size: list[int] | None = None  # None: the registered size
+    drop_path_rate: float | None = None
+    mask_ratio: float | None = None  # MAE only; None: 0.6 images, 0.9 video
+    decoder_depth: int | None = None
+    decoder_embed_dim: int | None = None
+    decoder_num_heads: int | None = None
+    target: str | None = None  # MAE: "pixel" or "hog"
+    norm_pix_loss: bool | None = None
+    num_classes: int | None = None  # fine-tuning: None = the training data's class count
+    head_dropout: float | None = None
+    pretrained: str | None = None  # fine-tuning: MAE checkpoint dir, exported encoder, official/timm/SlowFast file
+    extra: dict[str, Any] = field(default_factory=dict)  # any other field of the registered model config
+    compile: bool = False  # torch.compile the model (one graph for the MAE)
+
+    def overrides(self) -> dict[str, Any]:
+        """The set fields, as `create_model` overrides."""
+        skip = {"name", "pretrained", "extra", "compile"}
+        chosen = {k: v for k, v in vars(self).items() if k not in skip and v is not None}
+        if chosen.get("input_size") is not None:
+            chosen["input_size"] = tuple(chosen["input_size"])
+        return {**chosen, **dict(self.extra)}
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # shard directory (with info.json)
+    val: str = ""  # fine-tuning: evaluation shards
+    num_frames: int = 16
+    sampling_rate: int = 4
+    target_fps: float | None = 30.0  # frame spacing = sampling_rate / target_fps seconds; None: native rate
+    crop_size: int = 224
+    scale: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    hflip: float = 0.5
+    rand_augment: str | None = None  # timm string, e.g. "rand-m7-n4-mstd0.5-inc1"
+    repeat: int = 1  # repeated sampling: clips drawn per decoded video
+    num_workers: int = 4
+    max_fail_fraction: float = 0.05  # stop when more samples than this fail to decode
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 8  # clips (or images) per device per step, repeats included
+    epochs: float = 800  # effective epochs: passes over the data x data.repeat
+    max_steps: int | None = None  # optional cap on optimizer steps
+    base_lr: float = 8e-4  # lr = base_lr x total batch / 256
+    min_lr: float = 0.0
+    warmup_epochs: float = 120  # effective epochs
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    layer_decay: float | None = None  # fine-tuning: per-block lr decay
+    accum_steps: int = 1
+    clip_grad: float | None = None
+    mixed_precision: str = "no"  # no, bf16 or fp16
+    checkpoint_every: int = 1000  # optimizer steps
+    keep_checkpoints: int = 3
+    max_nonfinite_steps: int = 20  # consecutive NaN/inf steps before the run stops
+    # Fine-tuning recipe (ignored by pretraining).
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    label_smoothing: float = 0.0
+    ema_decay: float | None = None
+
+
+@dataclass
+class LogConfig:
+    every: int = 10  # steps between scalar logs
+    visualize_every: int = 200  # steps between reconstruction images (0: never)
+    visualize_samples: int = 4
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    spatial_views: int = 3
+    temporal_views: int = 5
+    batch_size: int = 8
+    every_epochs: int = 1  # fine-tuning: evaluate after every this many passes
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output_dir: str = "runs/pretrain"
+    seed: int = 0
+    resume: str = ""  # "auto": the latest checkpoint in output_dir; or a checkpoint directory
+    eval_only: bool = False  # fine-tuning: evaluate `model.pretrained` and stop
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key."""
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    """A YAML file with its `_base_` chain merged under it."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: _base_ cycle through {' -> '.join(map(str, seen))}")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    node = OmegaConf.load(path)
+    base = node.pop("_base_", None)
+    if base is None:
+        return node
+    bases = [base] if isinstance(base, str) else list(base)
+    merged = OmegaConf.merge(*(_read_yaml(path.parent / b, (*seen, path)) for b in bases))
+    return OmegaConf.merge(merged, node)
+
+
+def load_config(config_files: list[str], overrides: list[str], schema: type = RunConfig) -> RunConfig:
+    """Schema defaults <- YAML files (in order) <- `key=value` overrides; validated against the schema."""
+    try:
+        layers = [OmegaConf.structured(schema)]
+        layers += [_read_yaml(Path(f)) for f in config_files]
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"overrides must look like key=value, got: {' '.join(bad)}")
+        layers.append(OmegaConf.from_dotlist(overrides))
+        merged = OmegaConf.merge(*layers)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_describe(err)) from err
+
+
+def _describe(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None)
+    message = str(err).splitlines()[0]
+    return f"config key {key!r}: {message}" if key else message
+
+
+def parse_args(description: str, argv: list[str] | None = None, schema: type = RunConfig) -> RunConfig:
+    """Command line -> config; on a bad config print the problem and exit with code 2."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", action="append", default=[], help="YAML file (repeatable; later wins)")
+    parser.add_argument("overrides", nargs="*", help="key=value, e.g. train.max_steps=100")
+    args = parser.parse_args(argv)
+    try:
+        return load_config(args.config, args.overrides, schema)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
+
+
+def to_yaml(config: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def flatten(config: RunConfig) -> dict[str, Any]:
+    """{"train.base_lr": 0.0008, ...} with lists and None as strings: what TensorBoard hparams accept."""
+    flat = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+    walk(OmegaConf.to_container(OmegaConf.structured(config)), "")
+    return flat

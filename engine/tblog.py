@@ -1,0 +1,68 @@
+"""TensorBoard logging on the main process: scalars, image grids, animated clips and hparams.
+
+Animated clips are written as GIF image summaries, which TensorBoard shows as moving images without the
+moviepy dependency that `add_video` silently needs.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tensorboard.compat.proto.summary_pb2 import Summary
+from torch.utils.tensorboard import SummaryWriter
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[..., 3, H, W] float in [0, 1] -> [..., H, W, 3] uint8."""
+    array = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    return np.moveaxis(array, -3, -1)
+
+
+def gif_bytes(frames: np.ndarray, fps: float = 8.0) -> bytes:
+    """[T, H, W, 3] uint8 -> an endlessly looping animated GIF."""
+    pictures = [Image.fromarray(f) for f in frames]
+    buffer = io.BytesIO()
+    pictures[0].save(buffer, format="GIF", save_all=True, append_images=pictures[1:],
+                     duration=int(1000 / fps), loop=0)
+    return buffer.getvalue()
+
+
+class TrainLogger:
+    """A SummaryWriter in `log_dir` when `enabled`; every call is a no-op otherwise (non-main ranks)."""
+
+    def __init__(self, log_dir: str | Path, enabled: bool):
+        self.writer = SummaryWriter(str(log_dir)) if enabled else None
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self.writer:
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value, step)
+
+    def image(self, tag: str, image: torch.Tensor, step: int) -> None:
+        """[3, H, W] float in [0, 1]."""
+        if self.writer:
+            self.writer.add_image(tag, image.detach().float().clamp(0, 1).cpu(), step)
+
+    def animation(self, tag: str, frames: torch.Tensor, step: int, fps: float = 8.0) -> None:
+        """[T, 3, H, W] float in [0, 1] -> an animated GIF image summary."""
+        if self.writer:
+            array = to_uint8(frames)
+            encoded = Summary.Image(height=array.shape[1], width=array.shape[2], colorspace=3,
+                                    encoded_image_string=gif_bytes(array, fps))
+            self.writer.file_writer.add_summary(Summary(value=[Summary.Value(tag=tag, image=encoded)]), step)
+
+    def text(self, tag: str, text: str, step: int = 0) -> None:
+        if self.writer:
+            self.writer.add_text(tag, text, step)
+
+    def hparams(self, params: dict, metrics: dict[str, float]) -> None:
+        if self.writer:
+            self.writer.add_hparams(params, metrics, run_name=".")
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()

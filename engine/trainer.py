@@ -1,0 +1,222 @@
+"""The training loop, shared by pretraining and fine-tuning. An app supplies a `Task`: its model, loader,
+step (the loss) and optional hooks; everything else (accelerate, optimizer, schedule, accumulation,
+clipping, non-finite steps, checkpoints, exact resume, logging, progress) lives here once.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from accelerate import Accelerator
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from tqdm import tqdm
+
+from . import checkpoint as ckpt
+from .config import RunConfig, flatten, to_yaml
+from .tblog import TrainLogger
+
+
+class Task(Protocol):
+    def build_model(self, cfg: RunConfig) -> torch.nn.Module: ...
+
+    def train_loader(self, cfg: RunConfig, rank: int, world_size: int) -> Any:
+        """A loader with `len()`, iteration over the rest of the epoch, `state_dict`/`load_state_dict`
+        and `stats` (data.ShardLoader)."""
+
+    def step(self, model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        """Forward pass of one batch: {"loss": scalar, other scalars to log...}."""
+
+    def encoder(self, model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], str]:
+        """The encoder's state dict and registered name, for the safetensors export."""
+
+    def visualize(self, model: torch.nn.Module, batch: dict, logger: TrainLogger, step: int) -> None:
+        """Main process only, on the unwrapped model."""
+
+    def after_pass(self, model: torch.nn.Module, accelerator: Accelerator, logger: TrainLogger,
+                   step: int) -> dict[str, float]:
+        """After each pass over the data (all ranks): e.g. evaluation; returns metrics for hparams."""
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    nonfinite_total: int = 0
+    nonfinite_streak: int = 0
+    samples_seen: int = 0
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def schedule(cfg: RunConfig, steps_per_pass: int) -> tuple[int, int]:
+    """(total optimizer steps, warmup steps); epochs count effective epochs (passes x data.repeat)."""
+    steps_per_effective_epoch = steps_per_pass / cfg.data.repeat
+    total = math.ceil(cfg.train.epochs * steps_per_effective_epoch)
+    if cfg.train.max_steps is not None:
+        total = min(total, cfg.train.max_steps)
+    return max(total, 1), round(cfg.train.warmup_epochs * steps_per_effective_epoch)
+
+
+class Trainer:
+    def __init__(self, task: Task, cfg: RunConfig):
+        self.task, self.cfg = task, cfg
+        self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
+                                       gradient_accumulation_steps=cfg.train.accum_steps)
+        self.is_main = self.accelerator.is_main_process
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        self.output_dir = Path(cfg.output_dir)
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(to_yaml(cfg))
+
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        model = task.build_model(cfg)
+        self.loader = task.train_loader(cfg, self.rank, self.world)
+        self.steps_per_pass = len(self.loader) // cfg.train.accum_steps
+        if self.steps_per_pass == 0:
+            raise ValueError(f"{cfg.data.train}: fewer batches than train.accum_steps={cfg.train.accum_steps}")
+        self.total_steps, warmup = schedule(cfg, self.steps_per_pass)
+        total_batch = cfg.train.batch_size * self.world * cfg.train.accum_steps
+        lr = cfg.train.base_lr * total_batch / 256
+        optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=cfg.train.weight_decay,
+                                        betas=tuple(cfg.train.betas), layer_decay=cfg.train.layer_decay)
+        self.scheduler = CosineLRScheduler(optimizer, t_initial=max(self.total_steps - warmup, 1),
+                                           lr_min=cfg.train.min_lr, warmup_t=warmup, warmup_lr_init=0.0,
+                                           warmup_prefix=True, t_in_epochs=False)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.forward_model = torch.compile(self.model, fullgraph=True) if cfg.model.compile else self.model
+        torch.manual_seed(cfg.seed + 1000 * self.rank)  # drop path differs across ranks, reproducibly
+        self.progress = Progress()
+        self.logger = TrainLogger(self.output_dir / "tb", enabled=self.is_main)
+        self._maybe_resume()
+
+    # -- checkpoints -------------------------------------------------------------------------------------------
+    def _maybe_resume(self) -> None:
+        resume = self.cfg.resume
+        if not resume:
+            return
+        path = ckpt.latest_checkpoint(self.output_dir) if resume == "auto" else Path(resume)
+        if path is None:
+            self._print(f"resume=auto: no checkpoint in {self.output_dir}, starting fresh")
+            return
+        saved = ckpt.read_checkpoint(path, self.rank)
+        self.accelerator.unwrap_model(self.model).load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        state = saved["state"]
+        self.loader.load_state_dict(state["data"])
+        self.progress = Progress(**state["progress"])
+        if self.accelerator.scaler is not None and state.get("scaler"):
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        self.scheduler.step_update(self.progress.step)
+        if saved["rng"] is not None:
+            ckpt.restore_rng(saved["rng"])
+        self._print(f"resumed from {path} at step {self.progress.step}")
+
+    def save_checkpoint(self) -> None:
+        step = self.progress.step
+        temp = self.output_dir / f"{ckpt.TEMP_PREFIX}{step:08d}"
+        if self.is_main:
+            ckpt.begin_save(self.output_dir, step)
+        self.accelerator.wait_for_everyone()
+        ckpt.write_rank_state(temp, self.rank)
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            model = self.accelerator.unwrap_model(self.model)
+            encoder_state, encoder_name = self.task.encoder(model)
+            state = {"progress": vars(self.progress), "data": self.loader.state_dict(),
+                     "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler else None,
+                     "scheduler": self.scheduler.state_dict(), "total_steps": self.total_steps}
+            ckpt.write_main_state(temp, model.state_dict(), encoder_state, encoder_name,
+                                  self.optimizer.state_dict(), state, to_yaml(self.cfg))
+            ckpt.commit_save(temp, self.cfg.train.keep_checkpoints)
+            ckpt.export_encoder(self.output_dir / "encoder.safetensors", encoder_state, encoder_name)
+        self.accelerator.wait_for_everyone()
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+    def fit(self) -> dict[str, float]:
+        cfg, acc, progress = self.cfg, self.accelerator, self.progress
+        bar = tqdm(total=self.total_steps, initial=progress.step, disable=not (self.is_main and cfg.log.progress),
+                   dynamic_ncols=True, desc=Path(cfg.output_dir).name)
+        metrics: dict[str, float] = {}
+        window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
+        self.model.train()
+        evaluated_at = -1
+        while progress.step < self.total_steps:
+            fetched = time.perf_counter()
+            for batch in self.loader:
+                data_wait += time.perf_counter() - fetched
+                batch = to_device(batch, acc.device)
+                with acc.accumulate(self.model):
+                    with acc.autocast():
+                        out = self.task.step(self.forward_model, batch)
+                    acc.backward(out["loss"])
+                    if acc.sync_gradients:
+                        grad_norm = self._optimizer_step()
+                window_samples += len(batch["label"]) * self.world
+                fetched = time.perf_counter()
+                if not acc.sync_gradients:
+                    continue
+                progress.step += 1
+                progress.samples_seen += window_samples
+                self.scheduler.step_update(progress.step)
+                if progress.step % cfg.log.every == 0 or progress.step == self.total_steps:
+                    elapsed = time.perf_counter() - window_start
+                    scalars = {f"train/{k}": v.item() for k, v in out.items() if v.dim() == 0}
+                    scalars |= {"train/lr": self.optimizer.param_groups[0]["lr"], "train/grad_norm": grad_norm,
+                                "perf/samples_per_s": window_samples / elapsed,
+                                "perf/data_wait_fraction": data_wait / elapsed,
+                                "data/samples_failed": self.loader.stats["samples_failed"],
+                                "train/nonfinite_steps": progress.nonfinite_total}
+                    self.logger.scalars(scalars, progress.step)
+                    bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", lr=f"{scalars['train/lr']:.2e}")
+                    metrics["final_loss"] = scalars["train/loss"]
+                    window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
+                bar.update(1)
+                if self.is_main and cfg.log.visualize_every and progress.step % cfg.log.visualize_every == 0:
+                    self.task.visualize(acc.unwrap_model(self.model), batch, self.logger, progress.step)
+                if progress.step % cfg.train.checkpoint_every == 0 or progress.step == self.total_steps:
+                    self.save_checkpoint()
+                if progress.step >= self.total_steps:
+                    break
+            else:  # a whole pass over the data
+                metrics |= self.task.after_pass(acc.unwrap_model(self.model), acc, self.logger, progress.step)
+                evaluated_at = progress.step
+        if evaluated_at != progress.step:
+            metrics |= self.task.after_pass(acc.unwrap_model(self.model), acc, self.logger, progress.step)
+        bar.close()
+        self.logger.hparams(flatten(cfg), {f"hparam/{k}": v for k, v in metrics.items()})
+        self.logger.close()
+        acc.end_training()
+        return metrics
+
+    def _optimizer_step(self) -> float:
+        """Clip, then step unless the gradients are not finite (counted; too many in a row stop the run).
+        Reading the norm is the loop's one host sync per optimizer step."""
+        clip = self.cfg.train.clip_grad or float("inf")
+        grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), clip))
+        progress = self.progress
+        if math.isfinite(grad_norm):
+            self.optimizer.step()
+            progress.nonfinite_streak = 0
+        else:
+            if self.accelerator.scaler is not None:
+                self.optimizer.step()  # fp16: lets the grad scaler skip the update and lower its scale
+            progress.nonfinite_total += 1
+            progress.nonfinite_streak += 1
+            if progress.nonfinite_streak > self.cfg.train.max_nonfinite_steps:
+                raise FloatingPointError(
+                    f"{progress.nonfinite_streak} optimizer steps in a row had non-finite gradients (step "
+                    f"{progress.step}); stopping. Lower train.base_lr, set train.clip_grad, or use bf16.")
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def _print(self, message: str) -> None:
+        if self.is_main:
+            tqdm.write(message)

@@ -1,0 +1,1 @@
+"""MAE pretraining: `accelerate launch pretrain/main.py --config FILE [key=value ...]`."""

@@ -1,0 +1,71 @@
+"""The pretraining step: masked-unit reconstruction loss, and the reconstruction viewer."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from engine.config import ConfigError, RunConfig
+from engine.loaders import train_loader
+from engine.tblog import TrainLogger
+from models import create_model
+from models.mae import MaskedAutoencoder
+
+from . import render
+
+
+def media_of(batch: dict) -> torch.Tensor:
+    return batch["video"] if "video" in batch else batch["image"]
+
+
+class PretrainTask:
+    def build_model(self, cfg: RunConfig) -> MaskedAutoencoder:
+        if not cfg.model.name.startswith("mae_"):
+            raise ConfigError(f"model.name={cfg.model.name!r}: pretraining needs an MAE model (mae_<encoder>)")
+        self.cfg = cfg
+        self.model = create_model(cfg.model.name, **cfg.model.overrides())
+        return self.model
+
+    def train_loader(self, cfg: RunConfig, rank: int, world_size: int):
+        self.loader = train_loader(cfg, rank, world_size, self.model.encoder.config.input_size,
+                                   self.model.mask_unit_grid, self.model.mask_ratio)
+        return self.loader
+
+    def step(self, model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        return {"loss": model(media_of(batch), mask=batch["mask"])["loss"]}
+
+    def encoder(self, model: MaskedAutoencoder) -> tuple[dict[str, torch.Tensor], str]:
+        return model.encoder_state_dict(), encoder_name(self.cfg)
+
+    @torch.no_grad()
+    def visualize(self, model: MaskedAutoencoder, batch: dict, logger: TrainLogger, step: int) -> None:
+        count = self.cfg.log.visualize_samples
+        x, mask = media_of(batch)[:count], batch["mask"][:count]
+        if len(x) == 0:
+            return
+        model.eval()
+        views = model.reconstruct(x, model(x, mask=mask))
+        model.train()
+        write_views(logger, views, self.loader.sample.mean, self.loader.sample.std, step)
+
+    def after_pass(self, model, accelerator, logger, step) -> dict[str, float]:
+        return {}
+
+
+def encoder_name(cfg: RunConfig) -> str:
+    """The encoder's registered name and overrides, stored in the exported file's metadata."""
+    overrides = {k: v for k, v in cfg.model.overrides().items()
+                 if k not in ("mask_ratio", "decoder_depth", "decoder_embed_dim", "decoder_num_heads", "target",
+                              "norm_pix_loss")}
+    return json.dumps({"name": cfg.model.name.removeprefix("mae_"), "overrides": overrides})
+
+
+def write_views(logger: TrainLogger, views: dict[str, torch.Tensor], mean, std, step: int) -> None:
+    """Image grids, or per-sample frame strips and animations, under `reconstruction/`."""
+    if views["original"].dim() == 4:
+        logger.image("reconstruction/grid", render.image_grid(views, mean, std), step)
+        return
+    for sample in range(views["original"].shape[0]):
+        logger.image(f"reconstruction/frames_{sample}", render.frame_strips(views, mean, std, sample), step)
+        logger.animation(f"reconstruction/clip_{sample}", render.animation(views, mean, std, sample), step)
