@@ -2,7 +2,8 @@
 
     output_dir/checkpoint-00001000/
         model.safetensors      the whole model (for the MAE: encoder + decoder)
-        encoder.safetensors    the encoder alone, metadata {"model": registered name}: for fine-tuning
+        encoder.safetensors    the encoder alone, for fine-tuning; metadata {"model": registered name,
+                               "overrides": JSON of the create_model overrides}
         optimizer.pt           optimizer state (tensors and plain containers: torch.load(weights_only=True))
         rng-rank{r}.pt         each rank's torch / numpy / python RNG states (tensors only)
         state.json             step, epoch, data position, scheduler, scaler, counters
@@ -23,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d{8})$")
@@ -89,12 +91,13 @@ def write_rank_state(temp: Path, rank: int) -> None:
 
 
 def write_main_state(temp: Path, model_state: dict[str, torch.Tensor], encoder_state: dict[str, torch.Tensor],
-                     encoder_name: str, optimizer_state: dict, state: dict[str, Any], config_yaml: str) -> None:
+                     encoder_metadata: dict[str, str], optimizer_state: dict, state: dict[str, Any],
+                     config_yaml: str) -> None:
     bad = [k for k, v in model_state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise FloatingPointError(f"refusing to save non-finite weights ({', '.join(bad[:5])})")
     save_tensors(temp / "model.safetensors", model_state)
-    save_tensors(temp / "encoder.safetensors", encoder_state, {"model": encoder_name})
+    save_tensors(temp / "encoder.safetensors", encoder_state, encoder_metadata)
     torch.save(optimizer_state, temp / "optimizer.pt")
     (temp / "state.json").write_text(json.dumps(state, indent=2))
     (temp / "config.yaml").write_text(config_yaml)
@@ -126,9 +129,22 @@ def read_checkpoint(path: str | Path, rank: int) -> dict[str, Any]:
         raise RuntimeError(f"cannot resume from {path}: {err}") from err
 
 
-def export_encoder(path: str | Path, encoder_state: dict[str, torch.Tensor], encoder_name: str) -> None:
+def encoder_metadata(name: str, overrides: dict[str, Any]) -> dict[str, str]:
+    return {"model": name, "overrides": json.dumps(overrides)}
+
+
+def read_encoder_metadata(path: str | Path) -> tuple[str, dict[str, Any]] | None:
+    """(registered name, overrides) of an exported encoder file, or None for files without them."""
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    if "model" not in metadata:
+        return None
+    return metadata["model"], json.loads(metadata.get("overrides", "{}"))
+
+
+def export_encoder(path: str | Path, encoder_state: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write the encoder alone atomically (temp file + rename)."""
     path = Path(path)
     temp = path.with_name(path.name + ".tmp")
-    save_tensors(temp, encoder_state, {"model": encoder_name})
+    save_tensors(temp, encoder_state, metadata)
     temp.replace(path)

@@ -32,8 +32,8 @@ class Task(Protocol):
     def step(self, model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         """Forward pass of one batch: {"loss": scalar, other scalars to log...}."""
 
-    def encoder(self, model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], str]:
-        """The encoder's state dict and registered name, for the safetensors export."""
+    def encoder(self, model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The encoder's state dict and its metadata (checkpoint.encoder_metadata), for the export."""
 
     def visualize(self, model: torch.nn.Module, batch: dict, logger: TrainLogger, step: int) -> None:
         """Main process only, on the unwrapped model."""
@@ -129,14 +129,14 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if self.is_main:
             model = self.accelerator.unwrap_model(self.model)
-            encoder_state, encoder_name = self.task.encoder(model)
+            encoder_state, encoder_meta = self.task.encoder(model)
             state = {"progress": vars(self.progress), "data": self.loader.state_dict(),
                      "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler else None,
                      "scheduler": self.scheduler.state_dict(), "total_steps": self.total_steps}
-            ckpt.write_main_state(temp, model.state_dict(), encoder_state, encoder_name,
+            ckpt.write_main_state(temp, model.state_dict(), encoder_state, encoder_meta,
                                   self.optimizer.state_dict(), state, to_yaml(self.cfg))
             ckpt.commit_save(temp, self.cfg.train.keep_checkpoints)
-            ckpt.export_encoder(self.output_dir / "encoder.safetensors", encoder_state, encoder_name)
+            ckpt.export_encoder(self.output_dir / "encoder.safetensors", encoder_state, encoder_meta)
         self.accelerator.wait_for_everyone()
 
     # -- the loop ----------------------------------------------------------------------------------------------

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
-
 import torch
 
+from engine import checkpoint
 from engine.config import ConfigError, RunConfig
 from engine.loaders import train_loader
 from engine.tblog import TrainLogger
 from models import create_model
-from models.mae import MaskedAutoencoder
+from models.mae import MAEConfig, MaskedAutoencoder
 
 from . import render
 
@@ -35,8 +34,8 @@ class PretrainTask:
     def step(self, model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         return {"loss": model(media_of(batch), mask=batch["mask"])["loss"]}
 
-    def encoder(self, model: MaskedAutoencoder) -> tuple[dict[str, torch.Tensor], str]:
-        return model.encoder_state_dict(), encoder_name(self.cfg)
+    def encoder(self, model: MaskedAutoencoder) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        return model.encoder_state_dict(), encoder_metadata(self.cfg)
 
     @torch.no_grad()
     def visualize(self, model: MaskedAutoencoder, batch: dict, logger: TrainLogger, step: int) -> None:
@@ -53,12 +52,10 @@ class PretrainTask:
         return {}
 
 
-def encoder_name(cfg: RunConfig) -> str:
-    """The encoder's registered name and overrides, stored in the exported file's metadata."""
-    overrides = {k: v for k, v in cfg.model.overrides().items()
-                 if k not in ("mask_ratio", "decoder_depth", "decoder_embed_dim", "decoder_num_heads", "target",
-                              "norm_pix_loss")}
-    return json.dumps({"name": cfg.model.name.removeprefix("mae_"), "overrides": overrides})
+def encoder_metadata(cfg: RunConfig) -> dict[str, str]:
+    """The encoder's registered name and its (non-MAE) overrides, stored in the exported file."""
+    overrides = {k: v for k, v in cfg.model.overrides().items() if k not in MAEConfig.__dataclass_fields__}
+    return checkpoint.encoder_metadata(cfg.model.name.removeprefix("mae_"), overrides)
 
 
 def write_views(logger: TrainLogger, views: dict[str, torch.Tensor], mean, std, step: int) -> None:
