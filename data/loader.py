@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import torch
 from torch.utils.data import DataLoader
 
 from .samples import SampleConfig
@@ -85,8 +86,10 @@ class ShardLoader:
     def __iter__(self):
         stream = ShardStream(self.shards, self.sample, self.batch_size, self.seed, self.epoch, self.consumed,
                              self.rank, self.world_size, self.shuffle, self.drop_last)
+        # A private generator: creating an iterator must not draw from torch's global RNG, whose state
+        # (drop path) a resumed run restores exactly.
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, collate_fn=_no_collate,
-                            **self.loader_kwargs)
+                            generator=torch.Generator().manual_seed(self.seed), **self.loader_kwargs)
         for batch in loader:
             self.consumed += 1
             self._count(batch)
