@@ -221,3 +221,30 @@ def test_no_weight_decay_names():
     names = create_model("mvit_base_16x4", input_size=VIDEO).no_weight_decay()
     assert {"cls_token", "pos_embed_spatial", "pos_embed_temporal", "pos_embed_class"} <= names
     assert "blocks.0.attn.rel_pos_h" in create_model("mvitv2_tiny", input_size=IMAGE).no_weight_decay()
+
+
+@pytest.mark.parametrize("row", ["", "f"])
+def test_traces_as_one_graph(row):
+    model = tiny("mvitv2_small_16x4", VIDEO, **simplification_overrides(row, video=True)).eval()
+    explained = torch._dynamo.explain(model)(torch.randn(1, 3, *VIDEO))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+
+
+def test_rel_pos_bias_equals_the_definition():
+    """The broadcast einsum bias against a loop over (query, key) pairs of REFERENCE.md §2's formula, with a cls
+    token, q and k of different sizes, and tables of another length (interpolated)."""
+    torch.manual_seed(0)
+    attn = tiny("mvitv2_small_16x4", VIDEO).blocks[0].attn
+    q_grid, k_grid, hd = (2, 4, 4), (2, 2, 2), attn.head_dim
+    q = torch.randn(1, 1, 1 + 32, hd)
+    bias = attn.rel_pos_bias(q, q_grid, k_grid)[0, 0]
+    tables = [torch.nn.functional.interpolate(getattr(attn, n).detach().T[None], size=2 * max(a, b) - 1,
+                                              mode="linear")[0].T
+              for n, a, b in zip(attn.rel_pos_names, q_grid, k_grid)]
+    want = torch.zeros(33, 9)
+    for i, qi in enumerate(itertools.product(*map(range, q_grid))):
+        for j, kj in enumerate(itertools.product(*map(range, k_grid))):
+            for table, a, b, qa, kb in zip(tables, q_grid, k_grid, qi, kj):
+                dist = int(qa * max(b / a, 1) - kb * max(a / b, 1) + (b - 1) * max(a / b, 1))
+                want[1 + i, 1 + j] += q[0, 0, 1 + i] @ table[dist]
+    torch.testing.assert_close(bias.detach(), want, atol=1e-5, rtol=0)
