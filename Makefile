@@ -4,7 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint
+DEMO := runs/demo
+ACCELERATE := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
+
+.PHONY: setup test lint demo
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,3 +21,13 @@ lint: $(STAMP)
 
 test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The main job: synthetic demo videos -> shards -> a small video MAE pretraining run.
+demo: $(STAMP) $(DEMO)/shards/train/info.json $(DEMO)/shards/val/info.json
+	$(ACCELERATE) pretrain/main.py --config configs/pretrain/demo.yaml
+
+$(DEMO)/raw/train.csv: | $(STAMP)
+	$(PY) -m data.synthetic --out $(DEMO)/raw --per-class 16 --size 64x64 --frames 32
+
+$(DEMO)/shards/%/info.json: $(DEMO)/raw/train.csv
+	$(PY) -m data.make_shards kinetics --csv $(DEMO)/raw/$*.csv --videos $(DEMO)/raw/videos --out $(DEMO)/shards/$* --per-shard 16

@@ -1,0 +1,139 @@
+"""The pretraining app end to end, as users run it: real shards, real processes, real files read back."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from engine import checkpoint
+from models import create_model, load_pretrained
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = "configs/pretrain/demo.yaml"
+
+
+def pretrain_command(shards: Path, out: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "pretrain/main.py", "--config", DEMO, f"data.train={shards}", f"output_dir={out}",
+            "data.num_workers=1", "log.progress=false", "train.warmup_epochs=1", *overrides]
+
+
+def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, **kwargs)
+
+
+def test_pretraining_end_to_end(demo_shards, tmp_path):
+    out = tmp_path / "run"
+    result = run(pretrain_command(demo_shards["train"], out, "train.max_steps=24", "train.base_lr=4e-3",
+                                  "train.checkpoint_every=12", "log.every=4", "log.visualize_every=12"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"TensorBoard logs in {out}/tb" in result.stdout
+
+    events = EventAccumulator(str(out / "tb"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    losses = [e.value for e in events.Scalars("train/loss")]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    for tag in ("train/lr", "train/grad_norm", "perf/samples_per_s", "perf/data_wait_fraction",
+                "data/samples_failed"):
+        assert len(events.Scalars(tag)) == 6
+    images = events.Tags()["images"]
+    assert {"reconstruction/frames_0", "reconstruction/clip_0"} <= set(images)
+    assert events.Images("reconstruction/clip_0")[-1].encoded_image_string.startswith(b"GIF89a")
+
+    assert [p.name for p in checkpoint.list_checkpoints(out)] == ["checkpoint-00000012", "checkpoint-00000024"]
+    with safe_open(str(out / "encoder.safetensors"), framework="pt") as f:
+        assert f.metadata()["model"] == "hiera_base_16x224"
+    name, overrides = checkpoint.read_encoder_metadata(out / "encoder.safetensors")
+    encoder = create_model(name, num_classes=4, **overrides)
+    report = load_pretrained(encoder, out / "encoder.safetensors", strict=False)
+    assert sorted(report.missing) == ["head.projection.bias", "head.projection.weight", "norm.bias", "norm.weight"]
+    assert not report.unexpected and not report.mismatched
+
+
+def test_kill_and_resume_gives_identical_weights(demo_shards, tmp_path):
+    args = ("train.max_steps=10", "train.checkpoint_every=2", "model.drop_path_rate=0.2", "log.visualize_every=0")
+    reference = run(pretrain_command(demo_shards["train"], tmp_path / "straight", *args))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    out = tmp_path / "killed"
+    process = subprocess.Popen(pretrain_command(demo_shards["train"], out, *args), cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "checkpoint-00000004").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(random.uniform(0, 1.0))  # anywhere: mid-step, mid-save, ...
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert checkpoint.latest_checkpoint(out) is not None
+    resumed = run(pretrain_command(demo_shards["train"], out, *args, "resume=auto"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    expected = load_file(tmp_path / "straight" / "checkpoint-00000010" / "model.safetensors")
+    got = load_file(out / "checkpoint-00000010" / "model.safetensors")
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    state = {"progress": {"step": 5}}
+    temp = checkpoint.begin_save(tmp_path, 5)
+    checkpoint.write_rank_state(temp, 0)
+    checkpoint.write_main_state(temp, model.state_dict(), model.state_dict(), {"model": "x"},
+                                torch.optim.AdamW(model.parameters()).state_dict(), state, "seed: 0\n")
+    checkpoint.commit_save(temp, keep=2)
+    # The next save dies half-way: a truncated model file in the temporary directory.
+    crashed = checkpoint.begin_save(tmp_path, 10)
+    (crashed / "model.safetensors").write_bytes(b"\x00" * 10)
+    latest = checkpoint.latest_checkpoint(tmp_path)
+    assert latest.name == "checkpoint-00000005"
+    saved = checkpoint.read_checkpoint(latest, rank=0)
+    assert saved["state"]["progress"]["step"] == 5 and torch.equal(saved["model"]["weight"], model.weight)
+    with pytest.raises(FloatingPointError, match="non-finite weights"):
+        checkpoint.write_main_state(crashed, {"w": torch.tensor([float("nan")])}, {}, {}, {}, {}, "")
+
+
+@pytest.mark.parametrize("override, key, hint", [
+    ("train.max_step=5", "train.max_step", "max_steps"),
+    ("train.batch_size=many", "train.batch_size", "could not be converted"),
+    ("modle.name=x", "modle", "model"),
+])
+def test_config_errors_exit_2_before_any_work(tmp_path, override, key, hint):
+    out = tmp_path / "never"
+    result = run(pretrain_command(tmp_path / "no-shards", out, override))
+    assert result.returncode == 2
+    assert key in result.stderr and hint in result.stderr
+    assert not out.exists()
+
+
+def test_bad_model_override_exits_2(tmp_path):
+    result = run(pretrain_command(tmp_path / "no-shards", tmp_path / "o", "model.extra.embed_dims=8"))
+    assert result.returncode == 2 and "did you mean 'embed_dim'" in result.stderr
+
+
+def test_two_gloo_processes_train_together(demo_shards, tmp_path):
+    out = tmp_path / "ddp"
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "tests/dist_train.py",
+               "--config", DEMO, f"data.train={demo_shards['train']}", f"output_dir={out}", "data.num_workers=0",
+               "log.progress=false", "train.max_steps=4", "train.batch_size=8", "log.visualize_every=0",
+               "model.drop_path_rate=0.2"]
+    result = run(command, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = []
+    for rank in (0, 1):
+        path = out / f"final-rank{rank}.safetensors"
+        with safe_open(str(path), framework="pt") as f:
+            assert f.metadata() == {"step": "4", "world": "2"}
+        ranks.append(load_file(path))
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+    assert checkpoint.latest_checkpoint(out).name == "checkpoint-00000004"
