@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -56,6 +57,15 @@ def test_pretraining_end_to_end(demo_shards, tmp_path):
     report = load_pretrained(encoder, out / "encoder.safetensors", strict=False)
     assert sorted(report.missing) == ["head.projection.bias", "head.projection.weight", "norm.bias", "norm.weight"]
     assert not report.unexpected and not report.mismatched
+
+    video = next((demo_shards["train"].parents[1] / "raw" / "videos").rglob("*.mp4"))
+    viewer = run([sys.executable, "-m", "pretrain.visualize", "--checkpoint", str(out / "checkpoint-00000024"),
+                  "--input", str(video), "--out", str(tmp_path / "viz")])
+    assert viewer.returncode == 0, viewer.stderr[-3000:]
+    strip = Image.open(tmp_path / "viz" / f"{video.stem}.png")
+    assert strip.size == (4 * 66 + 2, 4 * 66 + 2)  # 4 panels x 4 frames of 64 px, 2 px padding
+    gif = Image.open(tmp_path / "viz" / f"{video.stem}.gif")
+    assert gif.n_frames == 4 and gif.size == (4 * 64, 64)
 
 
 def test_kill_and_resume_gives_identical_weights(demo_shards, tmp_path):
