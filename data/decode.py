@@ -126,13 +126,14 @@ def _frames_at(container, start: float, times: np.ndarray) -> np.ndarray:
 
 # ``frame.to_ndarray(format=...)`` builds a new swscale context for every frame; one shared reformatter
 # reuses its context and makes the RGB conversion, the costliest step of loading, ~7x cheaper (measured
-# here: 0.72 -> 0.095 ms per 320x240 frame). Each DataLoader worker process gets its own copy.
+# here: 0.72 -> 0.095 ms per 320x240 frame). It must run single-threaded: by default swscale starts a
+# thread pool, which a forked DataLoader worker inherits without its threads and then waits on forever.
 _REFORMATTER = VideoReformatter()
 
 
 def rgb24(frame) -> np.ndarray:
     """[H, W, 3] uint8. Same-size conversion, so the interpolation only affects chroma upsampling."""
-    return _REFORMATTER.reformat(frame, format="rgb24", interpolation="FAST_BILINEAR").to_ndarray()
+    return _REFORMATTER.reformat(frame, format="rgb24", interpolation="FAST_BILINEAR", threads=1).to_ndarray()
 
 
 def _rgb(frame, cache: dict) -> np.ndarray:

@@ -1,5 +1,6 @@
 """Decoding real mp4 files written with PyAV: timestamps, seeking, audio, odd sizes, short and bad inputs."""
 
+import multiprocessing
 from fractions import Fraction
 
 import av
@@ -98,3 +99,20 @@ def test_bad_inputs_raise_decode_error(tmp_path, ramp_video):
             assert expected in str(err.value)
     with pytest.raises(DecodeError):
         decode_image(ramp_video)
+
+
+def _convert_in_child(data):
+    decode_video(data, lambda _: np.arange(4) * 0.04)
+
+
+def test_decoding_works_in_a_worker_forked_after_decoding(tmp_path):
+    """DataLoader workers are forked from a process that may have decoded already (swscale's thread pool
+    does not survive a fork: the child used to hang)."""
+    data = write_video(tmp_path / "wide.mp4", ramp(4, height=240, width=320), FPS).read_bytes()
+    decode_video(data, lambda _: np.arange(4) * 0.04)
+    child = multiprocessing.get_context("fork").Process(target=_convert_in_child, args=(data,))
+    child.start()
+    child.join(timeout=20)
+    if child.is_alive():
+        child.kill()
+    assert child.exitcode == 0
