@@ -1,0 +1,243 @@
+"""Measure every row of a simplification ladder (the Hiera paper's Table 1, REFERENCE.md §3) and write
+`results.json`, `table.md` and `chart.png` into the output folder.
+
+    python tools/sweep.py --ladder configs/ablation/image_cpu.ladder.yaml --out runs/sweep/image_cpu
+    python tools/sweep.py --ladder configs/ablation/video_l.ladder.yaml --out DIR --device cuda --batch 8
+    python tools/sweep.py --ladder configs/ablation/image_l.ladder.yaml --out DIR --iters 0   # params, FLOPs only
+
+What is measured, per row, is the row config's encoder (`model.name` without `mae_`, with `model.input_size`
+and `model.extra`) doing classification inference, as the paper's speed column:
+- `params`: parameters of the classifier, in millions;
+- `gflops`: forward FLOPs of one sample counted by torch.utils.flop_counter on the meta device (a multiply-add
+  is two FLOPs); `gmacs` = gflops / 2 is what the MViTv2 and Hiera papers call "FLOPs";
+- `throughput`: samples (images or clips) per second in eval on a fixed batch of random inputs: warm-up runs
+  discarded, then the median of the timed runs; bf16 autocast on CUDA, fp32 on the CPU. The rows are timed in
+  interleaved rounds (one run of each row per round), so that drift of a shared machine hits every row alike.
+
+`--train` also runs a short MAE pretraining (rows with `mae: true`) and a fine-tuning of every row through the
+apps and records the fine-tuned top-1 (`accuracy`). It needs the fine-tuning app, finetune/main.py (issue 7);
+without it the sweep stops before measuring anything. The runs' length and data are yours to set, e.g.
+    --train --pretrain-args "data.train=SHARDS train.max_steps=200" \\
+            --finetune-args "--config configs/finetune/X.yaml data.train=SHARDS data.val=VAL train.max_steps=200"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from engine.config import ConfigError, RunConfig, load_config
+from models import create_model
+from models.mae import MAEConfig
+from tools.bench_models import forward_runner, median_seconds
+from tools.sweep_report import write_chart, write_table
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class LadderRow:
+    label: str = ""  # the setting, as the paper names it
+    mae: bool = True  # MAE-pretrained (False: the supervised baseline, fine-tuned from scratch by --train)
+    paper_acc: float | None = None  # top-1 %, REFERENCE.md §3
+    paper_speed: float | None = None  # im/s or clip/s on an A100 in fp16
+    paper_note: str = ""  # a mark the paper puts next to its speed (†)
+
+
+@dataclass
+class Ladder:
+    """A ladder file: the rows in the paper's order, the first one the baseline of the relative speeds."""
+
+    title: str = ""
+    unit: str = "im/s"  # throughput unit: im/s or clip/s
+    configs: str = ""  # folder (relative to the ladder file) holding one RunConfig per row: <row>.yaml
+    batch: int = 8  # default timing batch
+    rows: dict[str, LadderRow] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # footnotes of the table
+
+
+def load_ladder(path: str | Path) -> Ladder:
+    """The ladder file (with `_base_` inheritance), validated against `Ladder`."""
+    ladder = load_config([str(path)], [], schema=Ladder)
+    if not ladder.rows:
+        raise ConfigError(f"{path}: the ladder lists no rows")
+    return ladder
+
+
+def row_config_path(ladder_path: str | Path, ladder: Ladder, row: str) -> Path:
+    return Path(ladder_path).parent / ladder.configs / f"{row}.yaml"
+
+
+def encoder_spec(cfg: RunConfig) -> tuple[str, dict]:
+    """(registered encoder name, its overrides) of a row config: the MAE's fields dropped."""
+    overrides = {k: v for k, v in cfg.model.overrides().items() if k not in MAEConfig.__dataclass_fields__}
+    return cfg.model.name.removeprefix("mae_"), overrides
+
+
+def build_encoder(cfg: RunConfig, device: torch.device | str) -> torch.nn.Module:
+    name, overrides = encoder_spec(cfg)
+    with torch.device(device):
+        return create_model(name, **overrides).eval()
+
+
+def count(cfg: RunConfig, config_path: Path) -> dict[str, float]:
+    """Params (M) and forward FLOPs of one sample, counted on the meta device. A row whose encoder cannot be
+    built is a ConfigError naming its file."""
+    try:
+        model = build_encoder(cfg, "meta")
+    except (TypeError, KeyError, ValueError) as err:
+        raise ConfigError(f"{config_path}: {err}") from err
+    x = torch.empty(1, 3, *model.config.input_size, device="meta")
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    flops = counter.get_total_flops()
+    return {"params": sum(p.numel() for p in model.parameters()) / 1e6, "gflops": flops / 1e9,
+            "gmacs": flops / 2e9}
+
+
+def throughputs(cfgs: list[RunConfig], batch: int, warmup: int, iters: int, device: torch.device) -> list[float]:
+    """Samples per second of each config's encoder: `warmup` runs each, then `iters` interleaved rounds."""
+    torch.manual_seed(0)
+    runners = []
+    for cfg in cfgs:
+        model = build_encoder(cfg, device)
+        runners.append(forward_runner(model, torch.randn(batch, 3, *model.config.input_size, device=device)))
+    for run in runners:
+        for _ in range(warmup):
+            run()
+    times = [[] for _ in runners]
+    for _ in range(iters):
+        for series, run in zip(times, runners):
+            series.append(median_seconds(run, warmup=0, iters=1, device=device))
+    return [batch / float(torch.tensor(series).median()) for series in times]
+
+
+def settings(device: torch.device, batch: int, warmup: int, iters: int) -> dict:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        cpuinfo = Path("/proc/cpuinfo")
+        if cpuinfo.exists():
+            models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                      if line.startswith("model name")]
+            name = models[0] if models else name
+    return {
+        "device": device.type, "device_name": name, "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+        "dtype": "bf16 autocast" if device.type == "cuda" else "fp32", "batch": batch, "warmup": warmup,
+        "iters": iters, "mode": "encoder forward, eval, torch.inference_mode (classification inference)",
+        "flops": "torch.utils.flop_counter, one sample; gflops = 2 x gmacs",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def train_commands(config: Path, row: LadderRow, out: Path, pretrain_args: list[str],
+                   finetune_args: list[str]) -> list[list[str]]:
+    """The app runs of one row: MAE pretraining (if `row.mae`), then fine-tuning of its encoder.
+
+    The fine-tuning reads the row config for the architecture, then `finetune_args` (a recipe file, data, length)
+    and last the encoder name, the exported encoder and the output folder; the MAE-only keys are cleared, as the
+    classifier has no such fields.
+    """
+    cfg = load_config([str(config)], [])
+    name, _ = encoder_spec(cfg)
+    mae_keys = [k for k in MAEConfig.__dataclass_fields__ if getattr(cfg.model, k, None) is not None]
+    finetune = [sys.executable, "finetune/main.py", "--config", str(config), *finetune_args,
+                f"model.name={name}", *(f"model.{k}=null" for k in mae_keys), f"output_dir={out / 'finetune'}"]
+    if not row.mae:
+        return [finetune]
+    pretrain = [sys.executable, "pretrain/main.py", "--config", str(config), *pretrain_args,
+                f"output_dir={out / 'pretrain'}"]
+    return [pretrain, [*finetune, f"model.pretrained={out / 'pretrain' / 'encoder.safetensors'}"]]
+
+
+def train_row(config: Path, row: LadderRow, out: Path, pretrain_args: list[str],
+              finetune_args: list[str]) -> float:
+    """Top-1 (%) of the row after its runs; their logs go to out/<app>.log."""
+    out.mkdir(parents=True, exist_ok=True)
+    for command in train_commands(config, row, out, pretrain_args, finetune_args):
+        log = out / f"{Path(command[1]).parent.name}.log"
+        with log.open("w") as sink:
+            done = subprocess.run(command, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT)
+        if done.returncode != 0:
+            raise RuntimeError(f"{shlex.join(command)} failed with exit code {done.returncode}; see {log}")
+    return float(json.loads((out / "finetune" / "metrics.json").read_text())["top1"])
+
+
+def sweep(ladder_path: str | Path, out: str | Path, device: torch.device, batch: int | None = None,
+          warmup: int = 2, iters: int = 5, train: bool = False, pretrain_args: tuple[str, ...] = (),
+          finetune_args: tuple[str, ...] = ()) -> dict:
+    """Measure every row of the ladder and write results.json, table.md and chart.png into `out`."""
+    ladder = load_ladder(ladder_path)
+    if train and not (REPO / "finetune" / "main.py").exists():
+        raise ConfigError("--train needs the fine-tuning app finetune/main.py (issue 7), which this checkout "
+                         "does not have yet; run without --train for params, FLOPs and throughput")
+    batch = batch or ladder.batch
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {row: row_config_path(ladder_path, ladder, row) for row in ladder.rows}
+    cfgs = {row: load_config([str(path)], []) for row, path in paths.items()}
+    counts = {row: count(cfgs[row], paths[row]) for row in cfgs}  # also checks that every row builds
+    load_before = os.getloadavg()
+    speeds = throughputs(list(cfgs.values()), batch, warmup, iters, device) if iters else [None] * len(cfgs)
+    meta = {**settings(device, batch, warmup, iters), "load_avg_before": load_before,
+            "load_avg_after": os.getloadavg()}
+    records = []
+    for (row, spec), speed in zip(ladder.rows.items(), speeds):
+        name, overrides = encoder_spec(cfgs[row])
+        records.append({
+            "row": row, "label": spec.label, "config": str(paths[row]), "model": name, "overrides": overrides,
+            **counts[row], "throughput": speed, "unit": ladder.unit,
+            "accuracy": train_row(paths[row], spec, out / row, list(pretrain_args), list(finetune_args))
+            if train else None,
+            **{k: v for k, v in asdict(spec).items() if k.startswith("paper_")},
+        })
+    base = records[0]
+    for record in records:
+        record["speedup"] = (record["throughput"] / base["throughput"]) if record["throughput"] else None
+        record["paper_speedup"] = (record["paper_speed"] / base["paper_speed"]
+                                   if record["paper_speed"] and base["paper_speed"] else None)
+    results = {"title": ladder.title, "ladder": str(ladder_path), "unit": ladder.unit, "notes": ladder.notes,
+               "settings": meta, "rows": records}
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_table(results, out / "table.md")
+    write_chart(results, out / "chart.png")
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ladder", required=True, help="configs/ablation/<ladder>.ladder.yaml")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--batch", type=int, help="samples per timed forward (default: the ladder's)")
+    parser.add_argument("--warmup", type=int, default=2, help="discarded runs per row")
+    parser.add_argument("--iters", type=int, default=5, help="timed rounds (0: no timing)")
+    parser.add_argument("--train", action="store_true", help="also pretrain + fine-tune every row (needs finetune/)")
+    parser.add_argument("--pretrain-args", default="", help="extra pretrain/main.py arguments, one string")
+    parser.add_argument("--finetune-args", default="", help="extra finetune/main.py arguments, one string")
+    args = parser.parse_args(argv)
+    try:
+        results = sweep(args.ladder, args.out, torch.device(args.device), args.batch, args.warmup, args.iters,
+                        args.train, tuple(shlex.split(args.pretrain_args)), tuple(shlex.split(args.finetune_args)))
+    except ConfigError as err:  # a bad ladder or row config, found before any timing
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
+    print((Path(args.out) / "table.md").read_text())
+    print(f"{len(results['rows'])} rows -> {args.out}/results.json, table.md, chart.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""The sweep's results (tools/sweep.py, `results.json`) as a Markdown table laid out like the Hiera paper's
+Table 1, and as a bar chart of relative speed, ours against the paper's, drawn with PIL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+
+def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "–" if value is None else f"{value:{spec}}{suffix}"
+
+
+def describe_settings(s: dict) -> str:
+    return (f"{s['device_name']} ({s['device']}, {s['threads']} threads), torch {s['torch']}, {s['dtype']}, "
+            f"batch {s['batch']}, median of {s['iters']} interleaved timed rounds after {s['warmup']} warm-up "
+            f"runs; load average {s['load_avg_before'][0]:.2f} before, {s['load_avg_after'][0]:.2f} after")
+
+
+def write_table(results: dict, path: Path) -> None:
+    """Setting | params | GMACs | accuracy | speed (absolute and relative to the first row), ours and paper's."""
+    unit = results["unit"]
+    lines = [
+        f"### {results['title']}", "",
+        f"| setting | params (M) | GMACs | acc, paper | acc, ours | {unit}, paper | {unit}, ours "
+        "| rel. speed, paper | rel. speed, ours |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results["rows"]:
+        paper_speed = _fmt(r["paper_speed"], ".1f") + (f" {r['paper_note']}" if r["paper_note"] else "")
+        lines.append(
+            f"| {r['label']} | {r['params']:.1f} | {r['gmacs']:.2f} | {_fmt(r['paper_acc'], '.1f')} "
+            f"| {_fmt(r['accuracy'], '.1f')} | {paper_speed} | {_fmt(r['throughput'], '.1f')} "
+            f"| {_fmt(r['paper_speedup'], '.2f', '×')} | **{_fmt(r['speedup'], '.2f', '×')}** |")
+    settings = results["settings"]
+    lines += [
+        "",
+        f"Ours: {describe_settings(settings)}. Each row's encoder in eval (classification inference, as the "
+        "paper's speed column) on random inputs. GMACs per sample (torch.utils.flop_counter; the papers' "
+        "\"FLOPs\" are multiply-adds: GFLOPs = 2 × GMACs). Paper: Hiera-L size, A100, fp16 (REFERENCE.md §3). "
+        "Accuracy \"–\": not measured (`--train` runs a pretrain + fine-tune per row).",
+    ]
+    for note in results["notes"]:
+        lines += ["", note]
+    path.write_text("\n".join(lines) + "\n")
+
+
+# Chart geometry, in pixels.
+_LABEL_W, _BAR_W, _MARGIN, _BAR_H, _GAP, _TOP = 350, 470, 20, 16, 14, 76
+_OURS, _PAPER, _INK, _GRID = (31, 119, 180), (170, 170, 170), (30, 30, 30), (225, 225, 225)
+
+
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    # DejaVu has the × and ² of the labels; Pillow's built-in font (the fallback) draws them as boxes.
+    try:
+        return ImageFont.truetype("DejaVuSans.ttf", size)
+    except OSError:
+        return ImageFont.load_default(size)
+
+
+def write_chart(results: dict, path: Path) -> None:
+    """Horizontal bars of speed relative to the first row: ours (blue) above the paper's (grey), per row."""
+    rows = results["rows"]
+    values = [v for r in rows for v in (r["speedup"], r["paper_speedup"]) if v is not None]
+    scale_max = max([1.0, *values]) * 1.15
+    height = _TOP + len(rows) * (2 * _BAR_H + _GAP) + 2 * _MARGIN
+    image = Image.new("RGB", (_LABEL_W + _BAR_W + 2 * _MARGIN, height), "white")
+    draw = ImageDraw.Draw(image)
+    font, small, bold = _font(13), _font(11), _font(15)
+    step = 1 if scale_max <= 6 else 2 if scale_max <= 12 else 5
+    x0 = _MARGIN + _LABEL_W
+
+    def x_of(value: float) -> float:
+        return x0 + _BAR_W * value / scale_max
+
+    draw.text((_MARGIN, _MARGIN), f"{results['title']}: {results['unit']} relative to the first row",
+              fill=_INK, font=bold)
+    draw.rectangle((_MARGIN, 44, _MARGIN + 12, 56), fill=_OURS)
+    draw.text((_MARGIN + 18, 42), f"ours ({results['settings']['device_name']}, {results['settings']['dtype']})",
+              fill=_INK, font=small)
+    draw.rectangle((_MARGIN + 400, 44, _MARGIN + 412, 56), fill=_PAPER)
+    draw.text((_MARGIN + 418, 42), "paper (A100, fp16)", fill=_INK, font=small)
+    bottom = height - _MARGIN
+    for tick in range(0, int(scale_max) + 1, step):
+        draw.line((x_of(tick), _TOP - 6, x_of(tick), bottom), fill=_GRID)
+        draw.text((x_of(tick) + 2, _TOP - 18), f"{tick}×", fill=_INK, font=small)
+    draw.line((x_of(1), _TOP - 6, x_of(1), bottom), fill=_INK)  # the baseline's speed
+    for i, r in enumerate(rows):
+        y = _TOP + i * (2 * _BAR_H + _GAP)
+        draw.text((_MARGIN, y + _BAR_H - 8), r["label"], fill=_INK, font=font)
+        for j, (value, color) in enumerate(((r["speedup"], _OURS), (r["paper_speedup"], _PAPER))):
+            top = y + j * _BAR_H
+            if value is None:
+                draw.text((x0 + 4, top + 1), "not measured", fill=_INK, font=small)
+                continue
+            draw.rectangle((x0, top + 1, x_of(value), top + _BAR_H - 1), fill=color)
+            draw.text((x_of(value) + 4, top + 1), f"{value:.2f}×", fill=_INK, font=small)
+    image.save(path)
