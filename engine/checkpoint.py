@@ -6,6 +6,7 @@
                                "overrides": JSON of the create_model overrides}
         optimizer.pt           optimizer state (tensors and plain containers: torch.load(weights_only=True))
         rng-rank{r}.pt         each rank's torch / numpy / python RNG states (tensors only)
+        task.safetensors       the task's extra state, when it has one (e.g. fine-tuning's EMA weights)
         state.json             step, epoch, data position, scheduler, scaler, counters
         config.yaml            the resolved config
 
@@ -92,12 +93,14 @@ def write_rank_state(temp: Path, rank: int) -> None:
 
 def write_main_state(temp: Path, model_state: dict[str, torch.Tensor], encoder_state: dict[str, torch.Tensor],
                      encoder_metadata: dict[str, str], optimizer_state: dict, state: dict[str, Any],
-                     config_yaml: str) -> None:
+                     config_yaml: str, task_state: dict[str, torch.Tensor] | None = None) -> None:
     bad = [k for k, v in model_state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise FloatingPointError(f"refusing to save non-finite weights ({', '.join(bad[:5])})")
     save_tensors(temp / "model.safetensors", model_state)
     save_tensors(temp / "encoder.safetensors", encoder_state, encoder_metadata)
+    if task_state:
+        save_tensors(temp / "task.safetensors", task_state)
     torch.save(optimizer_state, temp / "optimizer.pt")
     (temp / "state.json").write_text(json.dumps(state, indent=2))
     (temp / "config.yaml").write_text(config_yaml)
@@ -118,12 +121,13 @@ def read_checkpoint(path: str | Path, rank: int) -> dict[str, Any]:
     """Everything a resume needs, loaded safely; names the file when something is missing or broken."""
     path = Path(path)
     try:
-        rng_file = path / f"rng-rank{rank}.pt"
+        rng_file, task_file = path / f"rng-rank{rank}.pt", path / "task.safetensors"
         return {
             "model": load_file(str(path / "model.safetensors")),
             "optimizer": torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True),
             "state": json.loads((path / "state.json").read_text()),
             "rng": torch.load(rng_file, weights_only=True) if rng_file.exists() else None,
+            "task": load_file(str(task_file)) if task_file.exists() else None,
         }
     except (OSError, ValueError, RuntimeError) as err:
         raise RuntimeError(f"cannot resume from {path}: {err}") from err

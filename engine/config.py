@@ -99,6 +99,7 @@ class EvalConfig:
     temporal_views: int = 5
     batch_size: int = 8
     every_epochs: int = 1  # fine-tuning: evaluate after every this many passes
+    shuffled: bool = True  # video: also evaluate with each clip's frames permuted (temporal reliance)
 
 
 @dataclass

@@ -42,6 +42,11 @@ class Task(Protocol):
                    step: int) -> dict[str, float]:
         """After each pass over the data (all ranks): e.g. evaluation; returns metrics for hparams."""
 
+    # Optional hooks, called only when the task defines them:
+    #   after_step(model, step)        after every optimizer step (all ranks, unwrapped model): e.g. an EMA;
+    #   state_dict() -> {name: tensor} extra state kept in each checkpoint (task.safetensors), and
+    #   load_state_dict(state)         its restoration on resume.
+
 
 @dataclass
 class Progress:
@@ -109,6 +114,8 @@ class Trainer:
         saved = ckpt.read_checkpoint(path, self.rank)
         self.accelerator.unwrap_model(self.model).load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
+        if saved["task"] is not None:
+            self.task.load_state_dict(saved["task"])
         state = saved["state"]
         self.loader.load_state_dict(state["data"])
         self.progress = Progress(**state["progress"])
@@ -133,8 +140,9 @@ class Trainer:
             state = {"progress": vars(self.progress), "data": self.loader.state_dict(),
                      "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler else None,
                      "scheduler": self.scheduler.state_dict(), "total_steps": self.total_steps}
+            task_state = self.task.state_dict() if hasattr(self.task, "state_dict") else None
             ckpt.write_main_state(temp, model.state_dict(), encoder_state, encoder_meta,
-                                  self.optimizer.state_dict(), state, to_yaml(self.cfg))
+                                  self.optimizer.state_dict(), state, to_yaml(self.cfg), task_state)
             ckpt.commit_save(temp, self.cfg.train.keep_checkpoints)
             ckpt.export_encoder(self.output_dir / "encoder.safetensors", encoder_state, encoder_meta)
         self.accelerator.wait_for_everyone()
@@ -166,10 +174,14 @@ class Trainer:
                 progress.step += 1
                 progress.samples_seen += window_samples
                 self.scheduler.step_update(progress.step)
+                if hasattr(self.task, "after_step"):
+                    self.task.after_step(acc.unwrap_model(self.model), progress.step)
                 if progress.step % cfg.log.every == 0 or progress.step == self.total_steps:
                     elapsed = time.perf_counter() - window_start
                     scalars = {f"train/{k}": v.item() for k, v in out.items() if v.dim() == 0}
-                    scalars |= {"train/lr": self.optimizer.param_groups[0]["lr"], "train/grad_norm": grad_norm,
+                    # The largest lr: with layer decay, the head's group (group 0 is the most decayed).
+                    top_lr = max(g["lr"] for g in self.optimizer.param_groups)
+                    scalars |= {"train/lr": top_lr, "train/grad_norm": grad_norm,
                                 "perf/samples_per_s": window_samples / elapsed,
                                 "perf/data_wait_fraction": data_wait / elapsed,
                                 "data/samples_failed": self.loader.stats["samples_failed"],

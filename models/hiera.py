@@ -276,6 +276,11 @@ class Hiera(nn.Module):
             self.head.projection.weight.data.mul_(self.config.head_init_scale)
             self.head.projection.bias.data.mul_(self.config.head_init_scale)
 
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's parameter layers, for layer-wise lr decay: the stem (patch_embed, pos_embed) is
+        layer 0, block i is layer i + 1, the final norm and the head come last (REFERENCE.md §4)."""
+        return {"stem": r"^patch_embed|^pos_embed", "blocks": [(r"^blocks\.(\d+)", None)]}
+
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed_spatial", "pos_embed_temporal"} if self.config.sep_pos_embed else {"pos_embed"}
 

@@ -1,0 +1,75 @@
+"""Fine-tuning and evaluation entry point.
+
+    accelerate launch finetune/main.py --config configs/finetune/demo.yaml [key=value ...]
+    accelerate launch finetune/main.py --config configs/finetune/demo.yaml eval_only=true \
+        model.pretrained=runs/demo/finetune
+
+Setup only: the loop is engine.trainer.Trainer; the step and the evaluation are finetune.task.FinetuneTask.
+Results: TensorBoard logs in output_dir/tb, metrics.json (top1, top5, top1_shuffled in percent) in output_dir.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from engine.config import ConfigError, RunConfig, parse_args, to_yaml
+from engine.tblog import TrainLogger
+from engine.trainer import Trainer
+from finetune.task import FinetuneTask, describe
+from models import CheckpointError
+
+
+def announce(task: FinetuneTask, logger: TrainLogger, is_main: bool) -> None:
+    """Which weights were loaded, dropped and newly initialised: printed and kept in TensorBoard."""
+    text = describe(task.report)
+    if is_main:
+        print(f"initialisation:\n{text}")
+    logger.text("setup/initialisation", f"```\n{text}\n```")
+
+
+def evaluate_only(task: FinetuneTask, model, accelerator: Accelerator, cfg: RunConfig) -> dict[str, float]:
+    """Multi-view evaluation of `model.pretrained` on `data.val`, without the training machinery."""
+    output_dir = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(to_yaml(cfg))
+    logger = TrainLogger(output_dir / "tb", enabled=accelerator.is_main_process)
+    announce(task, logger, accelerator.is_main_process)
+    metrics = task.evaluate(model.to(accelerator.device), accelerator, logger, step=0)
+    logger.close()
+    accelerator.end_training()
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    cfg = parse_args(__doc__, argv)
+    task = FinetuneTask()
+    try:  # bad keys, model overrides or checkpoints stop here, before any work
+        if cfg.eval_only:
+            accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+            model = task.build_model(cfg)
+        else:
+            trainer = Trainer(task, cfg)
+            accelerator = trainer.accelerator
+    except (ConfigError, CheckpointError, TypeError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
+    if cfg.eval_only:
+        metrics = evaluate_only(task, model, accelerator, cfg)
+    else:
+        if not cfg.data.val and trainer.is_main:
+            print("note: data.val is not set: training without evaluation")
+        announce(task, trainer.logger, trainer.is_main)
+        metrics = trainer.fit()
+    if accelerator.is_main_process:
+        shown = ", ".join(f"{k} {metrics[k]:.2f}%" for k in ("top1", "top5", "top1_shuffled") if k in metrics)
+        print(f"done: {shown or 'no evaluation (data.val not set)'}; metrics in {cfg.output_dir}/metrics.json; "
+              f"TensorBoard logs in {cfg.output_dir}/tb (tensorboard --logdir {cfg.output_dir})")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

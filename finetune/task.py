@@ -1,0 +1,187 @@
+"""The fine-tuning task: a classifier initialised from a pretrained checkpoint, trained with the recipe of
+REFERENCE.md §4 (mixup / cutmix with label smoothing, optional EMA; layer-wise lr decay, warmup + cosine and
+clipping come from the engine) and evaluated with multi-view testing after passes over the data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3
+from torch import nn
+
+from data import ShardSet
+from engine import checkpoint
+from engine.config import ConfigError, RunConfig
+from engine.loaders import eval_loader, train_loader
+from engine.tblog import TrainLogger
+from engine.trainer import schedule
+from models import CheckpointError, LoadReport, create_model, load_pretrained
+
+from .evaluate import evaluate, write_results
+
+# Keys a pretrained encoder may lack and that start fresh: the classifier, and the final norm (an MAE fuses
+# its stages and normalises them with its own `encoder_norm` instead).
+FRESH_OK = ("head.", "norm.")
+
+
+def encoder_file(source: str | Path) -> Path | None:
+    """The exported-encoder file of `source` (our checkpoint or output dir, or the file itself), if any."""
+    path = Path(source)
+    if path.is_dir():
+        path = path / "encoder.safetensors"
+    return path if path.suffix == ".safetensors" and path.is_file() else None
+
+
+def architecture(cfg: RunConfig, classes: tuple[str, ...]) -> tuple[str, dict]:
+    """(registered encoder name, create_model overrides) for this run.
+
+    Our exported encoders carry their name and overrides: `model.name` (an `mae_` prefix is ignored) must
+    name the same architecture, and `model.*` keys override what the file says. The class count is
+    `model.num_classes`, else that of the data, else the checkpoint's.
+    """
+    name = cfg.model.name.removeprefix("mae_")
+    overrides = {}
+    exported = encoder_file(cfg.model.pretrained) if cfg.model.pretrained else None
+    saved = checkpoint.read_encoder_metadata(exported) if exported else None
+    if saved is not None:
+        if saved[0] != name:
+            raise ConfigError(f"model.pretrained={cfg.model.pretrained} holds a {saved[0]} encoder but "
+                              f"model.name={cfg.model.name}: set model.name={saved[0]}")
+        overrides = dict(saved[1])
+    overrides |= cfg.model.overrides()
+    if cfg.model.num_classes is None and classes:
+        overrides["num_classes"] = len(classes)
+    return name, overrides
+
+
+def initialise(model: nn.Module, source: str, need_head: bool) -> LoadReport:
+    """Load `source` into `model`. Only FRESH_OK keys may stay freshly initialised (a head of another class
+    count is re-initialised); with `need_head` (evaluation) none may. Raises CheckpointError otherwise."""
+    report = load_pretrained(model, source, strict=False)
+    fresh = newly_initialised(report)
+    wrong = report.unexpected + [k for k in fresh if need_head or not k.startswith(FRESH_OK)]
+    if wrong:
+        hint = " (evaluation needs a fine-tuned classifier)" if need_head else ""
+        raise CheckpointError(f"{source} does not fit {type(model).__name__}{hint}: "
+                              f"{', '.join(wrong[:12])}\n{report.summary()}")
+    return report
+
+
+def newly_initialised(report: LoadReport) -> list[str]:
+    return report.missing + [m.split(":")[0] for m in report.mismatched]
+
+
+def describe(report: LoadReport | None) -> str:
+    """The initialisation report printed at start and written to TensorBoard."""
+    if report is None:
+        return "no model.pretrained: every weight is randomly initialised"
+    fresh = newly_initialised(report)
+    return (f"{report.summary()}\n  newly initialised ({len(fresh)}): {', '.join(fresh) or 'none'}\n"
+            f"  dropped ({len(report.dropped)}): pretraining-only weights, unused by the classifier")
+
+
+def media_of(batch: dict) -> torch.Tensor:
+    return batch["video"] if "video" in batch else batch["image"]
+
+
+class FinetuneTask:
+    report: LoadReport | None = None
+
+    def build_model(self, cfg: RunConfig) -> nn.Module:
+        self.cfg = cfg
+        self.classes = class_names(cfg)
+        self.name, self.overrides = architecture(cfg, self.classes)
+        model = create_model(self.name, **self.overrides)
+        if not hasattr(model, "head"):
+            raise ConfigError(f"model.name={cfg.model.name}: fine-tuning needs a classifier encoder")
+        self.num_classes, self.input_size = model.config.num_classes, model.config.input_size
+        if cfg.model.pretrained:
+            self.report = initialise(model, cfg.model.pretrained, need_head=cfg.eval_only)
+        elif cfg.eval_only:
+            raise ConfigError("eval_only=true needs model.pretrained (a fine-tuned checkpoint)")
+        t = cfg.train
+        self.mixup = None
+        if t.mixup > 0 or t.cutmix > 0:
+            self.mixup = Mixup(mixup_alpha=t.mixup, cutmix_alpha=t.cutmix, label_smoothing=t.label_smoothing,
+                               num_classes=self.num_classes)
+        self.criterion = SoftTargetCrossEntropy() if self.mixup else nn.CrossEntropyLoss(
+            label_smoothing=t.label_smoothing)
+        # The EMA starts from the initialised weights; it is what gets evaluated and exported when enabled.
+        self.ema = ModelEmaV3(model, decay=t.ema_decay) if t.ema_decay else None
+        self.ema_on_device = False
+        return model
+
+    def train_loader(self, cfg: RunConfig, rank: int, world_size: int):
+        self.loader = train_loader(cfg, rank, world_size, self.input_size)
+        return self.loader
+
+    def step(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        x, labels = media_of(batch), batch["label"]
+        if self.mixup is None:
+            logits = model(x)
+            return {"loss": self.criterion(logits, labels), "acc": (logits.argmax(-1) == labels).float().mean()}
+        even = len(x) // 2 * 2  # pairs are mixed; a batch that lost one sample to a decode error drops one more
+        x, labels = x[:even], labels[:even]
+        # timm's Mixup boxes the last two dims of a 4-D batch: fold time into channels so that a video
+        # [B, C, T, H, W] gets one box for all its frames (the view shares memory, Mixup works in place).
+        folded, targets = self.mixup(x.flatten(1, 2) if x.dim() == 5 else x, labels)
+        return {"loss": self.criterion(model(folded.view_as(x)), targets)}
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        if self.ema is None:
+            return
+        if not self.ema_on_device:  # built on the CPU before accelerate moved the model
+            self.ema.module.to(next(model.parameters()).device)
+            self.ema_on_device = True
+        self.ema.update(model, step=step)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"ema.{k}": v for k, v in self.ema.module.state_dict().items()} if self.ema else {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if self.ema is not None:
+            self.ema.module.load_state_dict({k.removeprefix("ema."): v for k, v in state.items()})
+
+    def final_model(self, model: nn.Module) -> nn.Module:
+        return self.ema.module if self.ema is not None else model
+
+    def encoder(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The whole classifier: `eval_only=true model.pretrained=<output_dir>` evaluates it."""
+        return self.final_model(model).state_dict(), checkpoint.encoder_metadata(self.name, self.overrides)
+
+    def visualize(self, model, batch, logger, step) -> None:
+        """Nothing to draw during fine-tuning: evaluation writes its images after passes."""
+
+    def after_pass(self, model: nn.Module, accelerator: Accelerator, logger: TrainLogger,
+                   step: int) -> dict[str, float]:
+        """Multi-view evaluation every `eval.every_epochs` passes and at the end of training."""
+        cfg = self.cfg
+        steps_per_pass = len(self.loader) // cfg.train.accum_steps
+        final = step >= schedule(cfg, steps_per_pass)[0]
+        if not cfg.data.val or not (final or round(step / steps_per_pass) % cfg.eval.every_epochs == 0):
+            return {}
+        return self.evaluate(self.final_model(model), accelerator, logger, step)
+
+    def evaluate(self, model: nn.Module, accelerator: Accelerator, logger: TrainLogger, step: int) -> dict:
+        cfg = self.cfg
+        loader = eval_loader(cfg, accelerator.process_index, accelerator.num_processes, self.input_size)
+        results = evaluate(model, loader, accelerator, self.num_classes,
+                           shuffle_seed=cfg.seed if cfg.eval.shuffled else None)
+        views = cfg.eval.spatial_views * cfg.eval.temporal_views
+        output_dir = cfg.output_dir if accelerator.is_main_process else None
+        metrics = write_results(results, list(self.classes), views, logger, output_dir, step)
+        return {k: v for k, v in metrics.items() if isinstance(v, float)}
+
+
+def class_names(cfg: RunConfig) -> tuple[str, ...]:
+    """The class names of the data (training shards, or validation shards when only evaluating)."""
+    train = ShardSet.load(cfg.data.train).classes if cfg.data.train and not cfg.eval_only else ()
+    val = ShardSet.load(cfg.data.val).classes if cfg.data.val else ()
+    if train and val and train != val:
+        raise ConfigError(f"data.train and data.val have different classes ({len(train)} vs {len(val)}): "
+                          f"make both shard sets from one class list")
+    return train or val
