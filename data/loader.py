@@ -6,7 +6,7 @@ Batches are dicts; N = (samples that decoded) x views, views of one sample adjac
 - ``label`` int64 [N] (-1 when unlabelled), ``index`` int64 [N] (epoch position), ``view`` int64 [N]
   (repeat r in training, ``t * spatial_views + s`` in evaluation), ``valid`` bool [N], ``key`` list[str];
 - ``mask`` bool [N, #MU] (True = keep) when ``SampleConfig.mask_grid`` is set;
-- ``num_samples`` int (planned samples) and ``failures`` [(shard, key, reason)] for this batch.
+- ``num_samples`` int (planned samples, padding excluded) and ``failures`` [(shard, key, reason)] for this batch.
 
 Tensors stay on the CPU: the caller moves them to its device (do not hand this loader to
 ``accelerator.prepare``, which re-shards it).

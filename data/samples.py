@@ -72,9 +72,10 @@ class SampleConfig:
 
 
 class SampleProcessor:
-    """Callable: (bytes, extension, seed, epoch, index) -> list of ``num_views`` dicts with
+    """Callable: (bytes, extension, seed, epoch, index[, out]) -> list of ``num_views`` dicts with
     ``pixels`` float32 [3, T, S, S] (video) or [3, S, S] (image) and ``mask`` bool [#MU] when configured.
-    Raises ``decode.DecodeError`` for undecodable input."""
+    With ``out`` [num_views, *pixels shape], the pixels are written there. Raises ``decode.DecodeError``
+    for undecodable input."""
 
     def __init__(self, config: SampleConfig):
         self.config = config
@@ -82,7 +83,9 @@ class SampleProcessor:
             ClipRandAugment(config.rand_augment, config.mean) if config.train and config.rand_augment else None
         )
 
-    def __call__(self, data: bytes, ext: str, seed: int, epoch: int, index: int) -> list[dict]:
+    def __call__(
+        self, data: bytes, ext: str, seed: int, epoch: int, index: int, out: torch.Tensor | None = None
+    ) -> list[dict]:
         cfg = self.config
         is_image = ext.lower() in IMAGE_EXTENSIONS
         if is_image:  # one frame, shared by every view (use temporal_views=1 for images)
@@ -91,7 +94,8 @@ class SampleProcessor:
             clips = self._decode_clips(data, seed, epoch, index)
         views = []
         for v, clip in enumerate(clips):
-            pixels = self._spatial(torch.from_numpy(clip), seed, epoch, index, v)
+            target = None if out is None else (out[v].unsqueeze(1) if is_image else out[v])
+            pixels = self._spatial(torch.from_numpy(clip), seed, epoch, index, v, target)
             view = {"pixels": pixels[:, 0] if is_image else pixels}
             if cfg.mask_grid is not None:
                 rng = position_rng(seed, epoch, index, v, "mask")
@@ -117,8 +121,10 @@ class SampleProcessor:
         frames, _ = decode_video(data, choose_times)
         return list(frames.reshape(cfg.num_views, cfg.num_frames, *frames.shape[1:]))
 
-    def _spatial(self, clip: torch.Tensor, seed: int, epoch: int, index: int, view: int) -> torch.Tensor:
-        """clip [T, H, W, 3] uint8 -> [3, T, S, S] float32."""
+    def _spatial(
+        self, clip: torch.Tensor, seed: int, epoch: int, index: int, view: int, out: torch.Tensor | None
+    ) -> torch.Tensor:
+        """clip [T, H, W, 3] uint8 -> [3, T, S, S] float32 (written into ``out`` if given)."""
         cfg = self.config
         _, height, width, _ = clip.shape
         if cfg.train:
@@ -126,9 +132,9 @@ class SampleProcessor:
                                           position_rng(seed, epoch, index, view, "crop"))
         else:
             box = spatial_view_boxes(height, width, cfg.spatial_views)[view % cfg.spatial_views]
-        out = crop_resize(clip, box, cfg.crop_size)
+        clip = crop_resize(clip, box, cfg.crop_size)
         if cfg.train and position_rng(seed, epoch, index, view, "flip").random() < cfg.hflip:
-            out = out.flip(-1)
+            clip = clip.flip(-1)
         if self.rand_augment is not None:
-            out = self.rand_augment(out, position_rng(seed, epoch, index, view, "augment"))
-        return normalize(out, cfg.mean, cfg.std)
+            clip = self.rand_augment(clip, position_rng(seed, epoch, index, view, "augment"))
+        return normalize(clip, cfg.mean, cfg.std, out)

@@ -95,7 +95,7 @@ class ShardStream(IterableDataset):
         self.is_image = shards.media == "image"
 
     def __len__(self) -> int:
-        return len(self.plan)
+        return max(0, len(self.plan) - self.start)
 
     def __iter__(self):
         worker = get_worker_info()
@@ -107,43 +107,42 @@ class ShardStream(IterableDataset):
                 yield self._batch(self.plan[j], order, reader, processor)
 
     def _batch(self, planned: PlannedBatch, order: np.ndarray, reader: ShardReader, processor) -> dict:
+        """Views are written straight into the batch tensor; the rows of a sample that fails are reused."""
+        per_sample = self.sample.num_views
+        shape = self.sample.view_shape(self.is_image)
+        pixels = _empty((len(planned.positions) * per_sample, *shape), torch.float32)
         rows, failures = [], []
         for position, valid in zip(planned.positions.tolist(), planned.valid.tolist()):
             shard, member = order[position]
             key = f"#{member}"
             try:
                 key, ext, data, meta = reader.read(shard, member)
-                views = processor(data, ext, self.seed, self.epoch, position)
+                out = pixels[len(rows) : len(rows) + per_sample]
+                views = processor(data, ext, self.seed, self.epoch, position, out=out)
             except (DecodeError, SampleError) as e:
-                failures.append((self.shards.names[shard], key, str(e)))
+                if valid:  # a padding copy's failure is already counted where the sample is planned
+                    failures.append((self.shards.names[shard], key, str(e)))
                 continue
             label = int(meta.get("label", -1))
             rows.extend((v, view, label, position, key, valid) for v, view in enumerate(views))
-        return self._collate(rows, failures, num_samples=len(planned.positions))
-
-    def _collate(self, rows: list, failures: list, num_samples: int) -> dict:
-        pixels_key = "image" if self.is_image else "video"
-        shape = self.sample.view_shape(self.is_image)
         batch = {
-            pixels_key: _stack([r[1]["pixels"] for r in rows], shape, torch.float32),
+            "image" if self.is_image else "video": pixels[: len(rows)],
             "label": torch.tensor([r[2] for r in rows], dtype=torch.int64),
             "index": torch.tensor([r[3] for r in rows], dtype=torch.int64),
             "view": torch.tensor([r[0] for r in rows], dtype=torch.int64),
             "valid": torch.tensor([r[5] for r in rows], dtype=torch.bool),
             "key": [r[4] for r in rows],
-            "num_samples": num_samples,
+            "num_samples": int(planned.valid.sum()),
             "failures": failures,
         }
         if self.sample.mask_grid is not None:
-            grid = int(np.prod(self.sample.mask_grid))
-            batch["mask"] = _stack([r[1]["mask"] for r in rows], (grid,), torch.bool)
+            masks = _empty((len(rows), int(np.prod(self.sample.mask_grid))), torch.bool)
+            batch["mask"] = torch.stack([r[1]["mask"] for r in rows], out=masks) if rows else masks
         return batch
 
 
-def _stack(tensors: list[torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """[len(tensors), *shape]; inside a DataLoader worker, built directly in shared memory so that sending
-    the batch to the main process does not copy it again (as torch's default_collate does)."""
-    out = torch.empty(len(tensors), *shape, dtype=dtype)
-    if get_worker_info() is not None:
-        out.share_memory_()
-    return torch.stack(tensors, out=out) if tensors else out
+def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Inside a DataLoader worker, allocated in shared memory, so that sending the batch to the main
+    process does not copy it again (as torch's default_collate does)."""
+    out = torch.empty(shape, dtype=dtype)
+    return out.share_memory_() if get_worker_info() is not None else out

@@ -131,12 +131,14 @@ class ClipRandAugment:
         return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2)
 
 
-def normalize(clip: torch.Tensor, mean, std) -> torch.Tensor:
-    """clip [T, 3, S, S] uint8 (any memory layout) -> contiguous [3, T, S, S] float32,
-    (x / 255 - mean) / std per channel, computed as one multiply-add on the converted copy."""
+def normalize(clip: torch.Tensor, mean, std, out: torch.Tensor | None = None) -> torch.Tensor:
+    """clip [T, 3, S, S] uint8 (any memory layout) -> [3, T, S, S] float32, (x / 255 - mean) / std per
+    channel, computed as one multiply-add on the converted copy. ``out``: where to write it (a slice of
+    the batch, which saves stacking the views afterwards)."""
     std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1, 1)
     scale = 1.0 / (255.0 * std)
     shift = -torch.tensor(mean, dtype=torch.float32).view(3, 1, 1, 1) / std
-    out = torch.empty(clip.shape[1], clip.shape[0], *clip.shape[2:], dtype=torch.float32)
+    if out is None:
+        out = torch.empty(clip.shape[1], clip.shape[0], *clip.shape[2:], dtype=torch.float32)
     out.copy_(clip.permute(1, 0, 2, 3))
     return out.mul_(scale).add_(shift)
