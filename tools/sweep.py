@@ -225,10 +225,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, help="samples per timed forward (default: the ladder's)")
     parser.add_argument("--warmup", type=int, default=2, help="discarded runs per row")
     parser.add_argument("--iters", type=int, default=5, help="timed rounds (0: no timing)")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's, one per core)")
     parser.add_argument("--train", action="store_true", help="also pretrain + fine-tune every row (needs finetune/)")
     parser.add_argument("--pretrain-args", default="", help="extra pretrain/main.py arguments, one string")
     parser.add_argument("--finetune-args", default="", help="extra finetune/main.py arguments, one string")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         results = sweep(args.ladder, args.out, torch.device(args.device), args.batch, args.warmup, args.iters,
                         args.train, tuple(shlex.split(args.pretrain_args)), tuple(shlex.split(args.finetune_args)))

@@ -1,0 +1,174 @@
+"""The ablation ladders (configs/ablation) and the sweep over them (tools/sweep.py)."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from engine.config import ConfigError, flatten, load_config
+from models.mvitv2 import simplification_overrides
+from models.registry import get_config
+from tools import sweep
+
+REPO = Path(__file__).resolve().parents[1]
+ABLATION = REPO / "configs" / "ablation"
+LADDERS = ["image_l", "video_l", "image_cpu", "video_cpu"]
+ROWS = ["baseline", "a", "b", "c", "d", "e", "f"]
+# The paper's one change per row (REFERENCE.md §3), as the encoder config fields that must differ from the row
+# above; video also swaps the absolute positions for separate space/time tables (a) and drops its cls token (f).
+CHANGES = {
+    "a": {"rel_pos"}, "b": {"pool_mode"}, "c": {"q_pool_stride1", "kv_pool_stride1"},
+    "d": {"kernel_equals_stride"}, "e": {"residual_pooling"}, "f": {"kv_pool", "mask_unit_attn", "head_pool"},
+}
+VIDEO_CHANGES = {"a": {"sep_pos_embed"}, "f": {"cls_token"}}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a loaded shared machine each op of a 2-thread pool waits for a time slice, which
+    makes a tiny model's forward 100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def ladder_path(name: str) -> Path:
+    return ABLATION / f"{name}.ladder.yaml"
+
+
+def row_configs(name: str) -> dict:
+    ladder = sweep.load_ladder(ladder_path(name))
+    return {row: load_config([str(sweep.row_config_path(ladder_path(name), ladder, row))], []) for row in ladder.rows}
+
+
+def encoder_config(cfg):
+    name, overrides = sweep.encoder_spec(cfg)
+    return get_config(name, **overrides)
+
+
+@pytest.mark.parametrize("name", LADDERS)
+def test_rows_are_the_papers_rows_in_order(name):
+    ladder = sweep.load_ladder(ladder_path(name))
+    assert list(ladder.rows) == ROWS
+    assert [r.mae for r in ladder.rows.values()] == [False] + [True] * 6  # the baseline is the supervised row
+    assert all(r.label and r.paper_acc and r.paper_speed for r in ladder.rows.values())
+
+
+@pytest.mark.parametrize("name", LADDERS)
+def test_each_row_changes_exactly_the_papers_switch(name):
+    cfgs = row_configs(name)
+    video = len(cfgs["baseline"].model.input_size) == 3
+    for previous, row in zip(ROWS, ROWS[1:]):
+        before, after = encoder_config(cfgs[previous]), encoder_config(cfgs[row])
+        differ = {f.name for f in dataclasses.fields(after) if getattr(before, f.name) != getattr(after, f.name)}
+        assert differ == CHANGES[row] | (VIDEO_CHANGES.get(row, set()) if video else set()), row
+        # Nothing but the model's switches changes between rows (same data, recipe, decoder, size).
+        old, new = flatten(cfgs[previous]), flatten(cfgs[row])
+        changed_keys = {k for k in old.keys() | new.keys() if old.get(k) != new.get(k)}
+        assert all(k.startswith("model.extra.") for k in changed_keys), (row, changed_keys)
+        # The cumulative switches are the model's own definition of the row.
+        base_name, base_overrides = sweep.encoder_spec(cfgs["baseline"])
+        assert after == get_config(base_name, **base_overrides, **simplification_overrides(row, video))
+
+
+@pytest.mark.parametrize("modality", ["image", "video"])
+def test_l_rows_inherit_the_row_above_and_cpu_rows_their_l_row(modality):
+    for previous, row in zip(ROWS, ROWS[1:]):
+        assert yaml.safe_load((ABLATION / f"{modality}_l" / f"{row}.yaml").read_text())["_base_"] == f"{previous}.yaml"
+    for row in ROWS:
+        base = yaml.safe_load((ABLATION / f"{modality}_cpu" / f"{row}.yaml").read_text())["_base_"]
+        assert base == [f"../{modality}_l/{row}.yaml", "size.yaml"]
+
+
+def test_l_ladders_are_the_papers_sizes():
+    image, video = row_configs("image_l"), row_configs("video_l")
+    assert encoder_config(image["baseline"]) == get_config("mvitv2_large", drop_path_rate=0.2)
+    assert encoder_config(video["f"]).input_size == (16, 224, 224)
+    assert encoder_config(video["baseline"]).stages == encoder_config(image["baseline"]).stages == (2, 6, 36, 4)
+
+
+# Smaller still than the CPU size, so that a whole ladder sweeps in seconds.
+TINY = {"image_cpu": {"model": {"input_size": [64, 64], "extra": {"embed_dim": 16, "stages": [1, 1, 1, 1]}},
+                      "data": {"crop_size": 64}},
+        "video_cpu": {"model": {"input_size": [4, 64, 64], "extra": {"embed_dim": 16, "stages": [1, 1, 1, 1]}},
+                      "data": {"num_frames": 4, "crop_size": 64}}}
+
+
+def tiny_ladder(name: str, folder: Path) -> Path:
+    """A copy of a CPU ladder in `folder` whose rows are the CPU rows at the TINY size."""
+    (folder / "rows").mkdir()
+    for row in ROWS:
+        config = {"_base_": str(ABLATION / name / f"{row}.yaml"), **TINY[name]}
+        (folder / "rows" / f"{row}.yaml").write_text(yaml.safe_dump(config))
+    path = folder / f"{name}.ladder.yaml"
+    path.write_text(yaml.safe_dump({"_base_": str(ladder_path(name)), "configs": "rows"}))
+    return path
+
+
+@pytest.mark.parametrize("name", ["image_cpu", "video_cpu"])
+def test_cpu_ladder_sweeps_end_to_end(name, tmp_path):
+    out = tmp_path / "out"
+    results = sweep.sweep(tiny_ladder(name, tmp_path), out, torch.device("cpu"), batch=1, warmup=1, iters=2)
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk == json.loads(json.dumps(results))
+    rows = on_disk["rows"]
+    assert [r["row"] for r in rows] == ROWS
+    for r in rows:
+        assert r["params"] > 0 and r["gflops"] > 0 and r["gmacs"] == pytest.approx(r["gflops"] / 2)
+        assert r["throughput"] > 0 and r["speedup"] > 0 and r["paper_speedup"] > 0 and r["label"]
+        assert r["accuracy"] is None  # not trained: no number is made up
+    assert rows[0]["speedup"] == rows[0]["paper_speedup"] == 1.0
+    assert rows[-1]["paper_speedup"] == pytest.approx(531.4 / 219.8 if name == "image_cpu" else 40.8 / 20.5)
+    settings = on_disk["settings"]
+    assert settings["device"] == "cpu" and settings["dtype"] == "fp32" and settings["threads"] >= 1
+    assert (settings["batch"], settings["warmup"], settings["iters"]) == (1, 1, 2) and settings["torch"]
+    table = (out / "table.md").read_text()
+    assert all(r["label"] in table for r in rows) and "rel. speed, paper" in table and "rel. speed, ours" in table
+    with Image.open(out / "chart.png") as chart:
+        assert chart.format == "PNG" and chart.width > 400 and chart.height > 200
+
+
+def test_l_baseline_counts_as_published():
+    counts = sweep.count(row_configs("image_l")["baseline"], ABLATION / "image_l" / "baseline.yaml")
+    assert counts["params"] == pytest.approx(218, rel=0.01) and counts["gmacs"] == pytest.approx(42.1, rel=0.05)
+
+
+def test_without_timing_still_tables_and_charts(tmp_path):
+    """--iters 0: params and FLOPs only; throughput and speedups are null, shown as "–"."""
+    rows = sweep.sweep(tiny_ladder("image_cpu", tmp_path), tmp_path / "out", torch.device("cpu"), iters=0)["rows"]
+    assert all(r["throughput"] is None and r["speedup"] is None and r["gflops"] > 0 for r in rows)
+    assert (tmp_path / "out" / "chart.png").stat().st_size > 0 and "–" in (tmp_path / "out" / "table.md").read_text()
+
+
+def test_train_commands_pretrain_mae_rows_and_finetune_every_row(tmp_path):
+    ladder = sweep.load_ladder(ladder_path("video_cpu"))
+    paths = {row: sweep.row_config_path(ladder_path("video_cpu"), ladder, row) for row in ("baseline", "a")}
+    [finetune_only] = sweep.train_commands(paths["baseline"], ladder.rows["baseline"], tmp_path, [], [])
+    assert finetune_only[1] == "finetune/main.py" and not any("model.pretrained" in a for a in finetune_only)
+    pretrain, finetune = sweep.train_commands(paths["a"], ladder.rows["a"], tmp_path, ["train.max_steps=5"], [])
+    assert pretrain[1:4] == ["pretrain/main.py", "--config", str(paths["a"])] and "train.max_steps=5" in pretrain
+    assert f"model.pretrained={tmp_path / 'pretrain' / 'encoder.safetensors'}" in finetune
+    # The fine-tuning command resolves to the row's classifier: the encoder name, no MAE-only keys.
+    cfg = load_config([finetune[3]], [a for a in finetune[4:] if "=" in a])
+    assert cfg.model.name == "mvitv2_large_40x3" and cfg.model.decoder_depth is None
+    assert get_config(cfg.model.name, **cfg.model.overrides()) == encoder_config(row_configs("video_cpu")["a"])
+
+
+@pytest.mark.skipif((REPO / "finetune" / "main.py").exists(), reason="the fine-tuning app exists")
+def test_train_refuses_without_the_finetuning_app(tmp_path):
+    with pytest.raises(ConfigError, match="finetune/main.py"):
+        sweep.sweep(ladder_path("image_cpu"), tmp_path, torch.device("cpu"), iters=0, train=True)
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_bad_ladder_exits_with_code_2(tmp_path, capsys):
+    bad = tmp_path / "bad.ladder.yaml"
+    bad.write_text(f"_base_: {ladder_path('image_cpu')}\nconfigs: {ABLATION / 'image_cpu'}\nbatchsize: 3\n")
+    with pytest.raises(SystemExit) as exit_info:
+        sweep.main(["--ladder", str(bad), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and "batchsize" in capsys.readouterr().err
