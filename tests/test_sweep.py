@@ -147,23 +147,26 @@ def test_without_timing_still_tables_and_charts(tmp_path):
 
 def test_train_commands_pretrain_mae_rows_and_finetune_every_row(tmp_path):
     ladder = sweep.load_ladder(ladder_path("video_cpu"))
-    paths = {row: sweep.row_config_path(ladder_path("video_cpu"), ladder, row) for row in ("baseline", "a")}
-    [finetune_only] = sweep.train_commands(paths["baseline"], ladder.rows["baseline"], tmp_path, [], [])
-    assert finetune_only[1] == "finetune/main.py" and not any("model.pretrained" in a for a in finetune_only)
-    pretrain, finetune = sweep.train_commands(paths["a"], ladder.rows["a"], tmp_path, ["train.max_steps=5"], [])
-    assert pretrain[1:4] == ["pretrain/main.py", "--config", str(paths["a"])] and "train.max_steps=5" in pretrain
+    paths = {row: sweep.row_config_path(ladder_path("video_cpu"), ladder, row) for row in ("baseline", "f")}
+    recipe = ["--config", str(REPO / "configs" / "finetune" / "k400_mvitv2_large_40x3.yaml"), "train.max_steps=3"]
+    [finetune_only] = sweep.train_commands(paths["baseline"], ladder.rows["baseline"], tmp_path, [], recipe)
+    assert finetune_only[1] == "finetune/main.py" and finetune_only[-1] == "model.pretrained=null"
+    pretrain, finetune = sweep.train_commands(paths["f"], ladder.rows["f"], tmp_path, ["train.max_steps=5"], recipe)
+    assert pretrain[1:4] == ["pretrain/main.py", "--config", str(paths["f"])] and "train.max_steps=5" in pretrain
     assert f"model.pretrained={tmp_path / 'pretrain' / 'encoder.safetensors'}" in finetune
-    # The fine-tuning command resolves to the row's classifier: the encoder name, no MAE-only keys.
-    cfg = load_config([finetune[3]], [a for a in finetune[4:] if "=" in a])
-    assert cfg.model.name == "mvitv2_large_40x3" and cfg.model.decoder_depth is None
-    assert get_config(cfg.model.name, **cfg.model.overrides()) == encoder_config(row_configs("video_cpu")["a"])
+    # Fine-tuning resolves to the recipe's training with the row's classifier and geometry.
+    cfg = load_config([recipe[1]], [a for a in finetune[4:] if "=" in a])
+    assert cfg.train.max_steps == 3 and cfg.train.layer_decay == load_config([recipe[1]], []).train.layer_decay
+    assert (cfg.data.num_frames, cfg.data.crop_size) == (8, 96)
+    assert get_config(cfg.model.name, **sweep.encoder_spec(cfg)[1]) == dataclasses.replace(
+        encoder_config(row_configs("video_cpu")["f"]), drop_path_rate=cfg.model.drop_path_rate)
 
 
-@pytest.mark.skipif((REPO / "finetune" / "main.py").exists(), reason="the fine-tuning app exists")
-def test_train_refuses_without_the_finetuning_app(tmp_path):
+def test_train_refuses_without_the_finetuning_app(tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep, "REPO", tmp_path)  # a checkout without finetune/main.py
     with pytest.raises(ConfigError, match="finetune/main.py"):
-        sweep.sweep(ladder_path("image_cpu"), tmp_path, torch.device("cpu"), iters=0, train=True)
-    assert not (tmp_path / "results.json").exists()
+        sweep.sweep(ladder_path("image_cpu"), tmp_path / "out", torch.device("cpu"), iters=0, train=True)
+    assert not (tmp_path / "out" / "results.json").exists()
 
 
 def test_bad_ladder_exits_with_code_2(tmp_path, capsys):

@@ -143,21 +143,31 @@ def settings(device: torch.device, batch: int, warmup: int, iters: int) -> dict:
     }
 
 
+def architecture_args(cfg: RunConfig) -> list[str]:
+    """`key=value` arguments that give another config the row's classifier: encoder name, input size and
+    switches, and the data geometry that goes with the input size."""
+    name, _ = encoder_spec(cfg)
+    size = list(cfg.model.input_size or [])
+    args = [f"model.name={name}", *(f"model.extra.{k}={json.dumps(v)}" for k, v in cfg.model.extra.items())]
+    if size:
+        args += [f"model.input_size={json.dumps(size)}", f"data.crop_size={size[-1]}"]
+        args += [f"data.num_frames={size[0]}"] if len(size) == 3 else []
+    return args
+
+
 def train_commands(config: Path, row: LadderRow, out: Path, pretrain_args: list[str],
                    finetune_args: list[str]) -> list[list[str]]:
-    """The app runs of one row: MAE pretraining (if `row.mae`), then fine-tuning of its encoder.
+    """The app runs of one row: MAE pretraining with the row config (if `row.mae`), then fine-tuning.
 
-    The fine-tuning reads the row config for the architecture, then `finetune_args` (a recipe file, data, length)
-    and last the encoder name, the exported encoder and the output folder; the MAE-only keys are cleared, as the
-    classifier has no such fields.
+    The fine-tuning takes its recipe and data from `finetune_args` (e.g. `--config configs/finetune/X.yaml
+    data.train=...`), not from the row config, whose training keys are the pretraining recipe; the row only
+    brings its architecture (architecture_args), its pretrained encoder (or none) and the output folder,
+    which win.
     """
-    cfg = load_config([str(config)], [])
-    name, _ = encoder_spec(cfg)
-    mae_keys = [k for k in MAEConfig.__dataclass_fields__ if getattr(cfg.model, k, None) is not None]
-    finetune = [sys.executable, "finetune/main.py", "--config", str(config), *finetune_args,
-                f"model.name={name}", *(f"model.{k}=null" for k in mae_keys), f"output_dir={out / 'finetune'}"]
-    if not row.mae:
-        return [finetune]
+    finetune = [sys.executable, "finetune/main.py", *finetune_args,
+                *architecture_args(load_config([str(config)], [])), f"output_dir={out / 'finetune'}"]
+    if not row.mae:  # supervised from scratch, whatever encoder the recipe names
+        return [[*finetune, "model.pretrained=null"]]
     pretrain = [sys.executable, "pretrain/main.py", "--config", str(config), *pretrain_args,
                 f"output_dir={out / 'pretrain'}"]
     return [pretrain, [*finetune, f"model.pretrained={out / 'pretrain' / 'encoder.safetensors'}"]]
@@ -166,6 +176,7 @@ def train_commands(config: Path, row: LadderRow, out: Path, pretrain_args: list[
 def train_row(config: Path, row: LadderRow, out: Path, pretrain_args: list[str],
               finetune_args: list[str]) -> float:
     """Top-1 (%) of the row after its runs; their logs go to out/<app>.log."""
+    config, out = config.resolve(), out.resolve()  # the apps run in the repository root
     out.mkdir(parents=True, exist_ok=True)
     for command in train_commands(config, row, out, pretrain_args, finetune_args):
         log = out / f"{Path(command[1]).parent.name}.log"
