@@ -1,0 +1,94 @@
+"""The shared training loop with a small in-memory task: non-finite steps, schedule, accumulation."""
+
+import math
+
+import pytest
+import torch
+
+from engine.config import RunConfig
+from engine.trainer import Trainer, schedule
+
+
+class ListLoader:
+    """The loader interface the trainer needs, over a fixed list of batches (one epoch)."""
+
+    def __init__(self, batches):
+        self.batches, self.epoch, self.consumed = batches, 0, 0
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        while self.consumed < len(self.batches):
+            self.consumed += 1
+            yield self.batches[self.consumed - 1]
+        self.epoch, self.consumed = self.epoch + 1, 0
+
+    stats = {"samples_failed": 0}
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "consumed": self.consumed}
+
+    def load_state_dict(self, state):
+        self.epoch, self.consumed = state["epoch"], state["consumed"]
+
+
+class RegressionTask:
+    """Fits y = 2x; batches whose `poison` flag is set give a NaN loss."""
+
+    def __init__(self, poisoned):
+        self.poisoned = poisoned
+
+    def build_model(self, cfg):
+        return torch.nn.Linear(1, 1)
+
+    def train_loader(self, cfg, rank, world_size):
+        x = torch.linspace(-1, 1, 8)[:, None]
+        return ListLoader([{"x": x, "label": torch.zeros(8), "poison": i in self.poisoned} for i in range(6)])
+
+    def step(self, model, batch):
+        loss = (model(batch["x"]) - 2 * batch["x"]).pow(2).mean()
+        return {"loss": loss * float("nan") if batch["poison"] else loss}
+
+    def encoder(self, model):
+        return model.state_dict(), {"model": "linear"}
+
+    def visualize(self, model, batch, logger, step):
+        pass
+
+    def after_pass(self, model, accelerator, logger, step):
+        return {}
+
+
+def config(tmp_path, **train) -> RunConfig:
+    cfg = RunConfig(output_dir=str(tmp_path))
+    cfg.train.batch_size, cfg.train.epochs, cfg.train.warmup_epochs = 8, 10, 0
+    cfg.train.base_lr, cfg.train.weight_decay, cfg.train.checkpoint_every = 8.0, 0.0, 100
+    cfg.log.progress = False
+    for key, value in train.items():
+        setattr(cfg.train, key, value)
+    return cfg
+
+
+def test_nonfinite_steps_are_skipped_and_counted(tmp_path):
+    trainer = Trainer(RegressionTask(poisoned={2, 3}), config(tmp_path))
+    trainer.fit()
+    assert trainer.progress.step == 60 and trainer.progress.nonfinite_total == 20  # 2 per pass x 10 passes
+    weight = trainer.accelerator.unwrap_model(trainer.model).weight
+    assert torch.isfinite(weight).all() and abs(weight.item() - 2) < 0.2
+
+
+def test_too_many_nonfinite_steps_stop_the_run(tmp_path):
+    trainer = Trainer(RegressionTask(poisoned=set(range(6))), config(tmp_path, max_nonfinite_steps=4))
+    with pytest.raises(FloatingPointError, match="5 optimizer steps in a row had non-finite gradients"):
+        trainer.fit()
+    assert not list(tmp_path.glob("checkpoint-*"))
+
+
+def test_schedule_counts_effective_epochs():
+    cfg = RunConfig()
+    cfg.train.epochs, cfg.train.warmup_epochs, cfg.data.repeat = 800, 120, 4
+    assert schedule(cfg, steps_per_pass=10) == (2000, 300)
+    cfg.train.max_steps = 50
+    assert schedule(cfg, steps_per_pass=10) == (50, 300)
+    assert math.isclose(schedule(cfg, steps_per_pass=1)[0], 50)
