@@ -22,11 +22,22 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import nn
 
-from .hiera import Head, PatchEmbed
+from .hiera import MAE_ONLY_KEY_PREFIXES, Head, PatchEmbed
 from .mvitv2_convert import adapt_mvitv2_state_dict
+from .mvitv2_geometry import (
+    Grid,
+    KeptUnits,
+    from_windows,
+    gather_units,
+    pool_padding,
+    pooled_grid,
+    rel_pos_distance,
+    rel_pos_lookup,
+    rel_pos_table,
+    to_windows,
+)
 from .registry import register_model
 
-Grid = tuple[int, ...]
 _POOL_OPS = {"conv": None, "max": (F.max_pool2d, F.max_pool3d), "avg": (F.avg_pool2d, F.avg_pool3d)}
 _HEAD_POOLS = ("cls", "mean", "mean_then_norm")
 
@@ -90,6 +101,14 @@ class MViTv2Config:
     def token_grid(self) -> Grid:
         return tuple(i // s for i, s in zip(self.input_size, self.patch_stride))
 
+    @property
+    def mask_unit_grid(self) -> Grid:
+        return tuple(t // u for t, u in zip(self.token_grid, self.mask_unit_size))
+
+    @property
+    def num_mask_units(self) -> int:
+        return math.prod(self.mask_unit_grid)
+
 
 @dataclass(frozen=True)
 class BlockSpec:
@@ -106,17 +125,6 @@ class BlockSpec:
     skip_kernel: Grid | None
     window: Grid | None  # mask unit at this block's input resolution; None = global attention
     drop_path: float
-
-
-def pool_padding(kernel: Grid, stride: Grid) -> Grid:
-    # The published kernels pad by k // 2; kernel = stride tiles the grid exactly and pads nothing.
-    return tuple(0 if k == s else k // 2 for k, s in zip(kernel, stride))
-
-
-def pooled_grid(grid: Grid, kernel: Grid | None, stride: Grid) -> Grid:
-    if kernel is None:
-        return grid
-    return tuple((g + 2 * p - k) // s + 1 for g, k, s, p in zip(grid, kernel, stride, pool_padding(kernel, stride)))
 
 
 def block_plan(cfg: MViTv2Config) -> list[BlockSpec]:
@@ -167,37 +175,6 @@ def pool_tokens(x: torch.Tensor, pool, grid: Grid, prefix: int) -> tuple[torch.T
     grid = tuple(pooled.shape[2:])
     pooled = pooled.flatten(2).transpose(1, 2).reshape(*lead, -1, C)
     return (torch.cat([x[..., :prefix, :], pooled], dim=-2) if prefix else pooled), grid
-
-
-def to_windows(x: torch.Tensor, grid: Grid, window: Grid) -> torch.Tensor:
-    """[B, X, prod(grid), C] -> [B, X * #windows, prod(window), C]: each window becomes a batch entry."""
-    B, X, _, C = x.shape
-    split = [n for g, w in zip(grid, window) for n in (g // w, w)]
-    x = x.reshape(B, X, *split, C)
-    dims = len(grid)
-    order = [0, 1] + [2 + 2 * d for d in range(dims)] + [3 + 2 * d for d in range(dims)] + [2 + 2 * dims]
-    return x.permute(order).reshape(B, -1, math.prod(window), C)
-
-
-def from_windows(x: torch.Tensor, X: int, counts: Grid, window: Grid) -> torch.Tensor:
-    """[B, X * prod(counts), prod(window), C] -> [B, X, prod(counts * window), C] in spatial order."""
-    B, C, dims = x.shape[0], x.shape[-1], len(window)
-    x = x.reshape(B, X, *counts, *window, C)
-    order = [0, 1] + [n for d in range(dims) for n in (2 + d, 2 + dims + d)] + [2 + 2 * dims]
-    return x.permute(order).reshape(B, X, -1, C)
-
-
-def rel_pos_lookup(table: torch.Tensor, q_size: int, k_size: int) -> torch.Tensor:
-    """[L, C] table -> [q_size, k_size, C] embeddings of the scaled query-key distances; the table is linearly
-    interpolated when the sizes need another length (another input size)."""
-    length = 2 * max(q_size, k_size) - 1
-    if table.shape[0] != length:
-        table = F.interpolate(table.T[None], size=length, mode="linear").squeeze(0).T
-    q_ratio, k_ratio = max(k_size / q_size, 1.0), max(q_size / k_size, 1.0)
-    dist = (torch.arange(q_size, device=table.device)[:, None] * q_ratio
-            - torch.arange(k_size, device=table.device)[None, :] * k_ratio)
-    dist += (k_size - 1) * k_ratio
-    return table[dist.long()]
 
 
 class PoolingAttention(nn.Module):
@@ -251,18 +228,51 @@ class PoolingAttention(nn.Module):
         bias = bias.reshape(B, X, math.prod(q_grid), math.prod(k_grid))
         return F.pad(bias, (self.prefix, 0, self.prefix, 0)) if self.prefix else bias
 
-    def forward(self, x: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, Grid]:
-        """[B, prefix + prod(grid), dim] -> [B, prefix + prod(grid'), dim_out] and grid'."""
+    def rel_pos_bias_at(self, q: torch.Tensor, kept: KeptUnits, q_grid: Grid, k_grid: Grid) -> torch.Tensor:
+        """The bias at true positions, for the kept units only: q [B, X, prefix + K * prod(q_grid), hd] with
+        `q_grid`, `k_grid` the grids of one unit -> [B, X, prefix + K * prod(q_grid), prefix + K * prod(k_grid)]."""
+        r_q = q[:, :, self.prefix:]
+        B, X, Nq, _ = r_q.shape
+        q_pos, k_pos = kept.positions(q_grid), kept.positions(k_grid)
+        bias = None
+        for d, (name, q_size, k_size) in enumerate(zip(self.rel_pos_names, kept.full_grid(q_grid),
+                                                       kept.full_grid(k_grid))):
+            # q against every table row ([B, X, Nq, L], cheap), then each (query, key) pair picks its row.
+            per_row = r_q @ rel_pos_table(getattr(self, name), q_size, k_size).T
+            dist = rel_pos_distance(q_pos[:, :, None, d], k_pos[:, None, :, d], q_size, k_size)
+            rel = per_row.gather(3, dist[:, None].expand(B, X, Nq, dist.shape[-1]))
+            bias = rel if bias is None else bias + rel
+        return F.pad(bias, (self.prefix, 0, self.prefix, 0)) if self.prefix else bias
+
+    def forward(self, x: torch.Tensor, grid: Grid, kept: KeptUnits | None = None,
+                visible: torch.Tensor | None = None) -> tuple[torch.Tensor, Grid]:
+        """[B, prefix + U * prod(grid), dim] -> [B, prefix + U * prod(grid'), dim_out] and grid'.
+
+        Dense: U = 1 and `grid` is the token grid. Sparse (`kept`): the tokens of the U = K kept mask units,
+        unit-major, and `grid` is the grid of one unit; pooling then runs per unit, zero-padded at its borders
+        (separate-and-pad), and global attention sees every kept token at its true position.
+        `visible` [B, *unit_grid] bool (dense only) hides the keys of masked units from global attention.
+        """
         B, L, _ = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        units = (L - self.prefix) // math.prod(grid)
         pool_grid = grid
         if self.window is not None:
-            q, k, v = (to_windows(t, grid, self.window) for t in (q, k, v))
+            # Units go into the batch beside the heads; a sparse unit is one window (mask units are windows).
+            q, k, v = (to_windows(t.reshape(B, self.heads * units, -1, self.head_dim), grid, self.window)
+                       for t in (q, k, v))
             pool_grid = self.window
         q, q_grid = self._apply_pool(q, self.pool_q, self.norm_q, pool_grid)
         k, k_grid = self._apply_pool(k, self.pool_k, self.norm_k, pool_grid)
         v, _ = self._apply_pool(v, self.pool_v, self.norm_v, pool_grid)
-        bias = self.rel_pos_bias(q, q_grid, k_grid) if self.rel_pos_names else None
+        bias = None
+        if self.rel_pos_names:
+            # Within a window the local positions are the true ones.
+            bias = self.rel_pos_bias_at(q, kept, q_grid, k_grid) if kept is not None and self.window is None \
+                else self.rel_pos_bias(q, q_grid, k_grid)
+        if visible is not None and self.window is None:
+            hidden = self.hidden_key_bias(visible, k_grid, q.dtype)
+            bias = hidden if bias is None else bias + hidden
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         if self.residual_pooling:
             # The cls token is not a pooled token: SlowFast leaves its row without the residual.
@@ -270,10 +280,16 @@ class PoolingAttention(nn.Module):
                 if self.prefix else out + q
         if self.window is not None:
             counts = tuple(g // w for g, w in zip(grid, self.window))
-            out = from_windows(out, self.heads, counts, q_grid)
+            out = from_windows(out, self.heads * units, counts, q_grid).reshape(B, self.heads, -1, self.head_dim)
             q_grid = tuple(c * w for c, w in zip(counts, q_grid))
         out = out.transpose(1, 2).reshape(B, -1, self.dim_out)
         return self.proj(out), q_grid
+
+    def hidden_key_bias(self, visible: torch.Tensor, k_grid: Grid, dtype: torch.dtype) -> torch.Tensor:
+        """visible [B, *unit_grid] bool -> [B, 1, 1, prefix + prod(k_grid)]: -inf on keys of masked units."""
+        keys = F.interpolate(visible[:, None].to(dtype), size=k_grid, mode="nearest").flatten(1) > 0.5
+        keys = F.pad(keys, (self.prefix, 0), value=True)
+        return torch.zeros(keys.shape, dtype=dtype, device=keys.device).masked_fill(~keys, -math.inf)[:, None, None]
 
     def _apply_pool(self, t: torch.Tensor, pool: nn.Module | None, norm: nn.Module, grid: Grid):
         if pool is None:
@@ -317,10 +333,12 @@ class MultiScaleBlock(nn.Module):
             self.pool_skip = _FunctionalPool("max", spec.skip_kernel, spec.q_stride,
                                              pool_padding(spec.skip_kernel, spec.q_stride))
 
-    def forward(self, x: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, Grid]:
-        """[B, prefix + prod(grid), dim] -> [B, prefix + prod(grid'), dim_out] and grid'."""
+    def forward(self, x: torch.Tensor, grid: Grid, kept: KeptUnits | None = None,
+                visible: torch.Tensor | None = None) -> tuple[torch.Tensor, Grid]:
+        """[B, prefix + U * prod(grid), dim] -> [B, prefix + U * prod(grid'), dim_out] and grid'; U = 1 and the
+        token grid, or the U kept units and the grid of one unit (see PoolingAttention.forward)."""
         x_norm = self.norm1(x)
-        x_attn, grid_out = self.attn(x_norm, grid)
+        x_attn, grid_out = self.attn(x_norm, grid, kept, visible)
         if self.dim_mul_in_att and self.dim != self.dim_out:
             # Channels grow here: the shortcut is the projection of the *normed* input.
             x = self.proj(x_norm)
@@ -335,7 +353,8 @@ class MultiScaleBlock(nn.Module):
 
 
 class MViTv2(nn.Module):
-    foreign_key_prefixes = ()
+    foreign_key_prefixes = MAE_ONLY_KEY_PREFIXES
+    mae_defaults = {"q_pool": 2, "num_classes": 0}  # as Hiera's MAE: stages 3 and 4 at one resolution
 
     def __init__(self, config: MViTv2Config):
         super().__init__()
@@ -382,11 +401,6 @@ class MViTv2(nn.Module):
             self.head.projection.weight.data.mul_(self.config.head_init_scale)
             self.head.projection.bias.data.mul_(self.config.head_init_scale)
 
-    def group_matcher(self, coarse: bool = False) -> dict:
-        """timm's parameter layers, for layer-wise lr decay: the stem (patch_embed, cls_token, pos_embed) is
-        layer 0, block i is layer i + 1, the final norm and the head come last (REFERENCE.md §4)."""
-        return {"stem": r"^patch_embed|^cls_token|^pos_embed", "blocks": [(r"^blocks\.(\d+)", None)]}
-
     def no_weight_decay(self) -> set[str]:
         """Position tables (absolute and relative) and the cls token."""
         return {n for n, _ in self.named_parameters()
@@ -412,10 +426,14 @@ class MViTv2(nn.Module):
 
     def forward_stages(self, x: torch.Tensor) -> list[tuple[torch.Tensor, Grid]]:
         """The output of every stage: tokens [B, prefix + N_s, C_s] and grid."""
-        x, grid = self.embed(x)
+        return self.run_blocks(*self.embed(x))
+
+    def run_blocks(self, x: torch.Tensor, grid: Grid, kept: KeptUnits | None = None,
+                   visible: torch.Tensor | None = None) -> list[tuple[torch.Tensor, Grid]]:
+        """Embedded tokens through the blocks; every stage's output and grid (see MultiScaleBlock.forward)."""
         outputs = []
         for i, block in enumerate(self.blocks):
-            x, grid = block(x, grid)
+            x, grid = block(x, grid, kept, visible)
             if i in self.stage_ends:
                 outputs.append((x, grid))
         return outputs
@@ -442,6 +460,75 @@ class MViTv2(nn.Module):
     def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """timm, facebookresearch/mvit or SlowFast keys -> ours; position tables resampled to this model."""
         return adapt_mvitv2_state_dict(state_dict, self.config.stages, self.state_dict())
+
+    # -- masked-unit forward (MAE) ---------------------------------------------------------------------------
+    @property
+    def stage_dims(self) -> list[int]:
+        return [self.plan[end].dim_out for end in self.stage_ends]
+
+    @property
+    def stage_unit_shapes(self) -> list[Grid]:
+        """Tokens per mask unit at the end of each stage. Every pooling stride must divide the unit it pools, so
+        that a unit's pooled tokens are exactly its share of the dense pooled grid (true positions stay exact)."""
+        unit, shapes = self.config.mask_unit_size, []
+        if any(t % u for t, u in zip(self.token_grid, unit)):
+            raise ValueError(f"MViTv2: the token grid {self.token_grid} is not a whole number of mask units {unit}")
+        for i, spec in enumerate(self.plan):
+            for kernel, stride in ((spec.q_kernel, spec.q_stride), (spec.kv_kernel, spec.kv_stride),
+                                   (spec.skip_kernel, spec.q_stride)):
+                share = tuple(u // s for u, s in zip(unit, stride))
+                if kernel is not None and (any(u % s for u, s in zip(unit, stride))
+                                           or pooled_grid(unit, kernel, stride) != share):
+                    raise ValueError(f"MViTv2 block {i}: pooling stride {stride} (kernel {kernel}) does not tile "
+                                     f"the mask unit of {unit} tokens; masked pretraining needs it to")
+            unit = pooled_grid(unit, spec.q_kernel, spec.q_stride)
+            if i in self.stage_ends:
+                shapes.append(unit)
+        return shapes
+
+    def unit_visibility(self, keep_idx: torch.Tensor) -> torch.Tensor:
+        """keep_idx [B, K] -> [B, *mask_unit_grid] bool, True = kept."""
+        visible = torch.zeros(keep_idx.shape[0], self.config.num_mask_units, dtype=torch.bool, device=keep_idx.device)
+        return visible.scatter(1, keep_idx, True).view(-1, *self.config.mask_unit_grid)
+
+    def embed_mask_units(self, x: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
+        """Pixels [B, C, (T,) H, W] -> tokens of the kept units [B, prefix + K * prod(mask_unit_size), C0],
+        unit-major. Masked pixels are zeroed before the overlapping patch convolution (as Hiera's MAE does) so
+        they cannot reach kept tokens; absolute positions are added before gathering, so tokens keep their own."""
+        visible = self.unit_visibility(keep_idx)[:, None].to(x.dtype)
+        tokens, grid = self.embed(x * F.interpolate(visible, size=x.shape[2:]))
+        units = gather_units(tokens[:, self.prefix:], grid, self.config.mask_unit_size, keep_idx)
+        return torch.cat([tokens[:, :self.prefix], units.flatten(1, 2)], dim=1)
+
+    def forward_mask_units(self, x: torch.Tensor, keep_idx: torch.Tensor,
+                           separate_and_pad: bool = True) -> list[torch.Tensor]:
+        """Stage outputs of the kept units, keep_idx [B, K] (ascending indices into the row-major mask-unit
+        grid): [B, K, *unit_shape_s, C_s] per stage.
+
+        Separate-and-pad (the MAE path): only the kept units' tokens exist. Each unit is its own small image in
+        the batch dimension for every pooling (q, k, v and the skip path), zero-padded for kernels larger than
+        the stride; attention stays global over all kept tokens of the sample, relative positions use every
+        token's true place in the grid. Where kernel = stride (rows d, e) the same per-unit pooling needs no
+        padding and equals dense pooling; mask-unit attention (row f) attends within each unit.
+        The cls token (video configs) is kept: it sees only kept tokens, so it carries nothing masked; it is
+        trained as fine-tuning will use it (attention of pretraining and fine-tuning stays alike, no fresh key
+        at fine-tuning); it is left out of the outputs, since the decoder predicts tokens.
+
+        `separate_and_pad=False` is the leaky control: the whole input runs dense and masked units are only
+        hidden from the attention keys, so every kernel that overlaps a unit border (patch embedding, pooling
+        with kernel > stride) carries masked content into kept tokens.
+        """
+        B, K = keep_idx.shape
+        if separate_and_pad:
+            kept = KeptUnits.from_indices(keep_idx, self.config.mask_unit_grid)
+            stages = self.run_blocks(self.embed_mask_units(x, keep_idx), self.config.mask_unit_size, kept)
+            return [t[:, self.prefix:].reshape(B, K, *unit, t.shape[-1]) for t, unit in stages]
+        stages = self.run_blocks(*self.embed(x), visible=self.unit_visibility(keep_idx))
+        outputs = []
+        for t, grid in stages:
+            unit = tuple(g // m for g, m in zip(grid, self.config.mask_unit_grid))
+            outputs.append(gather_units(t[:, self.prefix:], grid, unit, keep_idx).view(B, K, *unit, t.shape[-1]))
+        return outputs
 
 
 _IMAGE = dict(input_size=(224, 224))
