@@ -205,6 +205,8 @@ def sweep(ladder_path: str | Path, out: str | Path, device: torch.device, batch:
     speeds = throughputs(list(cfgs.values()), batch, warmup, iters, device) if iters else [None] * len(cfgs)
     meta = {**settings(device, batch, warmup, iters), "load_avg_before": load_before,
             "load_avg_after": os.getloadavg()}
+    if train:
+        meta["train"] = {"pretrain_args": shlex.join(pretrain_args), "finetune_args": shlex.join(finetune_args)}
     records = []
     for (row, spec), speed in zip(ladder.rows.items(), speeds):
         name, overrides = encoder_spec(cfgs[row])

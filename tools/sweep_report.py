@@ -13,9 +13,11 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
 
 
 def describe_settings(s: dict) -> str:
+    if not s["iters"]:
+        return f"params and FLOPs only, no timing (`--iters 0`); torch {s['torch']}"
     return (f"{s['device_name']} ({s['device']}, {s['threads']} threads), torch {s['torch']}, {s['dtype']}, "
             f"batch {s['batch']}, median of {s['iters']} interleaved timed rounds after {s['warmup']} warm-up "
-            f"runs; load average {s['load_avg_before'][0]:.2f} before, {s['load_avg_after'][0]:.2f} after")
+            f"runs; 1-minute load average {s['load_avg_before'][0]:.2f} before, {s['load_avg_after'][0]:.2f} after")
 
 
 def write_table(results: dict, path: Path) -> None:
@@ -39,7 +41,8 @@ def write_table(results: dict, path: Path) -> None:
         f"Ours: {describe_settings(settings)}. Each row's encoder in eval (classification inference, as the "
         "paper's speed column) on random inputs. GMACs per sample (torch.utils.flop_counter; the papers' "
         "\"FLOPs\" are multiply-adds: GFLOPs = 2 × GMACs). Paper: Hiera-L size, A100, fp16 (REFERENCE.md §3). "
-        "Accuracy \"–\": not measured (`--train` runs a pretrain + fine-tune per row).",
+        + (f"Our accuracy: fine-tuned top-1 after `--train` with {settings['train']}."
+           if "train" in settings else "Our accuracy is not measured (`--train` runs a pretrain + fine-tune per row)."),
     ]
     for note in results["notes"]:
         lines += ["", note]
