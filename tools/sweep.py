@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -106,8 +107,9 @@ def count(cfg: RunConfig, config_path: Path) -> dict[str, float]:
             "gmacs": flops / 2e9}
 
 
-def throughputs(cfgs: list[RunConfig], batch: int, warmup: int, iters: int, device: torch.device) -> list[float]:
-    """Samples per second of each config's encoder: `warmup` runs each, then `iters` interleaved rounds."""
+def timings(cfgs: list[RunConfig], batch: int, warmup: int, iters: int, device: torch.device) -> list[list[float]]:
+    """Seconds per batch of each config's encoder, `iters` of them: after `warmup` runs each, one run per row
+    and round."""
     torch.manual_seed(0)
     runners = []
     for cfg in cfgs:
@@ -120,7 +122,7 @@ def throughputs(cfgs: list[RunConfig], batch: int, warmup: int, iters: int, devi
     for _ in range(iters):
         for series, run in zip(times, runners):
             series.append(median_seconds(run, warmup=0, iters=1, device=device))
-    return [batch / float(torch.tensor(series).median()) for series in times]
+    return times
 
 
 def settings(device: torch.device, batch: int, warmup: int, iters: int) -> dict:
@@ -202,17 +204,18 @@ def sweep(ladder_path: str | Path, out: str | Path, device: torch.device, batch:
     cfgs = {row: load_config([str(path)], []) for row, path in paths.items()}
     counts = {row: count(cfgs[row], paths[row]) for row in cfgs}  # also checks that every row builds
     load_before = os.getloadavg()
-    speeds = throughputs(list(cfgs.values()), batch, warmup, iters, device) if iters else [None] * len(cfgs)
+    seconds = timings(list(cfgs.values()), batch, warmup, iters, device) if iters else [[]] * len(cfgs)
     meta = {**settings(device, batch, warmup, iters), "load_avg_before": load_before,
             "load_avg_after": os.getloadavg()}
     if train:
         meta["train"] = {"pretrain_args": shlex.join(pretrain_args), "finetune_args": shlex.join(finetune_args)}
     records = []
-    for (row, spec), speed in zip(ladder.rows.items(), speeds):
+    for (row, spec), times in zip(ladder.rows.items(), seconds):
         name, overrides = encoder_spec(cfgs[row])
         records.append({
             "row": row, "label": spec.label, "config": str(paths[row]), "model": name, "overrides": overrides,
-            **counts[row], "throughput": speed, "unit": ladder.unit,
+            **counts[row], "throughput": batch / statistics.median(times) if times else None, "unit": ladder.unit,
+            "seconds_per_batch": times,
             "accuracy": train_row(paths[row], spec, out / row, list(pretrain_args), list(finetune_args))
             if train else None,
             **{k: v for k, v in asdict(spec).items() if k.startswith("paper_")},
