@@ -3,9 +3,14 @@ paper's Table 1 that walk MViTv2 into Hiera one step at a time.
 
 Tokens stay in spatial order ([B, (1 +) T*H*W, C], an optional cls token first) and every block is told the grid
 it works on. Pooling (q, k, v and the skip path) reshapes to [B', C, (T,) H, W] and back. Mask-unit attention
-moves each unit into the batch dimension before pooling and attention ("separate-and-pad"), so an overlapping
-kernel never mixes units. Decomposed relative positions are an additive bias computed from q and handed to
+moves each unit into the batch dimension before pooling and attention, so an overlapping kernel never mixes
+units. Decomposed relative positions are an additive bias computed from q and handed to
 F.scaled_dot_product_attention, whose result equals the explicit softmax(q k^T * scale + bias) v.
+
+As an MAE encoder (`forward_mask_units`, used by models/mae.py) only the kept mask units' tokens exist, unit
+after unit; every pooling moves the units into the batch dimension and pads each for kernels larger than
+their stride ("separate-and-pad", the Hiera paper's trick), so no kernel carries anything across a unit border,
+while attention stays global over the kept tokens at their true positions (models/mvitv2_geometry.py).
 
 State-dict keys are those of facebookresearch/mvit and SlowFast (`blocks.{i}.attn.qkv`, `attn.pool_q`,
 `attn.norm_q`, `attn.rel_pos_h`, `blocks.{i}.proj`, `head.projection`), so their checkpoints load as they are;
@@ -249,8 +254,9 @@ class PoolingAttention(nn.Module):
         """[B, prefix + U * prod(grid), dim] -> [B, prefix + U * prod(grid'), dim_out] and grid'.
 
         Dense: U = 1 and `grid` is the token grid. Sparse (`kept`): the tokens of the U = K kept mask units,
-        unit-major, and `grid` is the grid of one unit; pooling then runs per unit, zero-padded at its borders
-        (separate-and-pad), and global attention sees every kept token at its true position.
+        unit-major, and `grid` is the grid of one unit; pooling then runs per unit, padded at its borders as the
+        dense model pads the image's (separate-and-pad), and global attention sees every kept token at its true
+        position.
         `visible` [B, *unit_grid] bool (dense only) hides the keys of masked units from global attention.
         """
         B, L, _ = x.shape
@@ -506,13 +512,14 @@ class MViTv2(nn.Module):
         grid): [B, K, *unit_shape_s, C_s] per stage.
 
         Separate-and-pad (the MAE path): only the kept units' tokens exist. Each unit is its own small image in
-        the batch dimension for every pooling (q, k, v and the skip path), zero-padded for kernels larger than
-        the stride; attention stays global over all kept tokens of the sample, relative positions use every
-        token's true place in the grid. Where kernel = stride (rows d, e) the same per-unit pooling needs no
-        padding and equals dense pooling; mask-unit attention (row f) attends within each unit.
-        The cls token (video configs) is kept: it sees only kept tokens, so it carries nothing masked; it is
-        trained as fine-tuning will use it (attention of pretraining and fine-tuning stays alike, no fresh key
-        at fine-tuning); it is left out of the outputs, since the decoder predicts tokens.
+        the batch dimension for every pooling (q, k, v and the skip path), padded for kernels larger than the
+        stride as an image border is; attention stays global over all kept tokens of the sample, and relative
+        positions use every token's true place in the grid. Where kernel = stride (rows d, e) the same per-unit
+        pooling pads nothing and equals dense pooling; mask-unit attention (row f) attends within each unit.
+
+        The cls token (the video configs) is kept rather than dropped: it attends to kept tokens only, so it
+        carries nothing masked, and it is trained the way fine-tuning uses it (same attention in both, no fresh
+        parameter at fine-tuning). It is left out of the outputs: the decoder predicts tokens of the grid.
 
         `separate_and_pad=False` is the leaky control: the whole input runs dense and masked units are only
         hidden from the attention keys, so every kernel that overlaps a unit border (patch embedding, pooling
