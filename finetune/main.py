@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         else:
             trainer = Trainer(task, cfg)
             accelerator = trainer.accelerator
-    except (ConfigError, CheckpointError, TypeError, KeyError) as err:
+    except (ConfigError, CheckpointError, FileNotFoundError, TypeError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
     if cfg.eval_only:
