@@ -122,10 +122,12 @@ def evaluate(model: torch.nn.Module, loader, accelerator: Accelerator, num_class
 
 
 def summary(results: dict[str, dict], views: int) -> dict:
-    """The metrics.json content: top1, top5, top1_shuffled (percent; None without a shuffled run), ..."""
+    """The metrics.json content: top1, top5, top1_shuffled (percent; None without a shuffled run), the chance
+    level (percent: one over the class count), ..."""
     shuffled = results.get("shuffled", {})
     return {"top1": results["plain"]["top1"], "top5": results["plain"]["top5"],
             "top1_shuffled": shuffled.get("top1"), "top5_shuffled": shuffled.get("top5"),
+            "chance": 100 / len(results["plain"]["per_class"]),
             "num_videos": results["plain"]["num_videos"], "views_per_video": views}
 
 

@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         announce(task, trainer.logger, trainer.is_main)
         metrics = trainer.fit()
     if accelerator.is_main_process:
-        shown = ", ".join(f"{k} {metrics[k]:.2f}%" for k in ("top1", "top5", "top1_shuffled") if k in metrics)
+        shown = ", ".join(f"{k} {metrics[k]:.2f}%" for k in ("top1", "top5", "top1_shuffled", "chance")
+                          if k in metrics)
         print(f"done: {shown or 'no evaluation (data.val not set)'}; metrics in {cfg.output_dir}/metrics.json; "
               f"TensorBoard logs in {cfg.output_dir}/tb (tensorboard --logdir {cfg.output_dir})")
     return metrics

@@ -68,7 +68,7 @@ def test_finetune_from_mae_beats_chance_and_needs_temporal_order(motion_shards, 
     fresh = "norm.weight, norm.bias, head.projection.weight, head.projection.bias"
     assert f"newly initialised (4): {fresh}" in result.stdout
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["num_videos"] == 32 and metrics["views_per_video"] == 2
+    assert metrics["num_videos"] == 32 and metrics["views_per_video"] == 2 and metrics["chance"] == 25.0
     assert metrics["top1"] >= 75, metrics  # chance: 25%
     # Shuffled frames destroy the motion that defines the classes.
     assert metrics["top1_shuffled"] <= metrics["top1"] - 20, metrics
