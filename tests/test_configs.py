@@ -4,13 +4,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from engine.config import ConfigError, load_config
 from engine.loaders import check_geometry
 from models import create_model
 
-CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml")
-                 if not p.name.endswith(".ladder.yaml"))
+
+
+def is_run_config(path: Path) -> bool:
+    """Ladder files and overlays (fragments laid over other configs, with neither `_base_` nor a model name,
+    like the ablation ladders' size.yaml, checked by tests/test_sweep.py) are not runs of their own."""
+    raw = OmegaConf.load(path)
+    return not path.name.endswith(".ladder.yaml") and ("_base_" in raw or "name" in raw.get("model", {}))
+
+
+CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml") if is_run_config(p))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
