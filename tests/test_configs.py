@@ -11,7 +11,6 @@ from engine.loaders import check_geometry
 from models import create_model
 
 
-
 def is_run_config(path: Path) -> bool:
     """Ladder files and overlays (fragments laid over other configs, with neither `_base_` nor a model name,
     like the ablation ladders' size.yaml, checked by tests/test_sweep.py) are not runs of their own."""
