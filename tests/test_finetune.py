@@ -32,22 +32,6 @@ def finetune(shards: dict[str, Path], out: Path, *overrides: str) -> subprocess.
 
 
 @pytest.fixture(scope="session")
-def motion_shards(tmp_path_factory) -> dict[str, Path]:
-    """4 motion classes x 8 videos per split (32 x 32, 32 frames), in shards of 8."""
-    root = tmp_path_factory.mktemp("motion")
-    python = [sys.executable, "-m"]
-    subprocess.run([*python, "data.synthetic", "--out", str(root / "raw"), "--per-class", "8", "--size", "32x32",
-                    "--frames", "32"], check=True, cwd=REPO, capture_output=True)
-    shards = {}
-    for split in ("train", "val"):
-        shards[split] = root / split
-        subprocess.run([*python, "data.make_shards", "kinetics", "--csv", str(root / "raw" / f"{split}.csv"),
-                        "--videos", str(root / "raw" / "videos"), "--out", str(shards[split]), "--per-shard", "8"],
-                       check=True, cwd=REPO, capture_output=True)
-    return shards
-
-
-@pytest.fixture(scope="session")
 def mae_encoder(tmp_path_factory) -> Path:
     """The tiny Hiera's encoder as an MAE exports it (file + name/overrides metadata), before any training:
     real pretraining is what `make demo` runs; here the fine-tuning has to do all the learning."""
@@ -58,9 +42,9 @@ def mae_encoder(tmp_path_factory) -> Path:
     return path
 
 
-def test_finetune_from_mae_beats_chance_and_needs_temporal_order(motion_shards, mae_encoder, tmp_path):
+def test_finetune_from_mae_beats_chance_and_needs_temporal_order(demo_shards, mae_encoder, tmp_path):
     out = tmp_path / "ft"
-    result = finetune(motion_shards, out, f"model.pretrained={mae_encoder}", "train.max_steps=96",
+    result = finetune(demo_shards, out, f"model.pretrained={mae_encoder}", "train.max_steps=96",
                       "train.base_lr=2e-2", "train.layer_decay=null", "eval.every_epochs=100")
     assert result.returncode == 0, result.stderr[-3000:]
     # The report names what was loaded and what starts fresh (the MAE has no classifier norm or head).
@@ -68,7 +52,7 @@ def test_finetune_from_mae_beats_chance_and_needs_temporal_order(motion_shards, 
     fresh = "norm.weight, norm.bias, head.projection.weight, head.projection.bias"
     assert f"newly initialised (4): {fresh}" in result.stdout
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["num_videos"] == 32 and metrics["views_per_video"] == 2 and metrics["chance"] == 25.0
+    assert metrics["num_videos"] == 16 and metrics["views_per_video"] == 2 and metrics["chance"] == 25.0
     assert metrics["top1"] >= 75, metrics  # chance: 25%
     # Shuffled frames destroy the motion that defines the classes.
     assert metrics["top1_shuffled"] <= metrics["top1"] - 20, metrics
@@ -83,13 +67,13 @@ def test_finetune_from_mae_beats_chance_and_needs_temporal_order(motion_shards, 
     # The exported classifier evaluates on its own (eval_only), with the same views: the same numbers.
     name, overrides = checkpoint.read_encoder_metadata(out / "encoder.safetensors")
     assert name == "hiera_base_16x224" and overrides["num_classes"] == 4 and overrides["embed_dim"] == 16
-    again = finetune(motion_shards, tmp_path / "eval", f"model.pretrained={out}", "eval_only=true")
+    again = finetune(demo_shards, tmp_path / "eval", f"model.pretrained={out}", "eval_only=true")
     assert again.returncode == 0, again.stderr[-3000:]
     evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert evaluated["top1"] == metrics["top1"] and evaluated["top1_shuffled"] == metrics["top1_shuffled"]
 
 
-def test_official_hiera_checkpoint_finetunes_with_the_recipe_and_resumes(motion_shards, tmp_path):
+def test_official_hiera_checkpoint_finetunes_with_the_recipe_and_resumes(demo_shards, tmp_path):
     torch.manual_seed(0)
     config = create_model("hiera_base_16x224", **TINY).config
     reference = official.Hiera(**dataclasses.asdict(config))  # the `hiera` package's model, 400 classes
@@ -100,7 +84,7 @@ def test_official_hiera_checkpoint_finetunes_with_the_recipe_and_resumes(motion_
     recipe = [f"model.pretrained={tmp_path / 'official.pth'}", *architecture, "train.mixup=0.8", "train.cutmix=1.0",
               "data.rand_augment=rand-m7-n4-mstd0.5-inc1", "train.ema_decay=0.9", "train.checkpoint_every=3",
               "eval.spatial_views=2", "eval.temporal_views=1"]
-    result = finetune(motion_shards, out, *recipe, "train.max_steps=6")
+    result = finetune(demo_shards, out, *recipe, "train.max_steps=6")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "mismatched (2): head.projection.weight: checkpoint (400, 128) vs model (4, 128)" in result.stdout
     metrics = json.loads((out / "metrics.json").read_text())
@@ -113,15 +97,15 @@ def test_official_hiera_checkpoint_finetunes_with_the_recipe_and_resumes(motion_
     model = load_file(str(last / "model.safetensors"))
     assert not torch.equal(model["blocks.0.attn.qkv.weight"], exported["blocks.0.attn.qkv.weight"])
 
-    resumed = finetune(motion_shards, out, *recipe, "train.max_steps=9", "resume=auto")
+    resumed = finetune(demo_shards, out, *recipe, "train.max_steps=9", "resume=auto")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {last}" in resumed.stdout + resumed.stderr
     assert checkpoint.latest_checkpoint(out).name == "checkpoint-00000009"
 
 
-def test_bad_setups_stop_before_work(motion_shards, mae_encoder, tmp_path):
-    wrong_name = finetune(motion_shards, tmp_path / "a", f"model.pretrained={mae_encoder}",
+def test_bad_setups_stop_before_work(demo_shards, mae_encoder, tmp_path):
+    wrong_name = finetune(demo_shards, tmp_path / "a", f"model.pretrained={mae_encoder}",
                           "model.name=hiera_large_16x224")
     assert wrong_name.returncode == 2 and "set model.name=hiera_base_16x224" in wrong_name.stderr
-    untrained_head = finetune(motion_shards, tmp_path / "b", f"model.pretrained={mae_encoder}", "eval_only=true")
+    untrained_head = finetune(demo_shards, tmp_path / "b", f"model.pretrained={mae_encoder}", "eval_only=true")
     assert untrained_head.returncode == 2 and "evaluation needs a fine-tuned classifier" in untrained_head.stderr
