@@ -121,6 +121,7 @@ def test_cpu_ladder_sweeps_end_to_end(name, tmp_path):
     for r in rows:
         assert r["params"] > 0 and r["gflops"] > 0 and r["gmacs"] == pytest.approx(r["gflops"] / 2)
         assert r["throughput"] > 0 and r["speedup"] > 0 and r["paper_speedup"] > 0 and r["label"]
+        assert len(r["seconds_per_batch"]) == 2 and r["spread"] >= 0
         assert r["accuracy"] is None  # not trained: no number is made up
     assert rows[0]["speedup"] == rows[0]["paper_speedup"] == 1.0
     assert rows[-1]["paper_speedup"] == pytest.approx(531.4 / 219.8 if name == "image_cpu" else 40.8 / 20.5)

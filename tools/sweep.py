@@ -125,6 +125,14 @@ def timings(cfgs: list[RunConfig], batch: int, warmup: int, iters: int, device: 
     return times
 
 
+def relative_iqr(times: list[float]) -> float | None:
+    """Interquartile range of the timed runs over their median: how far apart a shared machine's runs fall."""
+    if len(times) < 2:
+        return None
+    low, _, high = statistics.quantiles(times, n=4)
+    return (high - low) / statistics.median(times)
+
+
 def settings(device: torch.device, batch: int, warmup: int, iters: int) -> dict:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -215,7 +223,7 @@ def sweep(ladder_path: str | Path, out: str | Path, device: torch.device, batch:
         records.append({
             "row": row, "label": spec.label, "config": str(paths[row]), "model": name, "overrides": overrides,
             **counts[row], "throughput": batch / statistics.median(times) if times else None, "unit": ladder.unit,
-            "seconds_per_batch": times,
+            "seconds_per_batch": times, "spread": relative_iqr(times),
             "accuracy": train_row(paths[row], spec, out / row, list(pretrain_args), list(finetune_args))
             if train else None,
             **{k: v for k, v in asdict(spec).items() if k.startswith("paper_")},

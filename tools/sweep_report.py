@@ -25,24 +25,26 @@ def write_table(results: dict, path: Path) -> None:
     unit = results["unit"]
     lines = [
         f"### {results['title']}", "",
-        f"| setting | params (M) | GMACs | acc, paper | acc, ours | {unit}, paper | {unit}, ours "
+        f"| setting | params (M) | GMACs | acc, paper | acc, ours | {unit}, paper | {unit}, ours | spread "
         "| rel. speed, paper | rel. speed, ours |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results["rows"]:
         paper_speed = _fmt(r["paper_speed"], ".1f") + (f" {r['paper_note']}" if r["paper_note"] else "")
         lines.append(
             f"| {r['label']} | {r['params']:.1f} | {r['gmacs']:.2f} | {_fmt(r['paper_acc'], '.1f')} "
             f"| {_fmt(r['accuracy'], '.1f')} | {paper_speed} | {_fmt(r['throughput'], '.1f')} "
+            f"| {_fmt(None if r['spread'] is None else 100 * r['spread'], '.0f', '%')} "
             f"| {_fmt(r['paper_speedup'], '.2f', '×')} | **{_fmt(r['speedup'], '.2f', '×')}** |")
     settings = results["settings"]
     lines += [
         "",
         f"Ours: {describe_settings(settings)}. Each row's encoder in eval (classification inference, as the "
-        "paper's speed column) on random inputs. GMACs per sample (torch.utils.flop_counter; the papers' "
-        "\"FLOPs\" are multiply-adds: GFLOPs = 2 × GMACs). Paper: Hiera-L size, A100, fp16 (REFERENCE.md §3). "
-        + (f"Our accuracy: fine-tuned top-1 after `--train` with {settings['train']}."
-           if "train" in settings else "Our accuracy is not measured (`--train` runs a pretrain + fine-tune per row)."),
+        "paper's speed column) on random inputs; spread: interquartile range of its timed runs over their "
+        "median. GMACs per sample (torch.utils.flop_counter; the papers' \"FLOPs\" are multiply-adds: "
+        "GFLOPs = 2 × GMACs). Paper: Hiera-L size, A100, fp16 (REFERENCE.md §3). "
+        + (f"Our accuracy: fine-tuned top-1 after `--train` with {settings['train']}." if "train" in settings
+           else "Our accuracy is not measured (`--train` runs a pretrain + fine-tune per row)."),
     ]
     for note in results["notes"]:
         lines += ["", note]
