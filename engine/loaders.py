@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import torch
+
 from data import SampleConfig, ShardLoader
 
 from .config import ConfigError, RunConfig
+
+
+def media_of(batch: dict) -> torch.Tensor:
+    """The pixels of a batch: `video` [N, 3, T, S, S] or `image` [N, 3, S, S]."""
+    return batch["video"] if "video" in batch else batch["image"]
 
 
 def check_geometry(cfg: RunConfig, input_size: tuple[int, ...]) -> None:

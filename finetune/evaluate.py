@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
+from engine.loaders import media_of
 from engine.tblog import TrainLogger
 
 
@@ -110,7 +111,7 @@ def evaluate(model: torch.nn.Module, loader, accelerator: Accelerator, num_class
     if shuffle_seed is not None and video:
         scores["shuffled"] = VideoScores.empty()
     for batch in loader:
-        x = (batch["video"] if video else batch["image"]).to(accelerator.device, non_blocking=True)
+        x = media_of(batch).to(accelerator.device, non_blocking=True)
         if len(x) == 0:  # every sample of this batch failed to decode
             continue
         with accelerator.autocast():

@@ -16,7 +16,7 @@ from torch import nn
 from data import ShardSet
 from engine import checkpoint
 from engine.config import ConfigError, RunConfig
-from engine.loaders import eval_loader, train_loader
+from engine.loaders import eval_loader, media_of, train_loader
 from engine.tblog import TrainLogger
 from engine.trainer import schedule
 from models import CheckpointError, LoadReport, create_model, load_pretrained
@@ -82,10 +82,6 @@ def describe(report: LoadReport | None) -> str:
     fresh = newly_initialised(report)
     return (f"{report.summary()}\n  newly initialised ({len(fresh)}): {', '.join(fresh) or 'none'}\n"
             f"  dropped ({len(report.dropped)}): pretraining-only weights, unused by the classifier")
-
-
-def media_of(batch: dict) -> torch.Tensor:
-    return batch["video"] if "video" in batch else batch["image"]
 
 
 class FinetuneTask:
