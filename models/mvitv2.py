@@ -407,6 +407,11 @@ class MViTv2(nn.Module):
             self.head.projection.weight.data.mul_(self.config.head_init_scale)
             self.head.projection.bias.data.mul_(self.config.head_init_scale)
 
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's parameter layers, for layer-wise lr decay: the stem (patch_embed, cls_token, pos_embed) is
+        layer 0, block i is layer i + 1, the final norm and the head come last (REFERENCE.md §4)."""
+        return {"stem": r"^patch_embed|^cls_token|^pos_embed", "blocks": [(r"^blocks\.(\d+)", None)]}
+
     def no_weight_decay(self) -> set[str]:
         """Position tables (absolute and relative) and the cls token."""
         return {n for n, _ in self.named_parameters()
