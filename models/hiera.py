@@ -215,6 +215,22 @@ class Head(nn.Module):
         return self.projection(self.dropout(x))
 
 
+def init_transformer_weights(model: nn.Module, head_init_scale: float) -> None:
+    """The official Hiera / MViT init: trunc-normal 0.02 weights, biases and LayerNorm shifts 0.02, and a
+    classifier head scaled down by `head_init_scale`."""
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv3d)):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.constant_(m.bias, 0.02)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.constant_(m.bias, 0.02)
+            nn.init.constant_(m.weight, 1.0)
+    if isinstance(model.head, Head):
+        model.head.projection.weight.data.mul_(head_init_scale)
+        model.head.projection.bias.data.mul_(head_init_scale)
+
+
 class Hiera(nn.Module):
     foreign_key_prefixes = MAE_ONLY_KEY_PREFIXES
     mae_defaults = {"q_pool": 2, "num_classes": 0}  # MAE keeps stages 3 and 4 at one resolution
@@ -264,17 +280,7 @@ class Hiera(nn.Module):
     def _init_weights(self) -> None:
         for p in (self.pos_embed_spatial, self.pos_embed_temporal) if self.config.sep_pos_embed else (self.pos_embed,):
             nn.init.trunc_normal_(p, std=0.02)
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv3d)):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if isinstance(m, nn.Linear):
-                    nn.init.constant_(m.bias, 0.02)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.constant_(m.bias, 0.02)
-                nn.init.constant_(m.weight, 1.0)
-        if isinstance(self.head, Head):
-            self.head.projection.weight.data.mul_(self.config.head_init_scale)
-            self.head.projection.bias.data.mul_(self.config.head_init_scale)
+        init_transformer_weights(self, self.config.head_init_scale)
 
     def group_matcher(self, coarse: bool = False) -> dict:
         """timm's parameter layers, for layer-wise lr decay: the stem (patch_embed, pos_embed) is

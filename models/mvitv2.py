@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import nn
 
-from .hiera import MAE_ONLY_KEY_PREFIXES, Head, PatchEmbed
+from .hiera import MAE_ONLY_KEY_PREFIXES, Head, PatchEmbed, init_transformer_weights
 from .mvitv2_convert import adapt_mvitv2_state_dict
 from .mvitv2_geometry import (
     Grid,
@@ -395,17 +395,7 @@ class MViTv2(nn.Module):
         for name, p in self.named_parameters():
             if "." not in name:  # cls token and absolute position tables
                 trunc_normal_(p, std=0.02)
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv3d)):
-                trunc_normal_(m.weight, std=0.02)
-                if isinstance(m, nn.Linear) and m.bias is not None:
-                    nn.init.constant_(m.bias, 0.02)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.constant_(m.bias, 0.02)
-                nn.init.constant_(m.weight, 1.0)
-        if isinstance(self.head, Head):
-            self.head.projection.weight.data.mul_(self.config.head_init_scale)
-            self.head.projection.bias.data.mul_(self.config.head_init_scale)
+        init_transformer_weights(self, self.config.head_init_scale)
 
     def group_matcher(self, coarse: bool = False) -> dict:
         """timm's parameter layers, for layer-wise lr decay: the stem (patch_embed, cls_token, pos_embed) is

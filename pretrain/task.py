@@ -6,16 +6,12 @@ import torch
 
 from engine import checkpoint
 from engine.config import ConfigError, RunConfig
-from engine.loaders import train_loader
+from engine.loaders import media_of, train_loader
 from engine.tblog import TrainLogger
 from models import create_model
 from models.mae import MAEConfig, MaskedAutoencoder
 
 from . import render
-
-
-def media_of(batch: dict) -> torch.Tensor:
-    return batch["video"] if "video" in batch else batch["image"]
 
 
 class PretrainTask:
