@@ -152,21 +152,18 @@ class MaskUnitAttention(nn.Module):
         B, N, _ = x.shape
         windows = N // (self.q_stride * self.window_size) if self.use_mask_unit_attn else 1
         tokens = N // windows
-        # SDPA gets 4-D [B, heads * windows, tokens, head_dim]: windows are folded into the batch (a 5-D
-        # layout falls back to the slow math kernel). Global attention keeps q, k, v as strided views of qkv
-        # on the CPU, saving a copy; CUDA's fused kernels want them contiguous.
-        qkv = self.qkv(x).view(B, tokens, windows, 3, self.heads, self.head_dim)
-        if windows > 1:
-            qkv = qkv.permute(3, 0, 4, 2, 1, 5).reshape(3, B, self.heads * windows, tokens, self.head_dim)
-        else:
-            qkv = qkv.permute(3, 0, 4, 1, 2, 5).flatten(3, 4)
-        q, k, v = qkv.unbind(0)
+        # Windows move into the batch before the projection, where the tensor is a third of qkv's size; q, k
+        # and v are then strided 4-D views [B * windows, heads, tokens, head_dim] that SDPA's fused CPU kernel
+        # takes as they are (a 5-D layout would fall back to the slow math kernel). CUDA's wants them contiguous.
+        x = x.view(B, tokens, windows, -1).transpose(1, 2).reshape(B * windows, tokens, -1)
+        qkv = self.qkv(x).view(B * windows, tokens, 3, self.heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         if self.q_stride > 1:
             q = q.unflatten(2, (self.q_stride, -1)).amax(dim=2)
         if x.is_cuda:
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         x = F.scaled_dot_product_attention(q, k, v)
-        x = x.view(B, self.heads, windows, -1, self.head_dim).permute(0, 3, 2, 1, 4).reshape(B, -1, self.dim_out)
+        x = x.view(B, windows, self.heads, -1, self.head_dim).permute(0, 3, 1, 2, 4).reshape(B, -1, self.dim_out)
         return self.proj(x)
 
 
