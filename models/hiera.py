@@ -384,12 +384,12 @@ class Hiera(nn.Module):
         return resample_abs_pos_embed(pos, list(grid), [side, side], num_prefix_tokens=0)
 
 
-def mask_to_keep_indices(mask: torch.Tensor) -> torch.Tensor:
-    """[B, #MU] bool (True = keep, the same count per sample) -> ascending kept indices [B, K].
+def mask_to_keep_indices(mask: torch.Tensor, num_keep: int | None = None) -> torch.Tensor:
+    """[B, #MU] bool (True = keep, the same count per sample) -> ascending kept indices [B, num_keep].
 
-    Reads the count on the host: the MAE path draws keep indices directly and never calls this.
+    Without `num_keep` the count is read on the host; the MAE passes its static count instead.
     """
-    num_keep = int(mask[0].sum())
+    num_keep = int(mask[0].sum()) if num_keep is None else num_keep
     order = torch.argsort(mask.to(torch.int8), dim=1, descending=True, stable=True)[:, :num_keep]
     return order.sort(dim=1).values
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .hiera import MAE_ONLY_KEY_PREFIXES, HieraBlock
+from .hiera import MAE_ONLY_KEY_PREFIXES, HieraBlock, mask_to_keep_indices
 from .registry import create_model, model_class, register_prefix, replace_config
 from .targets import denorm_pix, hog_targets, norm_pix, patchify, unpatchify
 
@@ -53,8 +53,6 @@ def random_keep_indices(batch: int, num_units: int, num_keep: int, device: torch
 
 
 class MaskedAutoencoder(nn.Module):
-    foreign_key_prefixes = ()
-
     def __init__(self, encoder: nn.Module, config: MAEConfig):
         super().__init__()
         # The fused features get their own `encoder_norm`; the classifier norm would be an unused parameter.
@@ -126,8 +124,7 @@ class MaskedAutoencoder(nn.Module):
         if not torch.compiler.is_compiling() and mask.device.type == "cpu" and (mask.sum(1) != self.num_keep).any():
             raise ValueError(f"every mask must keep exactly {self.num_keep} of {self.num_mask_units} units "
                              f"(mask_ratio {self.mask_ratio}); got {mask.sum(1).tolist()}")
-        order = torch.argsort(mask.to(torch.int8), dim=1, descending=True, stable=True)
-        return order[:, : self.num_keep].sort(dim=1).values
+        return mask_to_keep_indices(mask, self.num_keep)
 
     def keep_mask(self, keep_idx: torch.Tensor) -> torch.Tensor:
         """[B, K] indices -> [B, #MU] bool, True = visible."""
