@@ -10,6 +10,7 @@ from .masking import num_kept, random_mask
 from .samples import SampleConfig, SampleProcessor, position_rng
 from .shards import SampleError, ShardReader, ShardSet
 from .stream import ShardStream, epoch_order, rank_batches
+from .transforms import normalize
 
 __all__ = [
     "DataFailureError",
@@ -25,6 +26,7 @@ __all__ = [
     "decode_image",
     "decode_video",
     "epoch_order",
+    "normalize",
     "num_kept",
     "position_rng",
     "probe_video",

@@ -2,7 +2,8 @@
 
 Batches are dicts; N = (samples that decoded) x views, views of one sample adjacent:
 
-- ``video`` float32 [N, 3, T, S, S] (or ``image`` [N, 3, S, S]), normalised;
+- ``video`` uint8 [N, 3, T, S, S] (or ``image`` [N, 3, S, S]), not normalised: the consumer applies
+  ``transforms.normalize`` on its device;
 - ``label`` int64 [N] (-1 when unlabelled), ``index`` int64 [N] (epoch position), ``view`` int64 [N]
   (repeat r in training, ``t * spatial_views + s`` in evaluation), ``valid`` bool [N], ``key`` list[str];
 - ``mask`` bool [N, #MU] (True = keep) when ``SampleConfig.mask_grid`` is set;

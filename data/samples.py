@@ -20,7 +20,6 @@ from .transforms import (
     clip_span,
     clip_times,
     crop_resize,
-    normalize,
     random_clip_start,
     random_resized_crop_box,
     spatial_view_boxes,
@@ -73,7 +72,7 @@ class SampleConfig:
 
 class SampleProcessor:
     """Callable: (bytes, extension, seed, epoch, index[, out]) -> list of ``num_views`` dicts with
-    ``pixels`` float32 [3, T, S, S] (video) or [3, S, S] (image) and ``mask`` bool [#MU] when configured.
+    ``pixels`` uint8 [3, T, S, S] (video) or [3, S, S] (image), not normalised (``transforms.normalize``), and ``mask`` bool [#MU] when configured.
     With ``out`` [num_views, *pixels shape], the pixels are written there. Raises ``decode.DecodeError``
     for undecodable input."""
 
@@ -124,7 +123,7 @@ class SampleProcessor:
     def _spatial(
         self, clip: torch.Tensor, seed: int, epoch: int, index: int, view: int, out: torch.Tensor | None
     ) -> torch.Tensor:
-        """clip [T, H, W, 3] uint8 -> [3, T, S, S] float32 (written into ``out`` if given)."""
+        """clip [T, H, W, 3] uint8 -> [3, T, S, S] uint8 (written into ``out`` if given)."""
         cfg = self.config
         _, height, width, _ = clip.shape
         if cfg.train:
@@ -137,4 +136,6 @@ class SampleProcessor:
             clip = clip.flip(-1)
         if self.rand_augment is not None:
             clip = self.rand_augment(clip, position_rng(seed, epoch, index, view, "augment"))
-        return normalize(clip, cfg.mean, cfg.std, out)
+        if out is None:
+            out = torch.empty(clip.shape[1], clip.shape[0], *clip.shape[2:], dtype=torch.uint8)
+        return out.copy_(clip.permute(1, 0, 2, 3))

@@ -110,7 +110,7 @@ class ShardStream(IterableDataset):
         """Views are written straight into the batch tensor; the rows of a sample that fails are reused."""
         per_sample = self.sample.num_views
         shape = self.sample.view_shape(self.is_image)
-        pixels = _empty((len(planned.positions) * per_sample, *shape), torch.float32)
+        pixels = _empty((len(planned.positions) * per_sample, *shape), torch.uint8)
         rows, failures = [], []
         for position, valid in zip(planned.positions.tolist(), planned.valid.tolist()):
             shard, member = order[position]

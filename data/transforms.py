@@ -1,4 +1,5 @@
-"""Clip-level sampling and augmentation: temporal windows, crops, flips, RandAugment, normalisation.
+"""Clip-level sampling and augmentation: temporal windows, crops, flips, RandAugment, and
+the normalisation that consumers apply on their device.
 
 Every function takes its randomness as an explicit ``numpy.random.Generator`` so the caller can seed it from
 the sample's position (DESIGN.md, "randomness is a function of position"). Frames are handled as a clip
@@ -131,14 +132,10 @@ class ClipRandAugment:
         return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2)
 
 
-def normalize(clip: torch.Tensor, mean, std, out: torch.Tensor | None = None) -> torch.Tensor:
-    """clip [T, 3, S, S] uint8 (any memory layout) -> [3, T, S, S] float32, (x / 255 - mean) / std per
-    channel, computed as one multiply-add on the converted copy. ``out``: where to write it (a slice of
-    the batch, which saves stacking the views afterwards)."""
-    std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1, 1)
-    scale = 1.0 / (255.0 * std)
-    shift = -torch.tensor(mean, dtype=torch.float32).view(3, 1, 1, 1) / std
-    if out is None:
-        out = torch.empty(clip.shape[1], clip.shape[0], *clip.shape[2:], dtype=torch.float32)
-    out.copy_(clip.permute(1, 0, 2, 3))
-    return out.mul_(scale).add_(shift)
+def normalize(pixels: torch.Tensor, mean, std) -> torch.Tensor:
+    """pixels [N, 3, ...] uint8 -> float32 of the same shape on the same device, (x / 255 - mean) / std per
+    channel. Loaders hand over uint8 and the consumer normalises on its device: a quarter of the bytes to pass
+    between processes and to the GPU, and no float pass in the workers."""
+    shape = (1, 3) + (1,) * (pixels.dim() - 2)
+    mean, std = (torch.tensor(v, dtype=torch.float32, device=pixels.device).view(shape) for v in (mean, std))
+    return (pixels.float() / 255.0 - mean) / std

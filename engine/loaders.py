@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import torch
 
-from data import SampleConfig, ShardLoader
+from data import SampleConfig, ShardLoader, normalize
 
 from .config import ConfigError, RunConfig
 
 
-def media_of(batch: dict) -> torch.Tensor:
-    """The pixels of a batch: `video` [N, 3, T, S, S] or `image` [N, 3, S, S]."""
-    return batch["video"] if "video" in batch else batch["image"]
+def media_of(batch: dict, sample: SampleConfig, device: torch.device | None = None) -> torch.Tensor:
+    """The pixels of a batch, normalised with `sample`'s statistics on `device` (default: where the batch is):
+    `video` float32 [N, 3, T, S, S] or `image` [N, 3, S, S]. The loader hands over uint8."""
+    pixels = batch["video"] if "video" in batch else batch["image"]
+    if device is not None:
+        pixels = pixels.to(device, non_blocking=True)
+    return normalize(pixels, sample.mean, sample.std)
 
 
 def check_geometry(cfg: RunConfig, input_size: tuple[int, ...]) -> None:

@@ -111,7 +111,7 @@ def evaluate(model: torch.nn.Module, loader, accelerator: Accelerator, num_class
     if shuffle_seed is not None and video:
         scores["shuffled"] = VideoScores.empty()
     for batch in loader:
-        x = media_of(batch).to(accelerator.device, non_blocking=True)
+        x = media_of(batch, loader.sample, accelerator.device)
         if len(x) == 0:  # every sample of this batch failed to decode
             continue
         with accelerator.autocast():

@@ -116,7 +116,7 @@ class FinetuneTask:
         return self.loader
 
     def step(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
-        x, labels = media_of(batch), batch["label"]
+        x, labels = media_of(batch, self.loader.sample), batch["label"]
         if self.mixup is None:
             logits = model(x)
             return {"loss": self.criterion(logits, labels), "acc": (logits.argmax(-1) == labels).float().mean()}

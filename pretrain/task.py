@@ -28,7 +28,7 @@ class PretrainTask:
         return self.loader
 
     def step(self, model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
-        return {"loss": model(media_of(batch), mask=batch["mask"])["loss"]}
+        return {"loss": model(media_of(batch, self.loader.sample), mask=batch["mask"])["loss"]}
 
     def encoder(self, model: MaskedAutoencoder) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         return model.encoder_state_dict(), encoder_metadata(self.cfg)
@@ -36,7 +36,7 @@ class PretrainTask:
     @torch.no_grad()
     def visualize(self, model: MaskedAutoencoder, batch: dict, logger: TrainLogger, step: int) -> None:
         count = self.cfg.log.visualize_samples
-        x, mask = media_of(batch)[:count], batch["mask"][:count]
+        x, mask = media_of(batch, self.loader.sample)[:count], batch["mask"][:count]
         if len(x) == 0:
             return
         model.eval()

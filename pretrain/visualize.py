@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from data import SampleConfig, SampleProcessor
+from data import SampleConfig, SampleProcessor, normalize
 from engine.config import load_config
 from engine.tblog import gif_bytes, to_uint8
 from models import create_model, load_pretrained
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
                           crop_size=d.crop_size, mask_grid=model.mask_unit_grid, mask_ratio=model.mask_ratio)
     source = Path(args.input)
     view = SampleProcessor(sample)(source.read_bytes(), source.suffix.lstrip("."), args.seed, 0, 0)[0]
-    x, mask = view["pixels"][None], view["mask"][None]
+    x, mask = normalize(view["pixels"][None], sample.mean, sample.std), view["mask"][None]
     with torch.no_grad():
         views = model.reconstruct(x, model(x, mask=mask))
 

@@ -5,6 +5,7 @@ import io
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.functional as TF
 from PIL import Image
 
 from data.masking import num_kept, random_mask
@@ -13,6 +14,7 @@ from data.synthetic import motion_clip, write_video
 from data.transforms import (
     ClipRandAugment,
     crop_resize,
+    normalize,
     random_resized_crop_box,
     spatial_view_boxes,
     uniform_clip_starts,
@@ -75,7 +77,7 @@ def test_repeated_sampling_draws_different_clips_from_one_decode(video):
     views = SampleProcessor(cfg)(video, "mp4", seed=0, epoch=3, index=7)
     assert len(views) == 4
     for v in views:
-        assert v["pixels"].shape == (3, 4, 32, 32) and v["pixels"].dtype == torch.float32
+        assert v["pixels"].shape == (3, 4, 32, 32) and v["pixels"].dtype == torch.uint8
         assert v["mask"].shape == (32,) and v["mask"].sum() == 8
     assert not torch.equal(views[0]["pixels"], views[1]["pixels"])
     again = SampleProcessor(cfg)(video, "mp4", seed=0, epoch=3, index=7)
@@ -109,3 +111,12 @@ def test_images_use_the_same_path():
         buf.getvalue(), "png", 0, 0, 0)
     assert [v["pixels"].shape for v in views] == [(3, 24, 24)] * 2
     assert views[0]["mask"].sum() == 3
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 8, 8), (2, 3, 8, 8)], ids=["video", "image"])
+def test_normalize_matches_torchvision(shape):
+    pixels = torch.randint(0, 256, shape, dtype=torch.uint8)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    expected = TF.normalize((pixels.float() / 255).flatten(2, -2), mean, std).view(shape)
+    out = normalize(pixels, mean, std)
+    assert out.dtype == torch.float32 and torch.allclose(out, expected, atol=1e-6)
