@@ -1,9 +1,15 @@
 """Time our models against the reference implementations in one process, on the same inputs, and print ratios.
 
-    python tools/bench_models.py [--case hiera_base_224 ...] [--batch 8] [--iters 5]
+    python tools/bench_models.py [--case hiera_base_224 ...] [--batch 8] [--iters 5] [--profile]
 
 Absolute times drift on shared machines; the ratios (reference time / our time, > 1 = we are faster) are the
 figures to quote. On a GPU the forward runs under bf16 autocast; on the CPU in fp32.
+
+``--profile`` also measures, with torch's profiler, the share of each implementation's time spent in
+matrix products: the Linear layers (``aten::mm`` / ``aten::addmm``, forward and backward, the same products in
+every implementation) and the attention kernels. From our eager run it prints the ceiling: the reference's time
+over the time of our matrix products alone, the most that any rewrite keeping the arithmetic and these kernels
+could reach if everything else (norms, activations, copies, indexing) took no time at all.
 """
 
 from __future__ import annotations
@@ -35,6 +41,23 @@ def median_seconds(run: Runner, warmup: int, iters: int, device: torch.device) -
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm") + tuple(
+    f"aten::_scaled_dot_product_{kernel}_attention{suffix}"
+    for kernel in ("flash", "efficient", "cudnn") for suffix in ("", "_backward", "_for_cpu", "_for_cpu_backward"))
+
+
+def matmul_share(run: Runner, device: torch.device) -> float:
+    """Fraction of one run's operator time spent in matrix products (Linear layers and attention)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        run()
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    times = {e.key: getattr(e, attr) for e in prof.key_averages()}
+    return sum(times.get(op, 0) for op in MATMUL_OPS) / sum(times.values())
 
 
 def forward_runner(model: torch.nn.Module, x: torch.Tensor) -> Runner:
@@ -135,6 +158,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--profile", action="store_true", help="print the matmul share and the ceiling")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
@@ -154,6 +178,11 @@ def main() -> None:
         for ours in (n for n in medians if n.startswith("ours") and references):
             line.append(f"{ours}: " + ", ".join(f"{medians[r] / medians[ours]:.2f}x {r}" for r in references))
         print(" | ".join(line))
+        if args.profile:
+            shares = {name: matmul_share(run, device) for name, run in runners.items()}
+            print("  matrix products: " + ", ".join(f"{n} {s:.0%} of its time" for n, s in shares.items()) +
+                  "".join(f"; ceiling vs {r}: {medians[r] / (medians['ours'] * shares['ours']):.2f}x"
+                          for r in references))
 
 
 if __name__ == "__main__":
