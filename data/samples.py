@@ -72,9 +72,9 @@ class SampleConfig:
 
 class SampleProcessor:
     """Callable: (bytes, extension, seed, epoch, index[, out]) -> list of ``num_views`` dicts with
-    ``pixels`` uint8 [3, T, S, S] (video) or [3, S, S] (image), not normalised (``transforms.normalize``), and ``mask`` bool [#MU] when configured.
-    With ``out`` [num_views, *pixels shape], the pixels are written there. Raises ``decode.DecodeError``
-    for undecodable input."""
+    ``pixels`` uint8 [3, T, S, S] (video) or [3, S, S] (image), not normalised (``transforms.normalize``),
+    and ``mask`` bool [#MU] when configured. With ``out`` [num_views, *pixels shape], the pixels are written
+    there. Raises ``decode.DecodeError`` for undecodable input."""
 
     def __init__(self, config: SampleConfig):
         self.config = config

@@ -1,5 +1,6 @@
 """Decoding real mp4 files written with PyAV: timestamps, seeking, audio, odd sizes, short and bad inputs."""
 
+import io
 import multiprocessing
 from fractions import Fraction
 
@@ -58,6 +59,27 @@ def test_variable_frame_rate_uses_timestamps(tmp_path):
         out.mux(stream.encode())
     frames, _ = decode_video(path.read_bytes(), lambda _: np.array([0.005, 0.1, 0.5, 0.95]))
     assert frame_ids(frames) == [0, 1, 3, 4]
+
+
+@pytest.mark.parametrize("gop", [12, 250], ids=["seeks", "one-key-frame"])
+def test_skipping_unshown_frames_picks_what_a_full_decode_picks(tmp_path, gop):
+    """Frames that are neither shown nor referenced are skipped by the decoder; the frames picked must be
+    exactly those that plain PyAV, decoding every frame, shows at the same times."""
+    levels = np.arange(60, dtype=np.uint8) * 4  # frame t is grey level 4 t
+    clip = np.repeat(levels[:, None, None, None], 48, 1).repeat(64, 2).repeat(3, 3)
+    data = write_video(tmp_path / "b.mp4", clip, FPS, gop=gop).read_bytes()
+    with av.open(io.BytesIO(data)) as container:
+        shown = [(frame.time, int(np.rint(frame.to_ndarray(format="rgb24").mean() / 4)))
+                 for frame in container.decode(video=0)]
+    with av.open(io.BytesIO(data)) as container:
+        container.streams.video[0].codec_context.skip_frame = "NONREF"
+        assert sum(1 for _ in container.decode(video=0)) < 45, "the video needs unreferenced B-frames"
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        times = np.sort(rng.uniform(-0.1, 2.6, size=int(rng.integers(1, 17))))
+        expected = [max([i for t0, i in shown if t0 <= t + 1e-6], default=shown[0][1]) for t in times]
+        frames, _ = decode_video(data, lambda _: times)  # noqa: B023
+        assert np.rint(frames.reshape(len(times), -1).mean(1) / 4).astype(int).tolist() == expected
 
 
 def test_audio_stream_and_odd_size_smaller_than_a_crop(tmp_path):
