@@ -8,6 +8,7 @@ the sample's position (DESIGN.md, "randomness is a function of position"). Frame
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from contextlib import contextmanager
@@ -136,6 +137,14 @@ def normalize(pixels: torch.Tensor, mean, std) -> torch.Tensor:
     """pixels [N, 3, ...] uint8 -> float32 of the same shape on the same device, (x / 255 - mean) / std per
     channel. Loaders hand over uint8 and the consumer normalises on its device: a quarter of the bytes to pass
     between processes and to the GPU, and no float pass in the workers."""
-    shape = (1, 3) + (1,) * (pixels.dim() - 2)
-    mean, std = (torch.tensor(v, dtype=torch.float32, device=pixels.device).view(shape) for v in (mean, std))
-    return (pixels.float() / 255.0 - mean) / std
+    scale, shift = _normalize_affine(tuple(mean), tuple(std), pixels.device, pixels.dim())
+    return torch.addcmul(shift, pixels.float(), scale)
+
+
+@functools.lru_cache(maxsize=16)
+def _normalize_affine(mean: tuple, std: tuple, device: torch.device, dims: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) [1, 3, 1, ...] on ``device``, made once: a host-to-device copy every step would stall it."""
+    shape = (1, 3) + (1,) * (dims - 2)
+    std_ = torch.tensor(std, dtype=torch.float64).view(shape)
+    scale, shift = 1.0 / (255.0 * std_), -torch.tensor(mean, dtype=torch.float64).view(shape) / std_
+    return scale.float().to(device), shift.float().to(device)
