@@ -15,6 +15,7 @@ Tensors stay on the CPU: the caller moves them to its device (do not hand this l
 
 from __future__ import annotations
 
+import gc
 from collections import Counter
 from pathlib import Path
 
@@ -87,6 +88,10 @@ class ShardLoader:
     def __iter__(self):
         stream = ShardStream(self.shards, self.sample, self.batch_size, self.seed, self.epoch, self.consumed,
                              self.rank, self.world_size, self.shuffle, self.drop_last)
+        if self.num_workers:
+            # Garbage must not cross the fork: a PyAV object that owns threads (a filter graph, a threaded
+            # codec) freed by the garbage collector of a forked worker waits forever for threads it lost.
+            gc.collect()
         # A private generator: creating an iterator must not draw from torch's global RNG, whose state
         # (drop path) a resumed run restores exactly.
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, collate_fn=_no_collate,

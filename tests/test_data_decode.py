@@ -84,7 +84,8 @@ def test_skipping_unshown_frames_picks_what_a_full_decode_picks(tmp_path, gop, e
 
 def test_audio_stream_and_odd_size_smaller_than_a_crop(tmp_path):
     path = write_video(tmp_path / "odd.mp4", ramp(8, height=17, width=23), FPS, audio=True)
-    assert [s.type for s in av.open(str(path)).streams] == ["video", "audio"]
+    with av.open(str(path)) as container:
+        assert [s.type for s in container.streams] == ["video", "audio"]
     frames, info = decode_video(path.read_bytes(), lambda _: np.array([0.0, 0.12]))
     assert frames.shape == (2, 17, 23, 3) and (info.width, info.height) == (23, 17)
     assert frame_ids(frames) == [0, 3]

@@ -67,7 +67,8 @@ def test_kinetics_shards_skip_bad_inputs_with_reasons(kinetics, tmp_path):
                 assert "." not in key and ext == "mp4" and len(data) > 0
                 labels.append(meta["label"])
                 if "odd-audio" in key:  # original bytes kept: the audio stream is still there
-                    assert len(av.open(io.BytesIO(data)).streams.audio) == 1
+                    with av.open(io.BytesIO(data)) as container:
+                        assert len(container.streams.audio) == 1
     assert sorted(labels) == sorted([i for i in range(4) for _ in range(PER_CLASS)] + [0])
 
 
@@ -78,8 +79,9 @@ def test_short_side_resize_and_rerun_skips_finished_shards(kinetics, tmp_path):
     info = shard(argv)
     with ShardReader(ShardSet.load(tmp_path)) as reader:
         _, ext, data, _ = reader.read(0, 0)
-    stream = av.open(io.BytesIO(data)).streams.video[0]
-    assert ext == "mp4" and min(stream.codec_context.width, stream.codec_context.height) == 24
+    with av.open(io.BytesIO(data)) as container:
+        codec = container.streams.video[0].codec_context
+        assert ext == "mp4" and min(codec.width, codec.height) == 24
 
     # Simulate an interruption: one shard never renamed into place, a stale temporary left behind.
     finished = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("shard-*.tar")}
