@@ -13,6 +13,7 @@ a time before the first frame gets the first frame. Audio and other streams are 
 from __future__ import annotations
 
 import io
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
@@ -127,6 +128,9 @@ def _frames_at(container, start: float, times: np.ndarray) -> np.ndarray:
 
 # Decoding order and display order differ by the B-frame reordering depth, at most 16 frames in H.264/HEVC.
 _REORDER_DEPTH = 16
+# Decoders that read ``skip_frame`` for every packet. Others must decode every frame: dav1d (AV1), for one,
+# reads it once when it opens, and would then drop shown frames too.
+_SKIP_PLAN_CODECS = frozenset({"h264", "hevc"})
 
 
 def _shown_frames(container, stream, wanted: np.ndarray):
@@ -135,10 +139,10 @@ def _shown_frames(container, stream, wanted: np.ndarray):
     The packets up to the last wanted time are demuxed first (cheap: no decoding), which tells from their
     timestamps which frames are shown. Frames that are not shown and that no other frame references (most
     B-frames) are then skipped by the decoder instead of decoded: about 40% of x264's frames, so decoding a
-    16x4 clip costs ~1.3x less. Without a timestamp on every packet (AVI stores none for B-frames; MPEG-PS
-    not on every packet) there is no plan: every frame is decoded and yielded.
+    16x4 clip costs ~1.3x less. Other codecs, AVI (which stores no presentation times for B-frames) and
+    packets without timestamps get no plan: every frame is decoded and yielded.
     """
-    if container.format.name == "avi":
+    if container.format.name == "avi" or stream.codec_context.name not in _SKIP_PLAN_CODECS:
         yield from container.decode(stream)
         return
     time_base = float(stream.time_base)
@@ -150,22 +154,23 @@ def _shown_frames(container, stream, wanted: np.ndarray):
         after_last += packet.pts is not None and packet.pts * time_base > wanted[-1] + 1e-6
         if after_last > _REORDER_DEPTH:
             break
-    shown = None
+    pending = None  # pts -> number of shown frames with that pts still to come
     if packets and all(p.pts is not None for p in packets):
         pts = np.unique([p.pts for p in packets])
         on_screen = np.searchsorted(pts * time_base, wanted + 1e-6, side="right") - 1
         shown = set(pts[np.clip(on_screen, 0, len(pts) - 1)].tolist())
+        pending = Counter(p.pts for p in packets if p.pts in shown)
     codec = stream.codec_context
     for packet in [*packets, None]:  # None drains the frames the decoder still holds
-        skip = shown is not None and packet is not None and packet.pts not in shown
+        skip = pending is not None and packet is not None and packet.pts not in pending
         codec.skip_frame = "NONREF" if skip else "DEFAULT"
         for frame in codec.decode(packet):
-            if shown is None or frame.pts in shown:
+            if pending is None or pending[frame.pts] > 0:
                 frame.time_base = stream.time_base  # frames drained by ``None`` come without one
                 yield frame
-                if shown is not None:
-                    shown.discard(frame.pts)
-                    if not shown:
+                if pending is not None:
+                    pending[frame.pts] -= 1
+                    if pending.total() == 0:
                         return
 
 
@@ -189,7 +194,8 @@ def _rgb(frame, cache: dict) -> np.ndarray:
 
 
 def _select(frames, wanted: np.ndarray, rewind_ok: bool):
-    """For sorted ``wanted`` times, the frame on screen at each; None if the first frame overshot.
+    """For sorted ``wanted`` times, the frame on screen at each; None (rewind and retry) if the first frame
+    overshot or, after a seek, no frame came (leading B-frames of an open GOP are dropped after a seek).
 
     After the last frame every remaining time gets the last frame (short-video policy).
     """
@@ -206,8 +212,9 @@ def _select(frames, wanted: np.ndarray, rewind_ok: bool):
         if i == len(wanted):
             break
         previous = frame
-    if previous is not None:
-        picked.extend([previous] * (len(wanted) - i))
+    if previous is None and not picked:
+        return None if rewind_ok else []
+    picked.extend([previous] * (len(wanted) - i))
     return picked
 
 

@@ -34,21 +34,24 @@ def write_video(
     fps: int = 25,
     audio: bool = False,
     gop: int = 8,
+    codec: str = "libx264",
+    options: dict[str, str] | None = None,
 ) -> Path:
-    """Encode ``frames`` [T, H, W, 3] uint8 RGB as H.264 mp4; any H, W (odd sizes use 4:4:4 chroma).
+    """Encode ``frames`` [T, H, W, 3] uint8 RGB (H.264 by default, container from the suffix); any H, W (odd
+    sizes use 4:4:4 chroma).
 
     ``audio`` adds an AAC sine-tone stream, like most real Kinetics clips carry. A short GOP makes seeking
-    land close to its target, as it would on pre-resized datasets.
+    land close to its target, as it would on pre-resized datasets. ``options`` replace the x264 settings.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     t, h, w, _ = frames.shape
     with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=fps)
+        stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height = w, h
         # 4:2:0 needs even sizes; 4:4:4 keeps odd sizes decodable by any FFmpeg.
         stream.pix_fmt = "yuv420p" if h % 2 == 0 and w % 2 == 0 else "yuv444p"
-        stream.options = {"g": str(gop), "preset": "veryfast"}
+        stream.options = {"g": str(gop), "preset": "veryfast"} if options is None else options
         tone = container.add_stream("aac", rate=16000) if audio else None
         if tone is not None:
             tone.layout = "mono"

@@ -8,7 +8,7 @@ import av
 import numpy as np
 import pytest
 
-from data.decode import DecodeError, decode_image, decode_video, probe_video
+from data.decode import DecodeError, decode_image, decode_video, probe_video, rgb24
 from data.synthetic import write_corrupt, write_video, write_zero_byte
 
 FPS = 25
@@ -61,25 +61,56 @@ def test_variable_frame_rate_uses_timestamps(tmp_path):
     assert frame_ids(frames) == [0, 1, 3, 4]
 
 
-@pytest.mark.parametrize("gop,ext", [(12, "mp4"), (250, "mp4"), (12, "mkv")], ids=["seeks", "one-key-frame", "mkv"])
-def test_skipping_unshown_frames_picks_what_a_full_decode_picks(tmp_path, gop, ext):
-    """Frames that are neither shown nor referenced are skipped by the decoder; the frames picked must be
-    exactly those that plain PyAV, decoding every frame, shows at the same times."""
-    levels = np.arange(60, dtype=np.uint8) * 4  # frame t is grey level 4 t
+# (container, encoder, options): H.264 and HEVC get a skip plan, the others decode every frame.
+CODECS = {
+    "h264-seeks": ("mp4", "libx264", {"g": "12", "preset": "veryfast"}),
+    "h264-one-key-frame": ("mp4", "libx264", {"g": "250", "preset": "veryfast"}),
+    "h264-mkv": ("mkv", "libx264", {"g": "12", "preset": "veryfast"}),
+    "h264-open-gop": ("mp4", "libx264", {"g": "12", "x264-params": "open-gop=1:bframes=3"}),
+    "hevc": ("mp4", "libx265", {"g": "12", "preset": "veryfast", "x265-params": "log-level=none"}),
+    "av1": ("mp4", "libsvtav1", {"g": "12", "preset": "12"}),
+    "vp9": ("webm", "libvpx-vp9", {"g": "12", "deadline": "realtime"}),
+    "mpeg4-open-gop": ("mp4", "mpeg4", {"g": "12", "bf": "2", "flags": "-cgop"}),
+}
+
+
+def grey_ramp_video(path, fps=FPS, **encoder):
+    """60 frames, frame t uniformly grey level 4 t (the decoded value tells which frame was picked)."""
+    levels = np.arange(60, dtype=np.uint8) * 4
     clip = np.repeat(levels[:, None, None, None], 48, 1).repeat(64, 2).repeat(3, 3)
-    data = write_video(tmp_path / f"b.{ext}", clip, FPS, gop=gop).read_bytes()
+    return write_video(path, clip, fps, **encoder).read_bytes()
+
+
+def assert_picks_what_a_full_decode_shows(data, time_sets):
     with av.open(io.BytesIO(data)) as container:
-        shown = [(frame.time, int(np.rint(frame.to_ndarray(format="rgb24").mean() / 4)))
-                 for frame in container.decode(video=0)]
-    with av.open(io.BytesIO(data)) as container:
-        container.streams.video[0].codec_context.skip_frame = "NONREF"
-        assert sum(1 for _ in container.decode(video=0)) < 45, "the video needs unreferenced B-frames"
-    rng = np.random.default_rng(0)
-    for _ in range(20):
-        times = np.sort(rng.uniform(-0.1, 2.6, size=int(rng.integers(1, 17))))
+        shown = [(frame.time, int(np.rint(rgb24(frame).mean() / 4))) for frame in container.decode(video=0)]
+    for times in time_sets:
         expected = [max([i for t0, i in shown if t0 <= t + 1e-6], default=shown[0][1]) for t in times]
         frames, _ = decode_video(data, lambda _: times)  # noqa: B023
-        assert np.rint(frames.reshape(len(times), -1).mean(1) / 4).astype(int).tolist() == expected
+        assert np.rint(frames.reshape(len(times), -1).mean(1) / 4).astype(int).tolist() == expected, times
+
+
+@pytest.mark.parametrize("codec", list(CODECS))
+def test_frames_picked_are_those_a_full_decode_shows(tmp_path, codec):
+    """Whatever the codec, and whether or not the decoder skips frames that are neither shown nor referenced,
+    the frames picked must be exactly those that plain PyAV, decoding every frame, shows at the same times."""
+    ext, encoder, options = CODECS[codec]
+    data = grey_ramp_video(tmp_path / f"v.{ext}", codec=encoder, options=options)
+    if codec.startswith("h264"):
+        with av.open(io.BytesIO(data)) as container:
+            container.streams.video[0].codec_context.skip_frame = "NONREF"
+            assert sum(1 for _ in container.decode(video=0)) < 45, "the video needs unreferenced B-frames"
+    rng = np.random.default_rng(0)
+    random_sets = [np.sort(rng.uniform(-0.1, 2.6, size=int(rng.integers(1, 17)))) for _ in range(20)]
+    # Single times on a grid: after a seek to a key frame shown after the open GOP's leading B-frames, a
+    # time inside those frames gets nothing until the decoder rewinds to the start.
+    assert_picks_what_a_full_decode_shows(data, random_sets + [np.array([t]) for t in np.arange(0.0, 2.4, 0.02)])
+
+
+def test_frames_sharing_a_timestamp_pick_the_last(tmp_path):
+    """At 1200 fps in Matroska's millisecond time base, neighbouring frames round to the same timestamp."""
+    data = grey_ramp_video(tmp_path / "v.mkv", fps=1200)
+    assert_picks_what_a_full_decode_shows(data, [np.array([t]) for t in np.arange(0.0, 0.05, 0.001)])
 
 
 def test_audio_stream_and_odd_size_smaller_than_a_crop(tmp_path):
