@@ -138,7 +138,7 @@ def normalize(pixels: torch.Tensor, mean, std) -> torch.Tensor:
     channel. Loaders hand over uint8 and the consumer normalises on its device: a quarter of the bytes to pass
     between processes and to the GPU, and no float pass in the workers."""
     scale, shift = _normalize_affine(tuple(mean), tuple(std), pixels.device, pixels.dim())
-    return torch.addcmul(shift, pixels.float(), scale)
+    return torch.addcmul(shift, pixels, scale)  # promotes the uint8 to float32 without a temporary copy
 
 
 @functools.lru_cache(maxsize=16)

@@ -1,6 +1,6 @@
 """Clips per second of the shard loader against raw PyAV decoding of the same clips.
 
-    python -m tools.bench_loader [--videos 32] [--seconds 10] [--size 320x240] [--gop 250] [--rounds 3]
+    python -m tools.bench_loader [--videos 48] [--seconds 10] [--size 320x240] [--gop 250] [--rounds 3]
 
 Writes a synthetic dataset into a temporary folder (Kinetics-like: 10 s clips, x264's default key-frame
 interval of 250, which is also what ``make_shards --short-side`` produces), shards it, then times:
@@ -56,7 +56,7 @@ def raw_decode(data: bytes, times: np.ndarray) -> list[np.ndarray]:
 def bench_raw(shards: ShardSet, cfg: SampleConfig, repeats: int, seed: int = 0) -> float:
     """Clips/s of raw decoding of the clips the loader draws (epoch 0); the ``repeats`` clips of a video are
     decoded in one pass, as the loader does, so raw repeat R / raw repeat 1 is the most that repeated
-    sampling can give on these videos with any loader."""
+    sampling can give on these videos with a decoder that decodes every frame."""
     order = epoch_order(shards.counts, seed, 0)
     fps = cfg.target_fps
     span = clip_span(fps, cfg.num_frames, cfg.sampling_rate)
@@ -75,11 +75,13 @@ def bench_raw(shards: ShardSet, cfg: SampleConfig, repeats: int, seed: int = 0) 
 
 
 def bench_loader(shards: ShardSet, cfg: SampleConfig, workers: int, batch_size: int) -> float:
-    """Steady-state clips/s: the clock starts when the first batch arrives, so starting the workers (once
-    per epoch, negligible on a real epoch but not on this small dataset) is left out."""
+    """Steady-state clips/s: the clock starts when every worker's first batch has arrived, so starting the
+    workers (once per epoch, negligible on a real epoch but not on this small dataset) is left out, and no
+    worker has a batch half made before the clock starts."""
     loader = ShardLoader(shards, cfg, batch_size=batch_size, num_workers=workers, drop_last=False)
     batches = iter(loader)
-    next(batches)
+    for _ in range(max(1, workers)):
+        next(batches)
     start, clips = time.perf_counter(), 0
     for batch in batches:
         clips += batch["video"].shape[0]
@@ -88,7 +90,7 @@ def bench_loader(shards: ShardSet, cfg: SampleConfig, workers: int, batch_size: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--videos", type=int, default=32, help="videos in the dataset (4 classes)")
+    parser.add_argument("--videos", type=int, default=48, help="videos in the dataset (4 classes)")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--gop", type=int, default=250, help="key-frame interval of the written videos")
     parser.add_argument("--rounds", type=int, default=3, help="runs per figure; the best is kept")

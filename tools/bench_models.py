@@ -5,7 +5,7 @@
 Absolute times drift on shared machines; the ratios (reference time / our time, > 1 = we are faster) are the
 figures to quote. On a GPU the forward runs under bf16 autocast; on the CPU in fp32.
 
-``--profile`` also measures, with torch's profiler, the share of each implementation's time spent in
+``--profile`` (CPU only) also measures, with torch's profiler, the share of each implementation's time spent in
 matrix products: the Linear layers (``aten::mm`` / ``aten::addmm``, forward and backward, the same products in
 every implementation) and the attention kernels. From our eager run it prints the ceiling: the reference's time
 over the time of our matrix products alone, the most that any rewrite keeping the arithmetic and these kernels
@@ -43,20 +43,18 @@ def median_seconds(run: Runner, warmup: int, iters: int, device: torch.device) -
     return statistics.median(times)
 
 
-MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm") + tuple(
-    f"aten::_scaled_dot_product_{kernel}_attention{suffix}"
-    for kernel in ("flash", "efficient", "cudnn") for suffix in ("", "_backward", "_for_cpu", "_for_cpu_backward"))
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm",
+              "aten::_scaled_dot_product_flash_attention_for_cpu",
+              "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
 
 
-def matmul_share(run: Runner, device: torch.device) -> float:
-    """Fraction of one run's operator time spent in matrix products (Linear layers and attention)."""
+def matmul_share(run: Runner) -> float:
+    """Fraction of one run's CPU operator time spent in matrix products (Linear layers and attention)."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
         run()
-    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    times = {e.key: getattr(e, attr) for e in prof.key_averages()}
+    times = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
     return sum(times.get(op, 0) for op in MATMUL_OPS) / sum(times.values())
 
 
@@ -161,6 +159,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print the matmul share and the ceiling")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.profile and device.type == "cuda":
+        parser.error("--profile attributes CPU operator time; run it with CUDA_VISIBLE_DEVICES= (on the CPU)")
     torch.manual_seed(0)
     print(f"device={device} threads={torch.get_num_threads()} batch={args.batch} "
           f"dtype={'bf16 autocast' if device.type == 'cuda' else 'fp32'} torch={torch.__version__}")
@@ -179,7 +179,7 @@ def main() -> None:
             line.append(f"{ours}: " + ", ".join(f"{medians[r] / medians[ours]:.2f}x {r}" for r in references))
         print(" | ".join(line))
         if args.profile:
-            shares = {name: matmul_share(run, device) for name, run in runners.items()}
+            shares = {name: matmul_share(run) for name, run in runners.items()}
             print("  matrix products: " + ", ".join(f"{n} {s:.0%} of its time" for n, s in shares.items()) +
                   "".join(f"; ceiling vs {r}: {medians[r] / (medians['ours'] * shares['ours']):.2f}x"
                           for r in references))
