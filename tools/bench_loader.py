@@ -8,10 +8,10 @@ interval of 250, which is also what ``make_shards --short-side`` produces), shar
   the R clips of a video in one pass;
 - the loader with 1 and 2 workers, repeated sampling 1 and 4 (crop 224, flip, mask, batching; the batch is
   uint8 and normalisation happens on the consumer's device, so it is not timed here).
-Ratios are printed: loader / raw (the loader's overhead; 1 worker is the like-for-like comparison; above 1
-because the loader's decoder skips the frames that are neither shown nor referenced), repeat 4 / repeat 1,
-and raw repeat 4 / raw repeat 1, the ceiling that decoding sets for that ratio. Each figure is the best of
-``--rounds`` runs: the machine is shared, so compare the ratios, not the absolute numbers.
+Ratios are printed: loader / raw (the loader's overhead; 1 worker is the like-for-like comparison; it can
+exceed 1 because the loader's decoder skips the frames that are neither shown nor referenced), repeat 4 /
+repeat 1, and raw repeat 4 / raw repeat 1, the ceiling that full decoding sets for that ratio. Each figure
+is the best of ``--rounds`` runs: the machine is shared, so compare the ratios, not the absolute numbers.
 """
 
 from __future__ import annotations
