@@ -8,6 +8,10 @@ from data import SampleConfig, ShardLoader, normalize
 
 from .config import ConfigError, RunConfig
 
+# Batches in page-locked memory let `.to(device, non_blocking=True)` overlap the copy with compute; from
+# pageable memory the copy blocks the host.
+PIN_MEMORY = torch.cuda.is_available()
+
 
 def media_of(batch: dict, sample: SampleConfig, device: torch.device | None = None) -> torch.Tensor:
     """The pixels of a batch, normalised with `sample`'s statistics on `device` (default: where the batch is):
@@ -42,7 +46,7 @@ def train_loader(cfg: RunConfig, rank: int, world_size: int, input_size: tuple[i
                           mask_ratio=mask_ratio)
     return ShardLoader(d.train, sample, cfg.train.batch_size // d.repeat, seed=cfg.seed, rank=rank,
                        world_size=world_size, num_workers=d.num_workers, shuffle=True, drop_last=True,
-                       max_fail_fraction=d.max_fail_fraction)
+                       max_fail_fraction=d.max_fail_fraction, pin_memory=PIN_MEMORY)
 
 
 def eval_loader(cfg: RunConfig, rank: int, world_size: int, input_size: tuple[int, ...]) -> ShardLoader:
@@ -54,4 +58,4 @@ def eval_loader(cfg: RunConfig, rank: int, world_size: int, input_size: tuple[in
                           spatial_views=cfg.eval.spatial_views, temporal_views=cfg.eval.temporal_views)
     return ShardLoader(d.val, sample, cfg.eval.batch_size, seed=cfg.seed, rank=rank, world_size=world_size,
                        num_workers=d.num_workers, shuffle=False, drop_last=False,
-                       max_fail_fraction=d.max_fail_fraction)
+                       max_fail_fraction=d.max_fail_fraction, pin_memory=PIN_MEMORY)
