@@ -38,8 +38,10 @@ def _no_collate(batch):
 class ShardLoader:
     """Iterates the rest of the current epoch, then moves to the next one; ``len()`` is batches per epoch.
 
-    ``state_dict()`` after consuming k batches, restored with ``load_state_dict`` into a fresh loader with
-    the same arguments (any ``num_workers``), continues with exactly batch k + 1 of that epoch.
+    With ``persistent`` (training), the workers live across epochs and prefetch over the boundaries; otherwise
+    (evaluation) they stop after each pass. ``state_dict()`` after consuming k batches, restored with
+    ``load_state_dict`` into a fresh loader with the same arguments (any ``num_workers``), continues with
+    exactly batch k + 1 of that epoch.
     More than ``max_fail_fraction`` failed samples (checked once ``min_samples_checked`` were tried) raises
     ``DataFailureError`` naming the shards.
     """
@@ -60,11 +62,12 @@ class ShardLoader:
         min_samples_checked: int = 100,
         prefetch_factor: int = 2,
         pin_memory: bool = False,
+        persistent: bool = False,
     ):
         self.shards = shards if isinstance(shards, ShardSet) else ShardSet.load(shards)
         self.sample, self.batch_size, self.seed = sample, batch_size, seed
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
-        self.shuffle, self.drop_last = shuffle, drop_last
+        self.shuffle, self.drop_last, self.persistent = shuffle, drop_last, persistent
         self.max_fail_fraction, self.min_samples_checked = max_fail_fraction, min_samples_checked
         self.loader_kwargs = {"pin_memory": pin_memory}
         if num_workers:
@@ -73,6 +76,7 @@ class ShardLoader:
         self.consumed = 0  # batches of ``epoch`` already handed out
         self.tried = 0
         self.failed: Counter[str] = Counter()  # shard name -> failed samples
+        self._batches = None  # the workers' batch iterator, from (epoch, consumed) on
 
     def __len__(self) -> int:
         return len(rank_batches(self.shards.num_samples, self.batch_size, self.rank, self.world_size,
@@ -83,24 +87,31 @@ class ShardLoader:
         return len(self.shards.classes)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch, self.consumed = epoch, 0
+        self.epoch, self.consumed, self._batches = epoch, 0, None
 
     def __iter__(self):
+        if self._batches is None and self.consumed < len(self):
+            self._batches = self._start_workers()
+        while self.consumed < len(self):
+            batch = next(self._batches)
+            self.consumed += 1
+            self._count(batch)
+            yield batch
+        self.epoch, self.consumed = self.epoch + 1, 0
+        if not self.persistent:
+            self._batches = None
+
+    def _start_workers(self):
         stream = ShardStream(self.shards, self.sample, self.batch_size, self.seed, self.epoch, self.consumed,
-                             self.rank, self.world_size, self.shuffle, self.drop_last)
+                             self.rank, self.world_size, self.shuffle, self.drop_last, endless=self.persistent)
         if self.num_workers:
             # Garbage must not cross the fork: a PyAV object that owns threads (a filter graph, a threaded
             # codec) freed by the garbage collector of a forked worker waits forever for threads it lost.
             gc.collect()
         # A private generator: creating an iterator must not draw from torch's global RNG, whose state
         # (drop path) a resumed run restores exactly.
-        loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, collate_fn=_no_collate,
-                            generator=torch.Generator().manual_seed(self.seed), **self.loader_kwargs)
-        for batch in loader:
-            self.consumed += 1
-            self._count(batch)
-            yield batch
-        self.set_epoch(self.epoch + 1)
+        return iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers, collate_fn=_no_collate,
+                               generator=torch.Generator().manual_seed(self.seed), **self.loader_kwargs))
 
     def _count(self, batch: dict) -> None:
         self.tried += batch["num_samples"]
@@ -126,5 +137,5 @@ class ShardLoader:
     def load_state_dict(self, state: dict) -> None:
         if state["seed"] != self.seed:
             raise ValueError(f"data state was saved with seed {state['seed']}, this loader has {self.seed}")
-        self.epoch, self.consumed = state["epoch"], state["consumed"]
+        self.epoch, self.consumed, self._batches = state["epoch"], state["consumed"], None
         self.tried, self.failed = state["tried"], Counter(state["failed"])

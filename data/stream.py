@@ -14,6 +14,8 @@ Here the whole epoch is planned up front from ``info.json`` alone:
 3. Worker w of K (global worker id ``rank * K + w``) builds batches j = start + w, start + w + K, ... of its
    rank; torch's DataLoader collects workers round-robin, so batches come out in order j = start, start+1, ...
    whatever K is. Resuming is starting at batch ``start`` = batches already consumed; nothing is replayed.
+   An endless stream carries j on past the epoch's end into the next epochs (batch j is batch j mod n of
+   epoch ``epoch + j // n``), so training workers live across epochs and prefetch over their boundaries.
 
 Augmentation randomness is seeded by (seed, epoch, position, view) (``samples.position_rng``), so results
 do not depend on K either. A sample that fails (corrupt, zero-byte, non-video, missing from a truncated
@@ -23,6 +25,7 @@ sample failed comes out with zero rows, so ranks still agree on the number of ba
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,8 +76,9 @@ def rank_batches(
 
 
 class ShardStream(IterableDataset):
-    """Yields finished batches (see ``ShardLoader`` for the dict format) of one rank for one epoch,
-    starting at batch ``start``. Use with ``DataLoader(batch_size=None)``."""
+    """Yields finished batches (see ``ShardLoader`` for the dict format) of one rank, from batch ``start`` of
+    ``epoch`` to the end of that epoch, or on through the following epochs without end if ``endless``.
+    Use with ``DataLoader(batch_size=None)``."""
 
     def __init__(
         self,
@@ -88,25 +92,29 @@ class ShardStream(IterableDataset):
         world_size: int = 1,
         shuffle: bool = True,
         drop_last: bool = True,
+        endless: bool = False,
     ):
         self.shards, self.sample, self.seed, self.epoch, self.start = shards, sample, seed, epoch, start
         self.plan = rank_batches(shards.num_samples, batch_size, rank, world_size, drop_last)
-        self.shuffle = shuffle
+        self.shuffle, self.endless = shuffle, endless
         self.is_image = shards.media == "image"
-
-    def __len__(self) -> int:
-        return max(0, len(self.plan) - self.start)
 
     def __iter__(self):
         worker = get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
-        order = epoch_order(self.shards.counts, self.seed, self.epoch, self.shuffle)
+        per_epoch = len(self.plan)
         processor = SampleProcessor(self.sample)
+        order_epoch, order = None, None
         with ShardReader(self.shards) as reader:
-            for j in range(self.start + worker_id, len(self.plan), num_workers):
-                yield self._batch(self.plan[j], order, reader, processor)
+            for j in itertools.count(self.start + worker_id, num_workers):
+                if per_epoch == 0 or (j >= per_epoch and not self.endless):
+                    return
+                epoch = self.epoch + j // per_epoch
+                if epoch != order_epoch:
+                    order_epoch, order = epoch, epoch_order(self.shards.counts, self.seed, epoch, self.shuffle)
+                yield self._batch(self.plan[j % per_epoch], epoch, order, reader, processor)
 
-    def _batch(self, planned: PlannedBatch, order: np.ndarray, reader: ShardReader, processor) -> dict:
+    def _batch(self, planned: PlannedBatch, epoch: int, order: np.ndarray, reader: ShardReader, processor) -> dict:
         """Views are written straight into the batch tensor; the rows of a sample that fails are reused."""
         per_sample = self.sample.num_views
         shape = self.sample.view_shape(self.is_image)
@@ -118,7 +126,7 @@ class ShardStream(IterableDataset):
             try:
                 key, ext, data, meta = reader.read(shard, member)
                 out = pixels[len(rows) : len(rows) + per_sample]
-                views = processor(data, ext, self.seed, self.epoch, position, out=out)
+                views = processor(data, ext, self.seed, epoch, position, out=out)
             except (DecodeError, SampleError) as e:
                 if valid:  # a padding copy's failure is already counted where the sample is planned
                     failures.append((self.shards.names[shard], key, str(e)))

@@ -46,7 +46,7 @@ def train_loader(cfg: RunConfig, rank: int, world_size: int, input_size: tuple[i
                           mask_ratio=mask_ratio)
     return ShardLoader(d.train, sample, cfg.train.batch_size // d.repeat, seed=cfg.seed, rank=rank,
                        world_size=world_size, num_workers=d.num_workers, shuffle=True, drop_last=True,
-                       max_fail_fraction=d.max_fail_fraction, pin_memory=PIN_MEMORY)
+                       max_fail_fraction=d.max_fail_fraction, pin_memory=PIN_MEMORY, persistent=True)
 
 
 def eval_loader(cfg: RunConfig, rank: int, world_size: int, input_size: tuple[int, ...]) -> ShardLoader:

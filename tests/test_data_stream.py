@@ -104,6 +104,32 @@ def test_resume_and_worker_count_change_nothing_but_speed(uneven):
     assert keys_of(next_epoch) != keys_of(reference) and sorted(keys_of(next_epoch)) == sorted(keys_of(reference))
 
 
+def test_persistent_workers_carry_over_epochs_and_change_no_batch(uneven):
+    """Training loaders keep their workers across epochs: the batches are those of fresh per-epoch workers,
+    also after a consumer stops mid-epoch (as the trainer does at its last step) and comes back."""
+    def make(persistent):
+        return ShardLoader(uneven, SAMPLE, batch_size=2, num_workers=2, seed=3, drop_last=False,
+                           persistent=persistent)
+
+    fresh = make(persistent=False)
+    expected = [run_epoch(fresh) for _ in range(3)]
+    loader = make(persistent=True)
+    head = []
+    for batch in loader:
+        head.append(batch)
+        if len(head) == 2:
+            break
+    state = loader.state_dict()
+    epochs = [head + run_epoch(loader), run_epoch(loader), run_epoch(loader)]
+    for want, got in zip(expected, epochs):
+        assert_same_batches(want, got)
+    assert loader.state_dict()["epoch"] == 3
+
+    resumed = make(persistent=True)
+    resumed.load_state_dict(state)
+    assert_same_batches(expected[0][2:] + expected[1], run_epoch(resumed) + run_epoch(resumed))
+
+
 @pytest.fixture(scope="module")
 def dirty(tmp_path_factory):
     """Shards holding corrupt, zero-byte and non-video samples, and a shard cut in the middle."""
