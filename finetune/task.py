@@ -40,8 +40,10 @@ def architecture(cfg: RunConfig, classes: tuple[str, ...]) -> tuple[str, dict]:
     """(registered encoder name, create_model overrides) for this run.
 
     Our exported encoders carry their name and overrides: `model.name` (an `mae_` prefix is ignored) must
-    name the same architecture, and `model.*` keys override what the file says. The class count is
-    `model.num_classes`, else that of the data, else the checkpoint's.
+    name the same architecture, and `model.*` keys override what the file says. The input size is this
+    run's (`model.input_size`, else the name's default), not the pretraining one: recipes fine-tune at other
+    sizes (MViTv2-L pretrains at 16x224, fine-tunes at 40x312), and loading resamples the position tables.
+    The class count is `model.num_classes`, else that of the data, else the checkpoint's.
     """
     name = cfg.model.name.removeprefix("mae_")
     overrides = {}
@@ -51,7 +53,7 @@ def architecture(cfg: RunConfig, classes: tuple[str, ...]) -> tuple[str, dict]:
         if saved[0] != name:
             raise ConfigError(f"model.pretrained={cfg.model.pretrained} holds a {saved[0]} encoder but "
                               f"model.name={cfg.model.name}: set model.name={saved[0]}")
-        overrides = dict(saved[1])
+        overrides = {k: v for k, v in saved[1].items() if k != "input_size"}
     overrides |= cfg.model.overrides()
     if cfg.model.num_classes is None and classes:
         overrides["num_classes"] = len(classes)

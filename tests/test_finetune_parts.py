@@ -6,8 +6,10 @@ import torch
 from accelerate import Accelerator
 from timm.optim import create_optimizer_v2
 
+from engine.checkpoint import encoder_metadata, export_encoder
+from engine.config import load_config
 from finetune.evaluate import VideoScores, average_views, classification_metrics, confusion_image, shuffle_frames
-from finetune.task import initialise
+from finetune.task import architecture, initialise
 from models import CheckpointError, create_model
 
 TINY_VIDEO = dict(input_size=(8, 32, 32), embed_dim=16, num_heads=1, stages=(1, 1, 2, 1), num_classes=3)
@@ -99,3 +101,16 @@ def test_initialise_checks_what_stays_fresh(tmp_path):
     other = create_model("hiera_base_16x224", **{**TINY_VIDEO, "embed_dim": 32})
     with pytest.raises(CheckpointError, match="blocks.0"):
         initialise(other, str(tmp_path / "five.pth"), need_head=False)
+
+
+def test_architecture_comes_from_the_export_but_the_input_size_from_this_run(tmp_path):
+    saved = {**TINY_VIDEO, "input_size": (4, 32, 32)}
+    encoder = create_model("hiera_base_16x224", **saved)
+    export_encoder(tmp_path / "encoder.safetensors", encoder.state_dict(), encoder_metadata("hiera_base_16x224", saved))
+    cfg = load_config([], ["model.name=mae_hiera_base_16x224", f"model.pretrained={tmp_path}"])
+    name, overrides = architecture(cfg, classes=("a", "b"))
+    assert name == "hiera_base_16x224" and "input_size" not in overrides
+    assert overrides == {"embed_dim": 16, "num_heads": 1, "stages": [1, 1, 2, 1], "num_classes": 2}
+    cfg = load_config([], ["model.name=hiera_base_16x224", f"model.pretrained={tmp_path}",
+                           "model.input_size=[8,32,32]"])
+    assert tuple(architecture(cfg, classes=())[1]["input_size"]) == (8, 32, 32)
