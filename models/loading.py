@@ -76,13 +76,16 @@ def read_state_dict(source: str | Path | Mapping[str, torch.Tensor]) -> tuple[di
 
 
 def _unwrap(state: dict, name: str) -> dict[str, torch.Tensor]:
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{name}: holds a {type(state).__name__}, not a state dict of tensors")
     while not any(isinstance(v, torch.Tensor) for v in state.values()):
         inner = next((state[k] for k in _WRAPPER_KEYS if isinstance(state.get(k), Mapping)), None)
         if inner is None:
             raise CheckpointError(f"{name}: no tensors found (top-level keys: {sorted(state)[:10]})")
         state = dict(inner)
-    tensors = {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    return tensors
+    # DDP wraps a model as `module.`, torch.compile as `_orig_mod.`.
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()
+            if isinstance(v, torch.Tensor)}
 
 
 def load_pretrained(

@@ -158,7 +158,7 @@ class MaskedAutoencoder(nn.Module):
         B, K = keep_idx.shape
         x = self.decoder_embed(latent).flatten(2, -2)  # [B, K, U, D]
         U, D = x.shape[2], x.shape[3]
-        full = self.mask_token.expand(B, self.num_mask_units, U, D)
+        full = self.mask_token.to(x.dtype).expand(B, self.num_mask_units, U, D)  # autocast: x is bf16/fp16
         x = full.scatter(1, keep_idx[:, :, None, None].expand(B, K, U, D), x)
         # [B, #MU, *unit, D] -> [B, *token_grid, D]: interleave unit-grid and in-unit coordinates per dim.
         dims = len(self.unit_shape)
@@ -170,8 +170,10 @@ class MaskedAutoencoder(nn.Module):
         return self.decoder_pred(self.decoder_norm(x))
 
     def targets(self, x: torch.Tensor) -> torch.Tensor:
-        """Reconstruction targets [B, N_tokens, D_pred] (computed without gradient)."""
-        with torch.no_grad():
+        """Reconstruction targets [B, N_tokens, D_pred] (computed without gradient, in fp32 also under
+        autocast: HOG's orientation bins and norm-pix's statistics need the precision)."""
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            x = x.float()
             if self.config.target == "hog":
                 return hog_targets(x, self.pred_stride, self.time_stride, self.config.hog_bins, self.config.hog_cell)
             rows = patchify(x, self.pred_stride, self.time_stride)
@@ -190,7 +192,7 @@ class MaskedAutoencoder(nn.Module):
         target = self.targets(x)
         unit_mask = self.keep_mask(keep_idx)
         token_mask = self.token_mask(unit_mask)
-        weight = (~token_mask).to(pred.dtype)
+        weight = (~token_mask).float()  # its sum overflows fp16 past 65504 masked tokens
         per_token = (pred.float() - target.float()).pow(2).mean(dim=-1)
         loss = (per_token * weight).sum() / weight.sum()
         return {"loss": loss, "pred": pred, "target": target, "mask": unit_mask, "token_mask": token_mask}

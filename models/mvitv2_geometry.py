@@ -91,7 +91,7 @@ class KeptUnits(NamedTuple):
         """[B, K * prod(unit), dims]: every kept token's coordinates in the full grid, units holding `unit`."""
         local = torch.stack(torch.meshgrid(*(torch.arange(u, device=self.coords.device) for u in unit),
                                            indexing="ij"), dim=-1).view(-1, len(unit))
-        origin = self.coords * self.coords.new_tensor(unit)
+        origin = torch.stack([self.coords[..., d] * u for d, u in enumerate(unit)], dim=-1)
         return (origin[:, :, None] + local).flatten(1, 2)
 
     def full_grid(self, unit: Grid) -> Grid:

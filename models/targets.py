@@ -63,8 +63,9 @@ def hog_features(images: torch.Tensor, bins: int = 9, cell: int = 8) -> torch.Te
     orientation bins; votes are summed over cell x cell pixels and L2-normalised per cell over the bins.
     """
     B, C, H, W = images.shape
-    sobel_x = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]], device=images.device,
-                           dtype=images.dtype)
+    # Built on the device: a tensor copied from the host would stall the GPU stream every step.
+    offsets = torch.arange(-1.0, 2.0, device=images.device, dtype=images.dtype)  # [-1, 0, 1]
+    sobel_x = torch.outer(2 - offsets.abs(), -offsets)  # [[1, 0, -1], [2, 0, -2], [1, 0, -1]]
     kernels = torch.stack([sobel_x, sobel_x.T])[:, None].repeat(C, 1, 1, 1)  # [2C, 1, 3, 3]
     padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
     grads = F.conv2d(padded, kernels, groups=C).view(B, C, 2, H, W)

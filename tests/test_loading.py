@@ -17,9 +17,10 @@ def test_reads_pth_and_safetensors_and_wrappers(tiny, tmp_path):
     state = tiny.state_dict()
     torch.save({"model_state": state}, tmp_path / "official.pth")
     torch.save({"model": {f"module.{k}": v for k, v in state.items()}, "epoch": 3}, tmp_path / "ddp.pth")
+    torch.save({f"_orig_mod.{k}": v for k, v in state.items()}, tmp_path / "compiled.pth")
     save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "encoder.safetensors")
     x = torch.randn(1, 3, 64, 64)
-    for source in ("official.pth", "ddp.pth", "encoder.safetensors", "."):
+    for source in ("official.pth", "ddp.pth", "compiled.pth", "encoder.safetensors", "."):
         fresh = create_model("hiera_tiny_224", input_size=(64, 64)).eval()
         report = load_pretrained(fresh, tmp_path / source)
         assert len(report.loaded) == len(state)
@@ -35,6 +36,9 @@ def test_refuses_pickled_code(tmp_path):
     torch.save({"model_state": {"w": torch.zeros(1)}, "evil": Payload()}, tmp_path / "evil.pth")
     with pytest.raises(CheckpointError, match=r"evil.pth: refused to load: it references Python code \(print\)"):
         load_pretrained(create_model("hiera_tiny_224", input_size=(64, 64)), tmp_path / "evil.pth")
+    torch.save([torch.zeros(1)], tmp_path / "list.pth")
+    with pytest.raises(CheckpointError, match="list.pth: holds a list, not a state dict"):
+        load_pretrained(create_model("hiera_tiny_224", input_size=(64, 64)), tmp_path / "list.pth")
     (tmp_path / "broken.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="broken.pth: unreadable"):
         load_pretrained(create_model("hiera_tiny_224", input_size=(64, 64)), tmp_path / "broken.pth")

@@ -62,6 +62,9 @@ def test_compiles_to_one_graph_forward_and_backward():
     model = create_model("mae_hiera_tiny_224", input_size=(64, 64), decoder_depth=1)
     x = torch.randn(2, 3, 64, 64)
     keep_idx = model.keep_indices(x)
+    # A fresh dynamo cache: after another MAE compiled the same methods, a recompile would switch to dynamic
+    # shapes, whose symbolic reasoning takes minutes here.
+    torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # fullgraph: any graph break raises
     compiled_loss = compiled(x, keep_idx=keep_idx)["loss"]
     compiled_loss.backward()
@@ -130,3 +133,22 @@ def test_hog_target():
     out = model(torch.rand(2, 3, 64, 64))
     assert out["pred"].shape == out["target"].shape == (2, 16, 3 * 9 * 4)
     assert torch.isfinite(out["loss"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("target", ["pixel", "hog"])
+def test_trains_under_autocast(target, dtype):
+    """Mixed precision (train.mixed_precision): decoder tokens in bf16/fp16 meet the fp32 mask token; the
+    targets and the loss stay fp32 and agree with the fp32 step."""
+    torch.manual_seed(0)
+    model = create_model("mae_hiera_tiny_224", input_size=(64, 64), target=target, mask_ratio=0.5, decoder_depth=1)
+    x = torch.randn(2, 3, 64, 64)
+    keep_idx = model.keep_indices(x)
+    reference = model(x, keep_idx=keep_idx)
+    with torch.autocast("cpu", dtype=dtype):
+        out = model(x, keep_idx=keep_idx)
+    assert out["loss"].dtype == torch.float32 and out["target"].dtype == torch.float32
+    torch.testing.assert_close(out["target"], reference["target"])
+    assert out["loss"].item() == pytest.approx(reference["loss"].item(), rel=0.05)
+    out["loss"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

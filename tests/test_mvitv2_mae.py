@@ -63,6 +63,20 @@ def test_every_row_trains(size, row):
 
 
 @SIZES
+@pytest.mark.parametrize("row", ["", "c", "f"])
+def test_trains_under_bf16_autocast(size, row):
+    torch.manual_seed(0)
+    model = tiny_mae(size, row)
+    x = torch.randn(2, 3, *size)
+    keep_idx = model.keep_indices(x)
+    reference = model(x, keep_idx=keep_idx)["loss"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(x, keep_idx=keep_idx)["loss"]
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(reference.item(), rel=0.05)
+    loss.backward()
+
+
+@SIZES
 @pytest.mark.parametrize("row", ROWS)
 def test_masked_pixels_do_not_reach_kept_units(size, row):
     """Rows up to c need separate-and-pad (kernel > stride); d, e pool within units anyway; f attends within."""
@@ -108,6 +122,9 @@ def test_compiles_to_one_graph_forward_and_backward():
     model = tiny_mae(VIDEO, "", drop_path_rate=0.0)
     x = torch.randn(2, 3, *VIDEO)
     keep_idx = model.keep_indices(x)
+    # A fresh dynamo cache: after another MAE compiled the same methods, a recompile would switch to dynamic
+    # shapes, whose symbolic reasoning takes minutes here.
+    torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # fullgraph: any graph break raises
     compiled_loss = compiled(x, keep_idx=keep_idx)["loss"]
     compiled_loss.backward()
