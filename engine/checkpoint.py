@@ -17,6 +17,7 @@ Nothing here unpickles code.
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
@@ -106,12 +107,24 @@ def write_main_state(temp: Path, model_state: dict[str, torch.Tensor], encoder_s
     (temp / "config.yaml").write_text(config_yaml)
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def commit_save(temp: Path, keep: int) -> Path:
-    """Rename the finished temporary directory into place, then prune to the newest `keep`."""
+    """Rename the finished temporary directory into place, then prune to the newest `keep`. The files reach
+    the disk before the rename, so that after a machine crash the renamed directory never holds empty files."""
     final = temp.parent / temp.name.replace(TEMP_PREFIX, "checkpoint-")
+    for path in [*temp.iterdir(), temp]:
+        _fsync(path)
     if final.exists():  # the same step saved again (e.g. the end of a resumed run)
         shutil.rmtree(final)
     temp.rename(final)
+    _fsync(temp.parent)
     for old in list_checkpoints(temp.parent)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -129,8 +142,8 @@ def read_checkpoint(path: str | Path, rank: int) -> dict[str, Any]:
             "rng": torch.load(rng_file, weights_only=True) if rng_file.exists() else None,
             "task": load_file(str(task_file)) if task_file.exists() else None,
         }
-    except (OSError, ValueError, RuntimeError) as err:
-        raise RuntimeError(f"cannot resume from {path}: {err}") from err
+    except Exception as err:  # safetensors raises its own error type for truncated files
+        raise RuntimeError(f"cannot resume from {path}: {type(err).__name__}: {err}") from err
 
 
 def encoder_metadata(name: str, overrides: dict[str, Any]) -> dict[str, str]:

@@ -74,7 +74,7 @@ class TrainConfig:
     layer_decay: float | None = None  # fine-tuning: per-block lr decay
     accum_steps: int = 1
     clip_grad: float | None = None
-    mixed_precision: str = "no"  # no, bf16 or fp16
+    mixed_precision: str | None = None  # no, bf16 or fp16; unset: accelerate launch's --mixed_precision
     checkpoint_every: int = 1000  # optimizer steps
     keep_checkpoints: int = 3
     max_nonfinite_steps: int = 20  # consecutive NaN/inf steps before the run stops
@@ -145,9 +145,32 @@ def load_config(config_files: list[str], overrides: list[str], schema: type = Ru
             raise ConfigError(f"overrides must look like key=value, got: {' '.join(bad)}")
         layers.append(OmegaConf.from_dotlist(overrides))
         merged = OmegaConf.merge(*layers)
-        return OmegaConf.to_object(merged)
+        config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(_describe(err)) from err
+    if isinstance(config, RunConfig):
+        check_values(config)
+    return config
+
+
+_AT_LEAST_ONE = ("train.batch_size", "train.accum_steps", "train.checkpoint_every", "log.every",
+                 "eval.batch_size", "eval.every_epochs", "eval.spatial_views", "eval.temporal_views",
+                 "data.repeat", "data.num_frames", "data.sampling_rate", "data.crop_size")
+
+
+def check_values(config: RunConfig) -> None:
+    """Values the types allow but the run cannot use, named before any work starts."""
+    for key in _AT_LEAST_ONE:
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value < 1:
+            raise ConfigError(f"{key}={value}: must be at least 1")
+    if config.train.max_steps is not None and config.train.max_steps < 1:
+        raise ConfigError(f"train.max_steps={config.train.max_steps}: must be at least 1 (or unset)")
+    if config.data.num_workers < 0 or config.log.visualize_every < 0:
+        raise ConfigError("data.num_workers and log.visualize_every cannot be negative")
+    if config.train.mixed_precision not in (None, "no", "bf16", "fp16"):
+        raise ConfigError(f"train.mixed_precision={config.train.mixed_precision!r}: use no, bf16 or fp16")
 
 
 def _describe(err: OmegaConfBaseException) -> str:

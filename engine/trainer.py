@@ -107,11 +107,15 @@ class Trainer:
         resume = self.cfg.resume
         if not resume:
             return
-        path = ckpt.latest_checkpoint(self.output_dir) if resume == "auto" else Path(resume)
-        if path is None:
-            self._print(f"resume=auto: no checkpoint in {self.output_dir}, starting fresh")
-            return
-        saved = ckpt.read_checkpoint(path, self.rank)
+        if resume == "auto":
+            found = ckpt.list_checkpoints(self.output_dir)
+            if not found:
+                self._print(f"resume=auto: no checkpoint in {self.output_dir}, starting fresh")
+                return
+            path, saved = self._newest_readable(found)
+        else:
+            path = Path(resume)
+            saved = ckpt.read_checkpoint(path, self.rank)
         self.accelerator.unwrap_model(self.model).load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         if saved["task"] is not None:
@@ -125,6 +129,16 @@ class Trainer:
         if saved["rng"] is not None:
             ckpt.restore_rng(saved["rng"])
         self._print(f"resumed from {path} at step {self.progress.step}")
+
+    def _newest_readable(self, found: list[Path]) -> tuple[Path, dict]:
+        """The newest checkpoint that reads, with a warning for each newer one that does not (a disk that
+        filled up, a file damaged after the save)."""
+        for path in reversed(found):
+            try:
+                return path, ckpt.read_checkpoint(path, self.rank)
+            except RuntimeError as err:
+                print(f"warning: {err}; trying the checkpoint before it", flush=True)
+        raise RuntimeError(f"resume=auto: none of the {len(found)} checkpoints in {self.output_dir} is readable")
 
     def save_checkpoint(self) -> None:
         step = self.progress.step
@@ -154,6 +168,7 @@ class Trainer:
                    dynamic_ncols=True, desc=Path(cfg.output_dir).name)
         metrics: dict[str, float] = {}
         window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
+        step_samples = 0
         self.model.train()
         evaluated_at = -1
         while progress.step < self.total_steps:
@@ -168,11 +183,12 @@ class Trainer:
                     if acc.sync_gradients:
                         grad_norm = self._optimizer_step()
                 window_samples += len(batch["label"]) * self.world
+                step_samples += len(batch["label"]) * self.world
                 fetched = time.perf_counter()
                 if not acc.sync_gradients:
                     continue
                 progress.step += 1
-                progress.samples_seen += window_samples
+                progress.samples_seen, step_samples = progress.samples_seen + step_samples, 0
                 self.scheduler.step_update(progress.step)
                 if hasattr(self.task, "after_step"):
                     self.task.after_step(acc.unwrap_model(self.model), progress.step)

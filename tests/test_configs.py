@@ -1,5 +1,6 @@
 """Every shipped config is valid: it loads against the schema, its model builds, and data matches the model."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -40,3 +41,16 @@ def test_base_inheritance_and_overrides(tmp_path):
         load_config([str(tmp_path / "typo.yaml")], [])
     with pytest.raises(ConfigError, match="key=value"):
         load_config([], ["seed"])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.checkpoint_every=0", "train.checkpoint_every=0: must be at least 1"),
+    ("log.every=0", "log.every=0: must be at least 1"),
+    ("data.repeat=0", "data.repeat=0: must be at least 1"),
+    ("train.max_steps=0", "train.max_steps=0: must be at least 1"),
+    ("train.mixed_precision=bf61", "train.mixed_precision='bf61': use no, bf16 or fp16"),
+])
+def test_values_the_run_cannot_use_are_named(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config([], [override])
+    assert load_config([], []).train.mixed_precision is None  # unset: accelerate launch's flag decides

@@ -92,3 +92,16 @@ def test_schedule_counts_effective_epochs():
     cfg.train.max_steps = 50
     assert schedule(cfg, steps_per_pass=10) == (50, 300)
     assert math.isclose(schedule(cfg, steps_per_pass=1)[0], 50)
+
+
+def test_resume_auto_skips_a_damaged_newest_checkpoint(tmp_path, capsys):
+    Trainer(RegressionTask(poisoned=set()), config(tmp_path, max_steps=4, checkpoint_every=2)).fit()
+    newest = tmp_path / "checkpoint-00000004" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])  # e.g. a disk that filled up after the rename
+    cfg = config(tmp_path, max_steps=6, checkpoint_every=2)
+    cfg.resume = "auto"
+    resumed = Trainer(RegressionTask(poisoned=set()), cfg)
+    assert resumed.progress.step == 2
+    assert "checkpoint-00000004: SafetensorError" in capsys.readouterr().out
+    resumed.fit()
+    assert resumed.progress.step == 6 and resumed.progress.samples_seen == 6 * 8
