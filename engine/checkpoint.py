@@ -92,12 +92,17 @@ def write_rank_state(temp: Path, rank: int) -> None:
     torch.save(capture_rng(), temp / f"rng-rank{rank}.pt")
 
 
-def write_main_state(temp: Path, model_state: dict[str, torch.Tensor], encoder_state: dict[str, torch.Tensor],
-                     encoder_metadata: dict[str, str], optimizer_state: dict, state: dict[str, Any],
-                     config_yaml: str, task_state: dict[str, torch.Tensor] | None = None) -> None:
+def check_finite(model_state: dict[str, torch.Tensor]) -> None:
+    """Refuse to save non-finite weights. Every rank calls it (their weights are equal), so all of them stop
+    together instead of the others waiting for the main process at the next barrier."""
     bad = [k for k, v in model_state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise FloatingPointError(f"refusing to save non-finite weights ({', '.join(bad[:5])})")
+
+
+def write_main_state(temp: Path, model_state: dict[str, torch.Tensor], encoder_state: dict[str, torch.Tensor],
+                     encoder_metadata: dict[str, str], optimizer_state: dict, state: dict[str, Any],
+                     config_yaml: str, task_state: dict[str, torch.Tensor] | None = None) -> None:
     save_tensors(temp / "model.safetensors", model_state)
     save_tensors(temp / "encoder.safetensors", encoder_state, encoder_metadata)
     if task_state:

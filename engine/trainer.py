@@ -142,6 +142,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         step = self.progress.step
+        ckpt.check_finite(self.accelerator.unwrap_model(self.model).state_dict())
         temp = self.output_dir / f"{ckpt.TEMP_PREFIX}{step:08d}"
         if self.is_main:
             ckpt.begin_save(self.output_dir, step)
