@@ -6,11 +6,13 @@ clipping, non-finite steps, checkpoints, exact resume, logging, progress) lives 
 from __future__ import annotations
 
 import math
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from timm.optim import create_optimizer_v2
@@ -97,7 +99,10 @@ class Trainer:
                                            warmup_prefix=True, t_in_epochs=False)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.forward_model = torch.compile(self.model, fullgraph=True) if cfg.model.compile else self.model
-        torch.manual_seed(cfg.seed + 1000 * self.rank)  # drop path differs across ranks, reproducibly
+        # Drop path (torch) and timm's mixup (numpy, random) differ across ranks, reproducibly.
+        torch.manual_seed(cfg.seed + 1000 * self.rank)
+        np.random.seed(cfg.seed + 1000 * self.rank)
+        random.seed(cfg.seed + 1000 * self.rank)
         self.progress = Progress()
         self.logger = TrainLogger(self.output_dir / "tb", enabled=self.is_main)
         self._maybe_resume()

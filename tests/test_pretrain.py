@@ -69,7 +69,8 @@ def test_pretraining_end_to_end(demo_shards, tmp_path):
 
 
 def test_kill_and_resume_gives_identical_weights(demo_shards, tmp_path):
-    args = ("train.max_steps=10", "train.checkpoint_every=2", "model.drop_path_rate=0.2", "log.visualize_every=0")
+    args = ("train.max_steps=10", "train.checkpoint_every=2", "model.drop_path_rate=0.2", "log.visualize_every=0",
+            "log.every=1")
     reference = run(pretrain_command(demo_shards["train"], tmp_path / "straight", *args))
     assert reference.returncode == 0, reference.stderr[-3000:]
 
@@ -90,6 +91,10 @@ def test_kill_and_resume_gives_identical_weights(demo_shards, tmp_path):
     got = load_file(out / "checkpoint-00000010" / "model.safetensors")
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in expected)
+    # TensorBoard shows every step once: what the killed run logged after its checkpoint is superseded.
+    events = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 11))
 
 
 def test_crash_during_save_keeps_previous_checkpoint(tmp_path):

@@ -1,7 +1,9 @@
 """The shared training loop with a small in-memory task: non-finite steps, schedule, accumulation."""
 
 import math
+import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -105,3 +107,11 @@ def test_resume_auto_skips_a_damaged_newest_checkpoint(tmp_path, capsys):
     assert "checkpoint-00000004: SafetensorError" in capsys.readouterr().out
     resumed.fit()
     assert resumed.progress.step == 6 and resumed.progress.samples_seen == 6 * 8
+
+
+def test_numpy_and_python_rngs_are_seeded_for_timms_mixup(tmp_path):
+    draws = []
+    for run in ("a", "b"):
+        Trainer(RegressionTask(poisoned=set()), config(tmp_path / run))
+        draws.append((np.random.random(), random.random()))
+    assert draws[0] == draws[1]
