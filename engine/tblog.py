@@ -34,8 +34,8 @@ def gif_bytes(frames: np.ndarray, fps: float = 8.0) -> bytes:
 class TrainLogger:
     """A SummaryWriter in `log_dir` when `enabled`; every call is a no-op otherwise (non-main ranks)."""
 
-    def __init__(self, log_dir: str | Path, enabled: bool):
-        self.writer = SummaryWriter(str(log_dir)) if enabled else None
+    def __init__(self, log_dir: str | Path, enabled: bool, purge_step: int | None = None):
+        self.writer = SummaryWriter(str(log_dir), purge_step=purge_step) if enabled else None
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self.writer:

@@ -104,8 +104,10 @@ class Trainer:
         np.random.seed(cfg.seed + 1000 * self.rank)
         random.seed(cfg.seed + 1000 * self.rank)
         self.progress = Progress()
-        self.logger = TrainLogger(self.output_dir / "tb", enabled=self.is_main)
         self._maybe_resume()
+        # After a resume, what the interrupted run logged past its checkpoint is purged, not shown twice.
+        self.logger = TrainLogger(self.output_dir / "tb", enabled=self.is_main,
+                                  purge_step=self.progress.step + 1 if self.progress.step else None)
 
     # -- checkpoints -------------------------------------------------------------------------------------------
     def _maybe_resume(self) -> None:

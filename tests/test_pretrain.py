@@ -91,7 +91,7 @@ def test_kill_and_resume_gives_identical_weights(demo_shards, tmp_path):
     got = load_file(out / "checkpoint-00000010" / "model.safetensors")
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in expected)
-    # TensorBoard shows every step once: what the killed run logged after its checkpoint is superseded.
+    # TensorBoard shows every step once: what the killed run logged after its checkpoint is purged.
     events = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0})
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 11))
