@@ -130,12 +130,16 @@ class FinetuneTask:
         return {"loss": self.criterion(model(folded.view_as(x)), targets)}
 
     def after_step(self, model: nn.Module, step: int) -> None:
-        if self.ema is None:
-            return
-        if not self.ema_on_device:  # built on the CPU before accelerate moved the model
+        if self.ema is not None:
+            self._place_ema(model)
+            self.ema.update(model, step=step)
+
+    def _place_ema(self, model: nn.Module) -> None:
+        """The EMA is built on the CPU before accelerate moves the model; it follows the model's device, also
+        when a finished run is resumed and evaluated without a step."""
+        if not self.ema_on_device:
             self.ema.module.to(next(model.parameters()).device)
             self.ema_on_device = True
-        self.ema.update(model, step=step)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {f"ema.{k}": v for k, v in self.ema.module.state_dict().items()} if self.ema else {}
@@ -145,7 +149,10 @@ class FinetuneTask:
             self.ema.module.load_state_dict({k.removeprefix("ema."): v for k, v in state.items()})
 
     def final_model(self, model: nn.Module) -> nn.Module:
-        return self.ema.module if self.ema is not None else model
+        if self.ema is None:
+            return model
+        self._place_ema(model)
+        return self.ema.module
 
     def encoder(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """The whole classifier: `eval_only=true model.pretrained=<output_dir>` evaluates it."""
