@@ -58,6 +58,29 @@ class Progress:
     samples_seen: int = 0
 
 
+class WindowMeans:
+    """Means of a step's scalar outputs (loss, accuracy) over the micro-batches of a logging window and over
+    the ranks. Sums stay on the device until `read`, so the loop has no extra host sync; non-finite values
+    (skipped steps, counted on their own) are left out."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def add(self, out: dict[str, torch.Tensor]) -> None:
+        for name, value in out.items():
+            if value.dim() == 0:
+                value = value.detach().float()
+                finite = torch.isfinite(value)
+                entry = torch.stack([torch.where(finite, value, 0.0), finite.float()])
+                self.sums[name] = self.sums[name] + entry if name in self.sums else entry
+
+    def read(self, accelerator: Accelerator) -> dict[str, float]:
+        names = sorted(self.sums)
+        totals = accelerator.reduce(torch.stack([self.sums[n] for n in names]), reduction="sum").tolist()
+        self.sums = {}
+        return {n: total / count if count else float("nan") for n, (total, count) in zip(names, totals)}
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -176,7 +199,7 @@ class Trainer:
                    dynamic_ncols=True, desc=Path(cfg.output_dir).name)
         metrics: dict[str, float] = {}
         window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
-        step_samples = 0
+        step_samples, means = 0, WindowMeans()
         self.model.train()
         evaluated_at = -1
         while progress.step < self.total_steps:
@@ -190,6 +213,7 @@ class Trainer:
                     acc.backward(out["loss"])
                     if acc.sync_gradients:
                         grad_norm = self._optimizer_step()
+                means.add(out)
                 window_samples += len(batch["label"]) * self.world
                 step_samples += len(batch["label"]) * self.world
                 fetched = time.perf_counter()
@@ -202,7 +226,7 @@ class Trainer:
                     self.task.after_step(acc.unwrap_model(self.model), progress.step)
                 if progress.step % cfg.log.every == 0 or progress.step == self.total_steps:
                     elapsed = time.perf_counter() - window_start
-                    scalars = {f"train/{k}": v.item() for k, v in out.items() if v.dim() == 0}
+                    scalars = {f"train/{k}": v for k, v in means.read(acc).items()}
                     # The largest lr: with layer decay, the head's group (group 0 is the most decayed).
                     top_lr = max(g["lr"] for g in self.optimizer.param_groups)
                     scalars |= {"train/lr": top_lr, "train/grad_norm": grad_norm,

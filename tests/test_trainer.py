@@ -6,9 +6,10 @@ import random
 import numpy as np
 import pytest
 import torch
+from accelerate import Accelerator
 
 from engine.config import RunConfig
-from engine.trainer import Trainer, schedule
+from engine.trainer import Trainer, WindowMeans, schedule
 
 
 class ListLoader:
@@ -115,3 +116,12 @@ def test_numpy_and_python_rngs_are_seeded_for_timms_mixup(tmp_path):
         Trainer(RegressionTask(poisoned=set()), config(tmp_path / run))
         draws.append((np.random.random(), random.random()))
     assert draws[0] == draws[1]
+
+
+def test_logged_scalars_are_window_means_without_non_finite_steps():
+    means = WindowMeans()
+    for loss, acc in [(1.0, 0.5), (float("nan"), 0.25), (3.0, 0.0)]:
+        means.add({"loss": torch.tensor(loss), "acc": torch.tensor(acc), "per_sample": torch.ones(2)})
+    assert means.read(Accelerator(cpu=True)) == {"acc": 0.25, "loss": 2.0}
+    means.add({"loss": torch.tensor(float("inf"))})
+    assert math.isnan(means.read(Accelerator(cpu=True))["loss"])
