@@ -199,7 +199,7 @@ class Trainer:
                    dynamic_ncols=True, desc=Path(cfg.output_dir).name)
         metrics: dict[str, float] = {}
         window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
-        step_samples, means = 0, WindowMeans()
+        means = WindowMeans()
         self.model.train()
         evaluated_at = -1
         while progress.step < self.total_steps:
@@ -215,12 +215,11 @@ class Trainer:
                         grad_norm = self._optimizer_step()
                 means.add(out)
                 window_samples += len(batch["label"]) * self.world
-                step_samples += len(batch["label"]) * self.world
+                progress.samples_seen += len(batch["label"]) * self.world
                 fetched = time.perf_counter()
                 if not acc.sync_gradients:
                     continue
                 progress.step += 1
-                progress.samples_seen, step_samples = progress.samples_seen + step_samples, 0
                 self.scheduler.step_update(progress.step)
                 if hasattr(self.task, "after_step"):
                     self.task.after_step(acc.unwrap_model(self.model), progress.step)
