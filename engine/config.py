@@ -74,6 +74,7 @@ class TrainConfig:
     layer_decay: float | None = None  # fine-tuning: per-block lr decay
     accum_steps: int = 1
     clip_grad: float | None = None
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory
     mixed_precision: str | None = None  # no, bf16 or fp16; unset: accelerate launch's --mixed_precision
     checkpoint_every: int = 1000  # optimizer steps
     keep_checkpoints: int = 3

@@ -108,6 +108,8 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = task.build_model(cfg)
+        if cfg.train.activation_checkpointing:
+            model.set_grad_checkpointing()  # every block of our models; must precede compilation
         self.loader = task.train_loader(cfg, self.rank, self.world)
         self.steps_per_pass = len(self.loader) // cfg.train.accum_steps
         if self.steps_per_pass == 0:

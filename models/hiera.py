@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, resample_abs_pos_embed
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .registry import register_model
 
@@ -82,6 +83,15 @@ class HieraConfig:
     @property
     def stage_ends(self) -> list[int]:
         return [sum(self.stages[: i + 1]) - 1 for i in range(len(self.stages))]
+
+
+def run_block(block: nn.Module, *args, checkpointed: bool = False):
+    """`block(*args)`. With `checkpointed` (and gradients on), the block's activations are not kept for the
+    backward pass but recomputed there: activation checkpointing, non-reentrant so that torch.compile traces it
+    inside the one graph and the RNG (drop path) replays the same draws."""
+    if checkpointed and torch.is_grad_enabled():
+        return checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
 
 
 def max_pool_unrolled(x: torch.Tensor, stride: int) -> torch.Tensor:
@@ -272,6 +282,7 @@ class Hiera(nn.Module):
         self.num_features = dim
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.head = Head(dim, cfg.num_classes, cfg.head_dropout) if cfg.num_classes > 0 else nn.Identity()
+        self.grad_checkpointing = False
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -286,6 +297,10 @@ class Hiera(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed_spatial", "pos_embed_temporal"} if self.config.sep_pos_embed else {"pos_embed"}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing of every block (timm's method name; see `run_block`)."""
+        self.grad_checkpointing = enable
 
     def get_pos_embed(self) -> torch.Tensor:
         """[1, N, C] in spatial order."""
@@ -319,7 +334,7 @@ class Hiera(nn.Module):
         x = self.embed(x, keep_idx)
         outputs = []
         for i, block in enumerate(self.blocks):
-            x = block(x)
+            x = run_block(block, x, checkpointed=self.grad_checkpointing)
             if i in self.stage_ends:
                 outputs.append(x)
         return outputs

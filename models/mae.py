@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .hiera import MAE_ONLY_KEY_PREFIXES, HieraBlock, mask_to_keep_indices
+from .hiera import MAE_ONLY_KEY_PREFIXES, HieraBlock, mask_to_keep_indices, run_block
 from .registry import create_model, model_class, register_prefix, replace_config
 from .targets import denorm_pix, hog_targets, norm_pix, patchify, unpatchify
 
@@ -98,6 +98,7 @@ class MaskedAutoencoder(nn.Module):
         else:
             out = channels * self.pred_stride ** 2
         self.decoder_pred = nn.Linear(D, out)
+        self.grad_checkpointing = False
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -115,6 +116,11 @@ class MaskedAutoencoder(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {f"encoder.{n}" for n in self.encoder.no_weight_decay()} | {"mask_token", "decoder_pos_embed"}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing of every encoder and decoder block (see models.hiera.run_block)."""
+        self.encoder.set_grad_checkpointing(enable)
+        self.grad_checkpointing = enable
 
     # -- masks ---------------------------------------------------------------------------------------------
     def keep_indices(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -166,7 +172,7 @@ class MaskedAutoencoder(nn.Module):
         order = [0] + [a for d in range(dims) for a in (1 + d, 1 + dims + d)] + [1 + 2 * dims]
         x = x.permute(order).reshape(B, -1, D) + self.decoder_pos_embed
         for block in self.decoder_blocks:
-            x = block(x)
+            x = run_block(block, x, checkpointed=self.grad_checkpointing)
         return self.decoder_pred(self.decoder_norm(x))
 
     def targets(self, x: torch.Tensor) -> torch.Tensor:
@@ -179,9 +185,11 @@ class MaskedAutoencoder(nn.Module):
             rows = patchify(x, self.pred_stride, self.time_stride)
             return norm_pix(rows) if self.config.norm_pix_loss else rows
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                keep_idx: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """x: [B, C, (T,) H, W]; mask: [B, #MU] bool, True = keep (official convention), or keep_idx [B, K].
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, keep_idx: torch.Tensor | None = None,
+                valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """x: [B, C, (T,) H, W]; mask: [B, #MU] bool, True = keep (official convention), or keep_idx [B, K];
+        valid: [B] bool, False for rows left out of the loss (stand-ins for samples that failed to load); the
+        loss of a batch without valid rows is 0, with gradients, so that data-parallel steps stay in step.
 
         Returns loss (scalar), pred and target [B, N_tokens, D_pred], mask [B, #MU] (True = visible) and
         token_mask [B, N_tokens] (True = visible).
@@ -193,8 +201,10 @@ class MaskedAutoencoder(nn.Module):
         unit_mask = self.keep_mask(keep_idx)
         token_mask = self.token_mask(unit_mask)
         weight = (~token_mask).float()  # its sum overflows fp16 past 65504 masked tokens
+        if valid is not None:
+            weight = weight * valid[:, None]
         per_token = (pred.float() - target.float()).pow(2).mean(dim=-1)
-        loss = (per_token * weight).sum() / weight.sum()
+        loss = (per_token * weight).sum() / weight.sum().clamp(min=1)
         return {"loss": loss, "pred": pred, "target": target, "mask": unit_mask, "token_mask": token_mask}
 
     # -- checkpoints and reconstructions ---------------------------------------------------------------------

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import nn
 
-from .hiera import MAE_ONLY_KEY_PREFIXES, Head, PatchEmbed, init_transformer_weights
+from .hiera import MAE_ONLY_KEY_PREFIXES, Head, PatchEmbed, init_transformer_weights, run_block
 from .mvitv2_convert import adapt_mvitv2_state_dict
 from .mvitv2_geometry import (
     Grid,
@@ -390,6 +390,7 @@ class MViTv2(nn.Module):
         self.norm = nn.LayerNorm(self.num_features, eps=1e-6)
         self.head = Head(self.num_features, cfg.num_classes, cfg.head_dropout) if cfg.num_classes > 0 \
             else nn.Identity()
+        self.grad_checkpointing = False
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -408,6 +409,10 @@ class MViTv2(nn.Module):
         """Position tables (absolute and relative) and the cls token."""
         return {n for n, _ in self.named_parameters()
                 if "." not in n or n.rsplit(".", 1)[-1].startswith("rel_pos_")}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing of every block (timm's method name; see models.hiera.run_block)."""
+        self.grad_checkpointing = enable
 
     def get_pos_embed(self) -> torch.Tensor:
         """[1, prefix + N, C] in spatial order."""
@@ -436,7 +441,7 @@ class MViTv2(nn.Module):
         """Embedded tokens through the blocks; every stage's output and grid (see MultiScaleBlock.forward)."""
         outputs = []
         for i, block in enumerate(self.blocks):
-            x, grid = block(x, grid, kept, visible)
+            x, grid = run_block(block, x, grid, kept, visible, checkpointed=self.grad_checkpointing)
             if i in self.stage_ends:
                 outputs.append((x, grid))
         return outputs
