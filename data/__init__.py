@@ -7,17 +7,22 @@ See ``data/stream.py`` for how epochs are planned (deterministic, evenly split, 
 from .decode import DecodeError, VideoInfo, decode_image, decode_video, probe_video
 from .loader import DataFailureError, ShardLoader
 from .masking import num_kept, random_mask
+from .plan import EpochPlan, epoch_order, rank_batches
 from .samples import SampleConfig, SampleProcessor, position_rng
 from .shards import SampleError, ShardReader, ShardSet
-from .stream import ShardStream, epoch_order, rank_batches
+from .sources import FetchError, ShardCache
+from .stream import ShardStream
 from .transforms import normalize
 
 __all__ = [
     "DataFailureError",
     "DecodeError",
+    "EpochPlan",
+    "FetchError",
     "SampleConfig",
     "SampleError",
     "SampleProcessor",
+    "ShardCache",
     "ShardLoader",
     "ShardReader",
     "ShardSet",

@@ -22,9 +22,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from .plan import num_batches
 from .samples import SampleConfig
 from .shards import ShardSet
-from .stream import ShardStream, rank_batches
+from .sources import ShardCache
+from .stream import ShardStream
 
 
 class DataFailureError(RuntimeError):
@@ -63,8 +65,14 @@ class ShardLoader:
         prefetch_factor: int = 2,
         pin_memory: bool = False,
         persistent: bool = False,
+        shard_mix: int = 8,
+        cache: ShardCache | None = None,
     ):
-        self.shards = shards if isinstance(shards, ShardSet) else ShardSet.load(shards)
+        self.cache = cache or ShardCache()
+        self.shards = shards if isinstance(shards, ShardSet) else ShardSet.load(shards, self.cache.retries)
+        self.shard_mix = shard_mix
+        if self.shards.remote:
+            self.cache.check_room(max((s or 0) for s in self.shards.sizes), ShardStream.open_shards(shard_mix))
         self.sample, self.batch_size, self.seed = sample, batch_size, seed
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.shuffle, self.drop_last, self.persistent = shuffle, drop_last, persistent
@@ -77,8 +85,12 @@ class ShardLoader:
         self.tried = 0
         self.failed: Counter[str] = Counter()  # shard name -> failed samples
         self._batches = None  # the workers' batch iterator, from (epoch, consumed) on
-        # Counted once: planning an epoch takes ~10 ms on Kinetics, too much to repeat for every batch.
-        self._len = len(rank_batches(self.shards.num_samples, batch_size, rank, world_size, drop_last))
+        self._len = num_batches(self.shards.num_samples, batch_size, world_size, drop_last)
+        if self._len == 0 and self.shards.num_samples:
+            raise ValueError(
+                f"{self.shards.spec}: {self.shards.num_samples} samples are fewer than one global batch of "
+                f"{batch_size} samples per rank x {world_size} ranks = {batch_size * world_size}: use more data, "
+                f"a smaller batch size or fewer processes")
 
     def __len__(self) -> int:
         return self._len
@@ -103,8 +115,12 @@ class ShardLoader:
             self._batches = None
 
     def _start_workers(self):
+        # A shard that cannot be fetched stops the run at once when no failure is allowed; otherwise its
+        # samples fail and are counted like bad samples.
         stream = ShardStream(self.shards, self.sample, self.batch_size, self.seed, self.epoch, self.consumed,
-                             self.rank, self.world_size, self.shuffle, self.drop_last, endless=self.persistent)
+                             self.rank, self.world_size, self.shuffle, self.drop_last, endless=self.persistent,
+                             shard_mix=self.shard_mix, cache=self.cache,
+                             fetch_errors_fatal=self.max_fail_fraction == 0)
         if self.num_workers:
             # Garbage must not cross the fork: a PyAV object that owns threads (a filter graph, a threaded
             # codec) freed by the garbage collector of a forked worker waits forever for threads it lost.
@@ -133,10 +149,16 @@ class ShardLoader:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed, "tried": self.tried,
-                "failed": dict(self.failed)}
+                "failed": dict(self.failed), "shards": self.shards.fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
         if state["seed"] != self.seed:
             raise ValueError(f"data state was saved with seed {state['seed']}, this loader has {self.seed}")
+        if state.get("shards", self.shards.fingerprint) != self.shards.fingerprint:
+            raise ValueError(
+                f"the checkpoint's data position belongs to another shard list (fingerprint {state['shards']}; "
+                f"{self.shards.spec} has {self.shards.fingerprint}: shards added, removed or rewritten), so "
+                f"resuming would not continue the same epoch. Point the data at the original shards, or "
+                f"start a new output_dir")
         self.epoch, self.consumed, self._batches = state["epoch"], state["consumed"], None
         self.tried, self.failed = state["tried"], Counter(state["failed"])

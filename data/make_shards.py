@@ -3,10 +3,12 @@
     python -m data.make_shards kinetics --csv train.csv --videos DIR --out OUT [options]
     python -m data.make_shards list --list train.txt [--root DIR] --out OUT [options]
     python -m data.make_shards folder --root DIR --out OUT [options]
+    python -m data.make_shards index SHARDS... --out OUT/info.json [--classes FILE]
 
 ``kinetics`` reads the official lists (header ``label,youtube_id,time_start,time_end,split``) and finds each
 clip by its ``<youtube_id>_<start:06d>_<end:06d>`` name anywhere under ``--videos`` (class folders or flat).
 ``list`` reads ``path label`` lines (SlowFast / mae_st / VideoMAE). ``folder`` takes one sub-folder per class.
+``index`` writes the info.json of shards made by another tool (``data/index.py``).
 
 Options: ``--short-side 320`` re-encodes videos (H.264, audio dropped) or re-saves images (JPEG) whose short
 side is larger; the default keeps the original bytes. ``--per-shard``, ``--workers``, ``--seed`` (inputs are
@@ -15,7 +17,8 @@ shuffled once before sharding so that every shard mixes classes).
 Inputs that are missing, unreadable or have no video stream are skipped and listed with the reason in
 ``info.json``. Shard i always holds inputs [i * per_shard, (i + 1) * per_shard) of the shuffled list, and is
 written under a temporary name then renamed, so re-running the same command after an interruption only
-writes the shards that are not finished.
+writes the shards that are not finished. Each shard's sidecar ``shard-NNNNNN.json`` records its size, and its
+members' offsets and labels, so that training reads no tar header.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from .decode import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, DecodeError, decode_image, probe_video
-from .shards import INFO_NAME
+from .index import index_shards
+from .shards import INFO_NAME, index_tar
 
 
 @dataclass(frozen=True)
@@ -222,7 +226,7 @@ def write_shards(
 def _write_shard(out: Path, shard: int, encoded: list) -> None:
     """Tar + sidecar json under temporary names; the tar is renamed last and marks the shard finished."""
     name = f"shard-{shard:06d}"
-    count, skipped = 0, []
+    labels, skipped = [], []
     with tarfile.open(out / f"{name}.tar.tmp", "w", format=tarfile.USTAR_FORMAT) as tar:
         for k, item, result in encoded:
             if isinstance(result, str):
@@ -232,8 +236,11 @@ def _write_shard(out: Path, shard: int, encoded: list) -> None:
             key = sample_key(k, item.name)
             add_member(tar, f"{key}.{ext}", payload)
             add_member(tar, f"{key}.json", json.dumps({"label": item.label, "source": item.path}).encode())
-            count += 1
-    (out / f"{name}.json.tmp").write_text(json.dumps({"num_samples": count, "skipped": skipped}))
+            labels.append(item.label)
+    samples = [[key, files, label] for (key, files, _), label in zip(index_tar(out / f"{name}.tar.tmp"), labels)]
+    side = {"num_samples": len(labels), "skipped": skipped, "bytes": (out / f"{name}.tar.tmp").stat().st_size,
+            "samples": samples}
+    (out / f"{name}.json.tmp").write_text(json.dumps(side))
     os.replace(out / f"{name}.json.tmp", out / f"{name}.json")
     os.replace(out / f"{name}.tar.tmp", out / f"{name}.tar")
 
@@ -244,7 +251,8 @@ def _write_info(out: Path, num_shards: int, classes: list[str], args: argparse.N
         side = json.loads((out / f"shard-{i:06d}.json").read_text())
         skipped += side["skipped"]
         if side["num_samples"]:
-            shards.append({"name": f"shard-{i:06d}.tar", "num_samples": side["num_samples"]})
+            shards.append({"name": f"shard-{i:06d}.tar", "num_samples": side["num_samples"],
+                           "bytes": side["bytes"], "index": f"shard-{i:06d}.json"})
     info = {
         "version": 1,
         "media": args.media,
@@ -277,6 +285,10 @@ def main(argv: list[str] | None = None) -> dict:
     listing.add_argument("--root", type=Path, help="prefix for relative paths (default: the list's folder)")
     folder = commands.add_parser("folder", help="one sub-folder per class")
     folder.add_argument("--root", type=Path, required=True)
+    index = commands.add_parser("index", help="info.json for existing webdataset shards (any tool's)")
+    index.add_argument("shards", nargs="+", help="paths, URLs or pipe: commands; {000..099} braces expand")
+    index.add_argument("--out", type=Path, required=True, help="the info.json to write (sidecars go beside it)")
+    index.add_argument("--classes", type=Path, help="class names, one a line (labels index into it)")
     for sub in (kinetics, listing, folder):
         sub.add_argument("--out", type=Path, required=True)
         sub.add_argument("--short-side", type=int, default=None, help="resize larger inputs (default: keep bytes)")
@@ -285,6 +297,14 @@ def main(argv: list[str] | None = None) -> dict:
         sub.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
+    if args.command == "index":
+        names = [c.strip() for c in args.classes.read_text().splitlines() if c.strip()] if args.classes else None
+        info = index_shards(args.shards, args.out, names)
+        print(f"{info['num_samples']} samples in {len(info['shards'])} shards, {len(info['classes'])} classes: "
+              f"wrote {args.out}")
+        for problem in info["problems"]:
+            print(f"  warning: {problem}")
+        return info
     if args.command == "kinetics":
         classes = [c for c in args.classes.read_text().splitlines() if c.strip()] if args.classes else None
         inputs, classes = kinetics_inputs(args.csv, args.videos, classes)

@@ -1,55 +1,111 @@
 """The shard format and random access to its samples.
 
-A dataset is a directory of tar shards plus ``info.json`` (written by ``data.make_shards``)::
+A dataset is a set of tar shards plus ``info.json`` (written by ``data.make_shards``, or by
+``make_shards index`` for shards made by any webdataset tool)::
 
     {"version": 1, "media": "video", "num_samples": N, "classes": [...],
-     "shards": [{"name": "shard-000000.tar", "num_samples": n0}, ...], "skipped": [...]}
+     "shards": [{"name": "shard-000000.tar", "num_samples": n0, "bytes": b0, "index": "shard-000000.json"}, ...],
+     "skipped": [...]}
 
-Inside a shard, each sample is a group of members named ``<key>.<ext>`` (webdataset's convention, so the
-shards also work with webdataset): the media file (``.mp4``, ``.jpg``, ...) and ``<key>.json`` with
-``{"label": int, ...}``. Keys never contain dots: webdataset splits the name at the first dot.
+``name`` is relative to info.json's place, or an absolute path / URL (``data/sources.py``). ``bytes`` (the
+tar's size) checks downloads. ``index`` names a sidecar JSON next to info.json that holds the member offsets::
 
-Shards are local, seekable files. A worker indexes a shard's tar headers once (a few ms: headers only) and
-then reads members by offset, which is what lets the stream visit samples in a shuffled order that is a pure
-function of (seed, epoch) instead of a worker's shuffle buffer.
+    {"bytes": b0, "samples": [[key, {ext: [data offset, size], ...}, label], ...]}
+
+Inside a shard, each sample is a group of members named ``<key>.<ext>`` (webdataset's convention): the key runs
+to the first dot of the file's base name, as webdataset reads it, so ``clip.001.mp4`` is sample ``clip`` with
+field ``001.mp4``. The media member is the one whose last extension is a video or image type; the label comes
+from the sidecar, else from a ``.cls`` (integer), ``.json`` (its ``label`` field) or ``.txt`` (a class name or
+an integer) member.
+
+A worker reads each shard's index once, from the sidecar (one small file) or, where there is none, by a scan
+of the tar headers with small reads (512 bytes a header, data skipped by seeking), and then reads members by
+offset. That is what lets the stream visit samples in an order that is a pure function of (seed, epoch)
+instead of a worker's shuffle buffer. Remote shards are first downloaded whole into the node's cache.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tarfile
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from typing import BinaryIO
 
 from .decode import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+from .sources import INFO_NAME, FetchError, ShardCache, Source, is_remote, local_path, read_url, shard_name
 
-INFO_NAME = "info.json"
+__all__ = ["INFO_NAME", "SampleError", "ShardReader", "ShardSet", "index_tar", "scan_tar", "split_member_name"]
+
 MEDIA_EXTENSIONS = VIDEO_EXTENSIONS + IMAGE_EXTENSIONS
+# Shard indexes a reader keeps: more than a rank's block of shards in an epoch (~16 for Kinetics on 64
+# ranks), so each is read once per worker and epoch, and a few MB at most.
+INDEXES_KEPT = 256
+LABEL_EXTENSIONS = ("cls", "json", "txt")  # in the order a label is looked for
+
+# (key, {ext: (data offset, size)}, label or None when it must be read from a label member)
+IndexEntry = tuple[str, dict[str, tuple[int, int]], "int | None"]
 
 
 class SampleError(ValueError):
     """A sample cannot be read from its shard (missing after a truncation, no media member, bad metadata)."""
 
 
+def open_raw(path: str) -> BinaryIO:
+    """Unbuffered: every read asks the OS for exactly the bytes wanted. A buffered reader's buffer follows the
+    filesystem's block size, which on NFS, Lustre or GPFS (1 MiB+) turns a header scan into a read of most
+    of the shard."""
+    return open(path, "rb", buffering=0)
+
+
 @dataclass(frozen=True)
 class ShardSet:
-    root: Path
+    """A dataset's shards as info.json describes them, with each shard's resolved URL or path.
+
+    ``opener`` opens local files (shards, cached copies, sidecars) for reading; the default is ``open_raw``.
+    """
+
+    spec: str
     names: tuple[str, ...]
+    urls: tuple[str, ...]
     counts: tuple[int, ...]  # samples per shard, from info.json: the epoch length never needs a scan
+    sizes: tuple[int | None, ...]  # bytes per shard, where recorded
+    indexes: tuple[str | None, ...]  # sidecar index URL per shard, where there is one
     classes: tuple[str, ...]
     media: str
+    opener: Callable[[str], BinaryIO] = open_raw
 
     @classmethod
-    def load(cls, path: str | Path) -> ShardSet:
-        """From a shard directory or its ``info.json``."""
-        path = Path(path)
-        info_path = path / INFO_NAME if path.is_dir() else path
-        info = json.loads(info_path.read_text())
+    def load(cls, spec, retries: int = 3) -> ShardSet:
+        """From a dataset spec (``data/sources.py``): a directory, info.json, base URL, pipe template or
+        brace-expanded shard list."""
+        source = Source.parse(spec)
+        try:
+            info = json.loads(read_url(source.info_url, retries))
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{spec}: no {INFO_NAME} at {source.info_url}; write one with "
+                                    f"python -m data.make_shards index SHARDS... --out {INFO_NAME}") from e
+        except ValueError as e:
+            raise ValueError(f"{source.info_url}: not a readable {INFO_NAME}: {e}") from e
+        entries = info["shards"]
+        urls = [source.url(e["name"]) for e in entries]
+        if source.selected is not None:  # a shard list: those shards, in its order
+            by_name = {shard_name(u): e for e, u in zip(entries, urls)}
+            missing = [u for u in source.selected if shard_name(u) not in by_name]
+            if missing:
+                raise ValueError(f"{source.info_url} does not list {len(missing)} of the shards of {spec}, "
+                                 f"e.g. {missing[0]}: re-run python -m data.make_shards index")
+            entries = [by_name[shard_name(u)] for u in source.selected]
+            urls = list(source.selected)
         return cls(
-            root=info_path.parent,
-            names=tuple(s["name"] for s in info["shards"]),
-            counts=tuple(int(s["num_samples"]) for s in info["shards"]),
+            spec=str(spec),
+            names=tuple(e["name"].rsplit("/", 1)[-1] for e in entries),
+            urls=tuple(urls),
+            counts=tuple(int(e["num_samples"]) for e in entries),
+            sizes=tuple(e.get("bytes") for e in entries),
+            indexes=tuple(source.url(e["index"]) if e.get("index") else None for e in entries),
             classes=tuple(info.get("classes") or ()),
             media=info.get("media", "video"),
         )
@@ -58,89 +114,212 @@ class ShardSet:
     def num_samples(self) -> int:
         return sum(self.counts)
 
+    @property
+    def fingerprint(self) -> str:
+        """A hash of the shard list (names and sample counts): where the data moves (local disk, a web
+        server, a bucket), it stays the same; where shards are added, removed or rewritten, it changes."""
+        return hashlib.sha256(json.dumps([self.names, self.counts]).encode()).hexdigest()[:16]
 
-def split_member_name(name: str) -> tuple[str, str]:
-    """``dir/key.ext`` -> (``dir/key``, ``ext``), splitting at the basename's first dot like webdataset."""
+    @property
+    def remote(self) -> bool:
+        return any(is_remote(u) for u in self.urls)
+
+
+def split_member_name(name: str) -> tuple[str | None, str]:
+    """``dir/key.ext.more`` -> (``dir/key``, ``ext.more``), at the base name's first dot as webdataset splits
+    it (extension lower-cased); (None, "") for a name without a dot, which webdataset ignores."""
     head, _, base = name.rpartition("/")
-    key, _, ext = base.partition(".")
-    return (f"{head}/{key}" if head else key), ext
+    key, dot, ext = base.partition(".")
+    if not dot or not key:
+        return None, ""
+    return (f"{head}/{key}" if head else key), ext.lower()
 
 
-def index_tar(path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-    """Samples of a tar in file order: [(key, {ext: (offset, size)})].
+def last_extension(ext: str) -> str:
+    """``001.mp4`` -> ``mp4``: the part that says what a field holds (webdataset's decoders look at it too)."""
+    return ext.rsplit(".", 1)[-1]
 
-    A truncated tar yields the samples that are complete before the cut; a sample whose data runs past
-    the end of the file is dropped.
+
+def scan_tar(f: BinaryIO) -> list[IndexEntry]:
+    """Samples of a tar in file order: [(key, {ext: (offset, size)}, None)], reading only the headers.
+
+    ``f`` should be unbuffered (``open_raw``): tarfile then reads 512-byte headers and seeks over the data.
+    A truncated tar yields the samples that are complete before the cut; a member whose data runs past the
+    end of the file is dropped.
     """
-    file_size = path.stat().st_size
-    samples: list[tuple[str, dict[str, tuple[int, int]]]] = []
-    with tarfile.open(path, mode="r:") as tar:
-        while True:
-            try:
-                member = tar.next()
-            except (tarfile.ReadError, EOFError):
-                break
-            if member is None:
-                break
-            if not member.isfile() or member.offset_data + member.size > file_size:
-                continue
-            key, ext = split_member_name(member.name)
-            if not samples or samples[-1][0] != key:
-                samples.append((key, {}))
-            samples[-1][1][ext] = (member.offset_data, member.size)
+    file_size = f.seek(0, 2)
+    f.seek(0)
+    try:
+        with tarfile.open(fileobj=f, mode="r:") as tar:  # closing it leaves ``f`` open
+            return _samples(tar, file_size)
+    except tarfile.ReadError:
+        return []  # empty, or cut inside the first header
+
+
+def _samples(tar: tarfile.TarFile, file_size: int) -> list[IndexEntry]:
+    samples: list[IndexEntry] = []
+    while True:
+        try:
+            member = tar.next()
+        except (tarfile.ReadError, EOFError):
+            break
+        if member is None:
+            break
+        if not member.isfile() or member.offset_data + member.size > file_size:
+            continue
+        key, ext = split_member_name(member.name)
+        if key is None:
+            continue
+        if not samples or samples[-1][0] != key:
+            samples.append((key, {}, None))
+        samples[-1][1][ext] = (member.offset_data, member.size)
     return samples
 
 
-class ShardReader:
-    """Reads samples by (shard, member index), keeping a few shard files open and their indexes cached.
+def index_tar(path: str) -> list[IndexEntry]:
+    """``scan_tar`` of a local tar."""
+    with open_raw(str(path)) as f:
+        return scan_tar(f)
 
+
+def raw_label(files: dict[str, tuple[int, int]], read: Callable[[tuple[int, int]], bytes]) -> int | str | None:
+    """A sample's label as stored: an int from its ``.cls`` member or its ``.json`` member's ``label`` field,
+    the text of a ``.txt`` member (an int if it is one), or None. ``read`` returns a member's bytes from its
+    (offset, size). Raises ValueError (or UnicodeDecodeError) for unreadable label members."""
+    by_kind = {last_extension(ext): where for ext, where in files.items()}
+    for kind in LABEL_EXTENSIONS:
+        if kind in by_kind:
+            text = read(by_kind[kind]).decode().strip()
+            if kind == "json":
+                meta = json.loads(text)
+                label = meta.get("label") if isinstance(meta, dict) else None
+                return None if label is None else int(label)
+            return int(text) if kind == "cls" or text.lstrip("-").isdigit() else text
+    return None
+
+
+def read_label(files: dict[str, tuple[int, int]], read: Callable[[tuple[int, int]], bytes],
+               classes: tuple[str, ...]) -> int:
+    """``raw_label`` as a class index: names are looked up in ``classes``; -1 if none or unknown."""
+    label = raw_label(files, read)
+    if isinstance(label, str):
+        return classes.index(label) if label in classes else -1
+    return -1 if label is None else label
+
+
+def read_member(f: BinaryIO, where: tuple[int, int]) -> bytes:
+    """The bytes of the member at (data offset, size); fewer if the file ends first."""
+    offset, size = where
+    f.seek(offset)
+    chunks, left = [], size
+    while left:  # a raw read may return fewer bytes than asked
+        chunk = f.read(left)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def media_member(files: dict[str, tuple[int, int]]) -> str | None:
+    """The field holding the video or image (the first, where keys with dots merged several samples)."""
+    return next((ext for ext in files if last_extension(ext) in MEDIA_EXTENSIONS), None)
+
+
+class ShardReader:
+    """Reads samples by (shard, member index), keeping up to ``max_open`` shard files open.
+
+    Each shard's index is read once per reader (once per worker) and kept; remote shards come through
+    ``cache`` (default: a ``ShardCache`` in the temp dir) and stay pinned there while open. A shard that cannot
+    be fetched is remembered, and its samples fail at once with the fetch error (no retry per sample);
+    with ``fetch_errors_fatal`` the ``FetchError`` itself is raised instead (the run stops).
     Call ``close()`` (or use as a context manager) so no file is left for the garbage collector.
     """
 
-    def __init__(self, shards: ShardSet, max_open: int = 4):
-        self.shards = shards
-        self.max_open = max_open
-        self._open: OrderedDict[int, tuple] = OrderedDict()  # shard -> (file, index), LRU order
+    def __init__(self, shards: ShardSet, max_open: int = 4, cache: ShardCache | None = None,
+                 fetch_errors_fatal: bool = False):
+        self.shards, self.max_open = shards, max_open
+        self.cache = cache or ShardCache()
+        self.fetch_errors_fatal = fetch_errors_fatal
+        self._open: OrderedDict[int, tuple[BinaryIO, int | None]] = OrderedDict()  # shard -> (file, lock fd)
+        self._index: OrderedDict[int, list[IndexEntry]] = OrderedDict()  # LRU, bounded by INDEXES_KEPT
+        self._unreachable: dict[int, str] = {}
 
-    def _shard(self, shard: int):
+    def _file(self, shard: int) -> BinaryIO:
         if shard in self._open:
             self._open.move_to_end(shard)
-        else:
-            path = self.shards.root / self.shards.names[shard]
+            return self._open[shard][0]
+        if shard in self._unreachable:
+            raise SampleError(self._unreachable[shard])
+        url, lock = self.shards.urls[shard], None
+        try:
+            if is_remote(url):
+                path, lock = self.cache.fetch(url, self.shards.sizes[shard])
+            else:
+                path = local_path(url)
+            f = self.shards.opener(str(path))
+        except FetchError as e:
+            if self.fetch_errors_fatal:
+                raise
+            self._unreachable[shard] = str(e)
+            raise SampleError(str(e)) from e
+        except OSError as e:
+            if lock is not None:
+                self.cache.release(lock)
+            raise SampleError(f"unreadable shard {url}: {e}") from e
+        self._open[shard] = (f, lock)
+        if len(self._open) > self.max_open:
+            self._close(*self._open.popitem(last=False)[1])
+        return f
+
+    def index(self, shard: int) -> list[IndexEntry]:
+        """The shard's samples in file order, read once: from its sidecar if local, else from the headers."""
+        if shard not in self._index:
+            f = self._file(shard)
+            sidecar = self.shards.indexes[shard]
             try:
-                index = index_tar(path)
-            except (OSError, tarfile.TarError) as e:
-                raise SampleError(f"unreadable shard: {e}") from e
-            # Held open across reads and closed by the LRU eviction or close(), hence no ``with``.
-            self._open[shard] = (open(path, "rb"), index)  # noqa: SIM115
-            if len(self._open) > self.max_open:
-                self._open.popitem(last=False)[1][0].close()
-        return self._open[shard]
+                if sidecar is not None and not is_remote(sidecar):
+                    with self.shards.opener(str(local_path(sidecar))) as side:
+                        samples = json.loads(side.read())["samples"]
+                    self._index[shard] = [(k, {e: tuple(w) for e, w in files.items()}, label)
+                                          for k, files, label in samples]
+                else:
+                    self._index[shard] = scan_tar(f)
+            except (OSError, ValueError, KeyError, tarfile.TarError) as e:
+                raise SampleError(f"unreadable index of {self.shards.urls[shard]}: {e}") from e
+            if len(self._index) > INDEXES_KEPT:
+                self._index.popitem(last=False)
+        self._index.move_to_end(shard)
+        return self._index[shard]
 
     def read(self, shard: int, member: int) -> tuple[str, str, bytes, dict]:
-        """(key, media extension, media bytes, metadata) of the ``member``-th sample of ``shard``."""
-        f, index = self._shard(shard)
+        """(key, media extension, media bytes, {"label": int}) of the ``member``-th sample of ``shard``."""
+        index = self.index(shard)
         if member >= len(index):
             raise SampleError(f"sample {member} missing: shard holds {len(index)} (truncated?)")
-        key, files = index[member]
-        media = [ext for ext in files if ext.lower() in MEDIA_EXTENSIONS]
-        if not media:
+        key, files, label = index[member]
+        media = media_member(files)
+        if media is None:
             raise SampleError(f"no media member among {sorted(files)}")
-        try:
-            meta = json.loads(self._bytes(f, files["json"])) if "json" in files else {}
-        except ValueError as e:
-            raise SampleError(f"bad metadata: {e}") from e
-        return key, media[0], self._bytes(f, files[media[0]]), meta
+        f = self._file(shard)
+        if label is None:
+            try:
+                label = read_label(files, lambda where: read_member(f, where), self.shards.classes)
+            except (ValueError, UnicodeDecodeError) as e:
+                raise SampleError(f"bad label metadata: {e}") from e
+        data = read_member(f, files[media])
+        if len(data) != files[media][1]:
+            raise SampleError(f"member {key}.{media} cut short: {len(data)} of {files[media][1]} bytes")
+        return key, last_extension(media), data, {"label": label}
 
-    @staticmethod
-    def _bytes(f, where: tuple[int, int]) -> bytes:
-        offset, size = where
-        f.seek(offset)
-        return f.read(size)
+    def _close(self, f: BinaryIO, lock: int | None) -> None:
+        f.close()
+        if lock is not None:
+            self.cache.release(lock)
 
     def close(self) -> None:
         while self._open:
-            self._open.popitem()[1][0].close()
+            self._close(*self._open.popitem()[1])
 
     def __enter__(self) -> ShardReader:
         return self

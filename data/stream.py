@@ -3,19 +3,16 @@
 Why not webdataset's pipeline: its per-worker shuffle buffers and shard split (``split_by_node`` /
 ``split_by_worker``) make the sample order depend on the worker layout, give ranks different batch counts
 when shards are uneven (a DDP hang) unless one resamples, and cannot resume mid-epoch (REFERENCE.md §6).
-Here the whole epoch is planned up front from ``info.json`` alone:
+Here the whole epoch is planned from ``info.json`` alone (``data/plan.py``): shards and the samples in them
+are permuted from (seed, epoch); each rank takes its own block of shards; each batch interleaves
+``shard_mix`` lanes of the block, so it draws from that many shards; every rank gets the same number of
+batches, and with ``drop_last=False`` every sample is seen exactly once (padding keeps ranks in step).
 
-1. ``epoch_order``: shards are permuted, then the samples inside each shard, from (seed, epoch) only. Epoch
-   position p names one sample (shard, member); consecutive positions stay inside a shard, so reads stay local.
-2. ``rank_batches``: positions are cut into global batches of ``world_size x batch_size``; rank r takes the
-   r-th slice of each. Every rank gets the same number of batches. With ``drop_last=False`` the last global
-   batch is split as evenly as possible, and a rank left with nothing gets one padding sample (``valid`` is
-   False for it), so every sample is seen exactly once and no rank waits for another.
-3. Worker w of K (global worker id ``rank * K + w``) builds batches j = start + w, start + w + K, ... of its
-   rank; torch's DataLoader collects workers round-robin, so batches come out in order j = start, start+1, ...
-   whatever K is. Resuming is starting at batch ``start`` = batches already consumed; nothing is replayed.
-   An endless stream carries j on past the epoch's end into the next epochs (batch j is batch j mod n of
-   epoch ``epoch + j // n``), so training workers live across epochs and prefetch over their boundaries.
+Worker w of K (global worker id ``rank * K + w``) builds batches j = start + w, start + w + K, ... of its
+rank; torch's DataLoader collects workers round-robin, so batches come out in order j = start, start+1, ...
+whatever K is. Resuming is starting at batch ``start`` = batches already consumed; nothing is replayed.
+An endless stream carries j on past the epoch's end into the next epochs (batch j is batch j mod n of
+epoch ``epoch + j // n``), so training workers live across epochs and prefetch over their boundaries.
 
 Augmentation randomness is seeded by (seed, epoch, position, view) (``samples.position_rng``), so results
 do not depend on K either. A sample that fails (corrupt, zero-byte, non-video, missing from a truncated
@@ -26,59 +23,25 @@ sample failed comes out with zero rows, so ranks still agree on the number of ba
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .decode import DecodeError
+from .plan import EpochPlan, PlannedBatch, epoch_order, num_batches, rank_batches
 from .samples import SampleConfig, SampleProcessor
 from .shards import SampleError, ShardReader, ShardSet
+from .sources import ShardCache
 
-
-def epoch_order(counts: tuple[int, ...], seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
-    """[N, 2] int64 (shard, member) for every epoch position: shards permuted, then members in each."""
-    rng = np.random.default_rng([seed, epoch])
-    shard_order = rng.permutation(len(counts)) if shuffle else np.arange(len(counts))
-    parts = []
-    for shard in shard_order:
-        members = rng.permutation(counts[shard]) if shuffle else np.arange(counts[shard])
-        parts.append(np.stack([np.full_like(members, shard), members], axis=1))
-    return np.concatenate(parts) if parts else np.zeros((0, 2), dtype=np.int64)
-
-
-@dataclass(frozen=True)
-class PlannedBatch:
-    positions: np.ndarray  # [b] int64 epoch positions
-    valid: np.ndarray  # [b] bool; False only for padding that keeps ranks in step
-
-
-def rank_batches(
-    num_samples: int, batch_size: int, rank: int, world_size: int, drop_last: bool
-) -> list[PlannedBatch]:
-    """The batches of ``rank`` for one epoch; every rank gets the same number."""
-    per_step = batch_size * world_size
-    full = num_samples // per_step
-    batches = []
-    for g in range(full):
-        start = g * per_step + rank * batch_size
-        positions = np.arange(start, start + batch_size)
-        batches.append(PlannedBatch(positions, np.ones(batch_size, dtype=bool)))
-    leftover = num_samples - full * per_step
-    if leftover and not drop_last:
-        part = np.array_split(np.arange(full * per_step, num_samples), world_size)[rank]
-        if len(part):
-            batches.append(PlannedBatch(part, np.ones(len(part), dtype=bool)))
-        else:
-            batches.append(PlannedBatch(np.array([full * per_step]), np.zeros(1, dtype=bool)))
-    return batches
+__all__ = ["PlannedBatch", "ShardStream", "epoch_order", "rank_batches"]
 
 
 class ShardStream(IterableDataset):
     """Yields finished batches (see ``ShardLoader`` for the dict format) of one rank, from batch ``start`` of
     ``epoch`` to the end of that epoch, or on through the following epochs without end if ``endless``.
-    Use with ``DataLoader(batch_size=None)``."""
+    Use with ``DataLoader(batch_size=None)``. Remote shards come through ``cache``; with
+    ``fetch_errors_fatal`` a shard that cannot be fetched stops the stream instead of failing its samples."""
 
     def __init__(
         self,
@@ -93,28 +56,41 @@ class ShardStream(IterableDataset):
         shuffle: bool = True,
         drop_last: bool = True,
         endless: bool = False,
+        shard_mix: int = 8,
+        cache: ShardCache | None = None,
+        fetch_errors_fatal: bool = False,
     ):
         self.shards, self.sample, self.seed, self.epoch, self.start = shards, sample, seed, epoch, start
-        self.plan = rank_batches(shards.num_samples, batch_size, rank, world_size, drop_last)
-        self.shuffle, self.endless = shuffle, endless
+        self.batch_size, self.rank, self.world_size, self.drop_last = batch_size, rank, world_size, drop_last
+        self.num_batches = num_batches(shards.num_samples, batch_size, world_size, drop_last)
+        self.shuffle, self.endless, self.shard_mix = shuffle, endless, shard_mix
+        self.cache, self.fetch_errors_fatal = cache, fetch_errors_fatal
         self.is_image = shards.media == "image"
+
+    @staticmethod
+    def open_shards(shard_mix: int) -> int:
+        """Shards a worker keeps open: a batch whose lanes cross into their next shards needs two per lane."""
+        return 2 * shard_mix + 2
 
     def __iter__(self):
         worker = get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
-        per_epoch = len(self.plan)
+        per_epoch = self.num_batches
         processor = SampleProcessor(self.sample)
-        order_epoch, order = None, None
-        with ShardReader(self.shards) as reader:
+        plan = None
+        with ShardReader(self.shards, max_open=self.open_shards(self.shard_mix), cache=self.cache,
+                         fetch_errors_fatal=self.fetch_errors_fatal) as reader:
             for j in itertools.count(self.start + worker_id, num_workers):
                 if per_epoch == 0 or (j >= per_epoch and not self.endless):
                     return
                 epoch = self.epoch + j // per_epoch
-                if epoch != order_epoch:
-                    order_epoch, order = epoch, epoch_order(self.shards.counts, self.seed, epoch, self.shuffle)
-                yield self._batch(self.plan[j % per_epoch], epoch, order, reader, processor)
+                if plan is None or plan.epoch != epoch:
+                    plan = EpochPlan(self.shards.counts, self.batch_size, self.rank, self.world_size,
+                                     seed=self.seed, epoch=epoch, shuffle=self.shuffle, drop_last=self.drop_last,
+                                     shard_mix=self.shard_mix)
+                yield self._batch(plan.batch(j % per_epoch), epoch, plan, reader, processor)
 
-    def _batch(self, planned: PlannedBatch, epoch: int, order: np.ndarray, reader: ShardReader, processor) -> dict:
+    def _batch(self, planned: PlannedBatch, epoch: int, order: EpochPlan, reader: ShardReader, processor) -> dict:
         """Views are written straight into the batch tensor; the rows of a sample that fails are reused."""
         per_sample = self.sample.num_views
         shape = self.sample.view_shape(self.is_image)

@@ -47,7 +47,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str = ""  # shard directory (with info.json)
+    # Shards: a directory or info.json, an http(s):// or s3:// base URL, a pipe: template with {name}, or a
+    # brace-expanded shard list (data/sources.py).
+    train: str = ""
     val: str = ""  # fine-tuning: evaluation shards
     num_frames: int = 16
     sampling_rate: int = 4
@@ -58,7 +60,12 @@ class DataConfig:
     rand_augment: str | None = None  # timm string, e.g. "rand-m7-n4-mstd0.5-inc1"
     repeat: int = 1  # repeated sampling: clips drawn per decoded video
     num_workers: int = 4
-    max_fail_fraction: float = 0.05  # stop when more samples than this fail to decode
+    max_fail_fraction: float = 0.05  # stop when more samples than this fail to decode (0: at the first)
+    shard_mix: int = 8  # shards each training batch draws from (lanes interleaved per worker)
+    cache_dir: str = ""  # node-local folder for remote shards; "": one in the system's temp dir
+    cache_gb: float = 0.0  # its size bound (least recently used shards go first); 0: unbounded
+    fetch_retries: int = 3  # retries of a failed download, with backoff 1, 2, 4, ... s
+
 
 
 @dataclass
@@ -156,7 +163,8 @@ def load_config(config_files: list[str], overrides: list[str], schema: type = Ru
 
 _AT_LEAST_ONE = ("train.batch_size", "train.accum_steps", "train.checkpoint_every", "log.every",
                  "eval.batch_size", "eval.every_epochs", "eval.spatial_views", "eval.temporal_views",
-                 "data.repeat", "data.num_frames", "data.sampling_rate", "data.crop_size")
+                 "data.repeat", "data.num_frames", "data.sampling_rate", "data.crop_size",
+                 "data.shard_mix")
 
 
 def check_values(config: RunConfig) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from data import SampleConfig, ShardLoader, normalize
+from data import SampleConfig, ShardCache, ShardLoader, normalize
 
 from .config import ConfigError, RunConfig
 
@@ -31,6 +31,12 @@ def check_geometry(cfg: RunConfig, input_size: tuple[int, ...]) -> None:
         raise ConfigError(f"data.num_frames={cfg.data.num_frames} does not match the model input {input_size}")
 
 
+def shard_cache(cfg: RunConfig) -> ShardCache:
+    """Where remote shards are kept on this node (`data.cache_dir`, `data.cache_gb`, `data.fetch_retries`)."""
+    d = cfg.data
+    return ShardCache(root=d.cache_dir, max_bytes=int(d.cache_gb * 2**30), retries=d.fetch_retries)
+
+
 def train_loader(cfg: RunConfig, rank: int, world_size: int, input_size: tuple[int, ...],
                  mask_grid: tuple[int, ...] | None = None, mask_ratio: float = 0.0) -> ShardLoader:
     """Shuffled, augmented training batches of `train.batch_size` clips (`data.repeat` per video)."""
@@ -46,7 +52,8 @@ def train_loader(cfg: RunConfig, rank: int, world_size: int, input_size: tuple[i
                           mask_ratio=mask_ratio)
     return ShardLoader(d.train, sample, cfg.train.batch_size // d.repeat, seed=cfg.seed, rank=rank,
                        world_size=world_size, num_workers=d.num_workers, shuffle=True, drop_last=True,
-                       max_fail_fraction=d.max_fail_fraction, pin_memory=PIN_MEMORY, persistent=True)
+                       max_fail_fraction=d.max_fail_fraction, pin_memory=PIN_MEMORY, persistent=True,
+                       shard_mix=d.shard_mix, cache=shard_cache(cfg))
 
 
 def eval_loader(cfg: RunConfig, rank: int, world_size: int, input_size: tuple[int, ...]) -> ShardLoader:
@@ -58,4 +65,5 @@ def eval_loader(cfg: RunConfig, rank: int, world_size: int, input_size: tuple[in
                           spatial_views=cfg.eval.spatial_views, temporal_views=cfg.eval.temporal_views)
     return ShardLoader(d.val, sample, cfg.eval.batch_size, seed=cfg.seed, rank=rank, world_size=world_size,
                        num_workers=d.num_workers, shuffle=False, drop_last=False,
-                       max_fail_fraction=d.max_fail_fraction, pin_memory=PIN_MEMORY)
+                       max_fail_fraction=d.max_fail_fraction, pin_memory=PIN_MEMORY, cache=shard_cache(cfg),
+                       shard_mix=1)  # evaluation gains nothing from mixing shards

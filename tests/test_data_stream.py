@@ -47,16 +47,18 @@ def assert_same_batches(a, b):
             assert torch.equal(x[name], y[name]), name
 
 
-@pytest.mark.parametrize("num_samples", [1, 3, 8, 9, 11, 13, 17])
+@pytest.mark.parametrize("counts", [(1,), (2, 1), (3, 5), (4, 5), (4, 4, 3), (6, 1, 6), (5, 0, 6, 6)])
 @pytest.mark.parametrize("drop_last", [False, True])
-def test_rank_plan_is_even_and_exact(num_samples, drop_last):
-    world, batch = 3, 2
-    plans = [rank_batches(num_samples, batch, r, world, drop_last) for r in range(world)]
+def test_rank_plan_is_even_and_exact(counts, drop_last):
+    world, batch, num_samples = 3, 2, sum(counts)
+    plans = [rank_batches(counts, batch, r, world, drop_last, seed=1, shard_mix=2) for r in range(world)]
     assert len({len(p) for p in plans}) == 1, "ranks must agree on the number of batches"
     seen = np.concatenate([b.positions[b.valid] for p in plans for b in p]) if plans[0] else np.array([])
     assert len(seen) == len(set(seen.tolist()))
-    expected = num_samples - num_samples % (world * batch) if drop_last else num_samples
-    assert sorted(seen.tolist()) == list(range(expected))
+    if drop_last:  # each rank's block loses what does not fill a batch
+        assert len(seen) == world * batch * ((num_samples // world) // batch)
+    else:
+        assert sorted(seen.tolist()) == list(range(num_samples))
 
 
 def test_epoch_order_is_a_permutation_that_depends_on_seed_and_epoch():

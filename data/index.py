@@ -1,0 +1,103 @@
+"""``python -m data.make_shards index SHARDS... --out info.json``: the info.json (and sidecar indexes) for shards
+made by any tool (webdataset's ShardWriter, img2dataset, video2dataset, tar).
+
+SHARDS are paths, URLs or ``pipe:`` commands, brace-expanded like webdataset's (``train-{000..099}.tar``).
+Local shards are indexed in place, reading only their tar headers (and the small label members); a remote
+shard is downloaded once into a temporary folder, indexed and deleted. For each shard the sidecar
+``<shard name>.idx.json`` next to the output holds the member offsets and labels (format: ``data/shards.py``),
+so training never scans a tar.
+
+Samples are grouped as webdataset groups them: the key runs to the first dot of the member's base name, so
+``clip.001.mp4`` and ``clip.001.cls`` are fields ``001.mp4`` and ``001.cls`` of sample ``clip``. Labels come from
+a ``.cls`` member (an integer), a ``.json`` member (its ``label`` field) or a ``.txt`` member (a class name, or
+an integer). Class names: ``--classes FILE`` (one a line; names in ``.txt`` members are looked up there),
+else the sorted names found in ``.txt`` members, else ``0 .. max label``.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from webdataset.shardlists import expand_urls
+
+from .decode import IMAGE_EXTENSIONS
+from .shards import MEDIA_EXTENSIONS, last_extension, media_member, open_raw, raw_label, read_member, scan_tar
+from .sources import INFO_NAME, ShardCache, is_remote, local_path, shard_name
+
+
+def index_local(path: Path) -> tuple[list, int, list[str]]:
+    """(samples [(key, files, raw label)], bytes, problems) of one local tar, from its headers."""
+    problems = []
+    with open_raw(str(path)) as f:
+        size = f.seek(0, 2)
+        samples = []
+        for key, files, _ in scan_tar(f):
+            media = [ext for ext in files if last_extension(ext) in MEDIA_EXTENSIONS]
+            if len(media) > 1:
+                problems.append(f"{path}: sample {key!r} has {len(media)} media fields {sorted(media)} (keys with "
+                                f"dots are cut at the first dot, as webdataset reads them); the first is used")
+            try:
+                label = raw_label(files, lambda where: read_member(f, where))
+            except (ValueError, UnicodeDecodeError) as e:
+                raise ValueError(f"{path}: sample {key!r}: unreadable label member: {e}") from e
+            samples.append((key, files, label))
+    return samples, size, problems
+
+
+def _label_map(raw: list, classes: list[str] | None) -> tuple[list[str], dict]:
+    """Class names, and raw label -> int."""
+    names = sorted({r for r in raw if isinstance(r, str)})
+    if classes is None:
+        ints = [r for r in raw if isinstance(r, int)]
+        classes = names or [str(i) for i in range(max(ints, default=-1) + 1)]
+    unknown = [n for n in names if n not in classes]
+    if unknown:
+        raise ValueError(f"label names not in the class list: {unknown[:5]}")
+    return classes, {n: classes.index(n) for n in names}
+
+
+def index_shards(shards: list[str], out: Path, classes: list[str] | None = None, retries: int = 3) -> dict:
+    """Index ``shards`` (paths / URLs, brace-expanded), write ``out`` (info.json) and the sidecars beside it;
+    returns the info dict."""
+    urls = [u for spec in shards for u in expand_urls(spec)]
+    names = [shard_name(u) for u in urls]
+    if len(set(names)) != len(names):
+        raise ValueError("two shards have the same file name; index them into separate info.json files")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    indexed, problems = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = ShardCache(root=tmp, retries=retries)
+        for url in urls:
+            if is_remote(url):
+                path, lock = cache.fetch(url, None)
+                try:
+                    samples, size, found = index_local(path)
+                finally:
+                    cache.release(lock)
+                    path.unlink()
+            else:
+                samples, size, found = index_local(local_path(url))
+            indexed.append((url, samples, size))
+            problems += found
+    classes, by_name = _label_map([label for _, samples, _ in indexed for *_, label in samples], classes)
+    entries, media = [], set()
+    for url, samples, size in indexed:
+        name = shard_name(url)
+        local_here = not is_remote(url) and local_path(url).resolve().parent == out.parent.resolve()
+        sidecar = f"{name}.idx.json"
+        rows = [[key, files, by_name.get(label, label) if label is not None else -1] for key, files, label in samples]
+        (out.parent / sidecar).write_text(json.dumps({"bytes": size, "samples": rows}))
+        media.update(last_extension(m) for _, files, _ in samples if (m := media_member(files)))
+        entries.append({"name": name if local_here else (url if is_remote(url) else str(local_path(url).resolve())),
+                        "num_samples": len(samples), "bytes": size, "index": sidecar})
+    info = {"version": 1, "media": "image" if media and media <= set(IMAGE_EXTENSIONS) else "video",
+            "num_samples": sum(e["num_samples"] for e in entries), "classes": classes, "shards": entries,
+            "skipped": [], "problems": problems}
+    out.write_text(json.dumps(info, indent=1))
+    return info
+
+
+__all__ = ["INFO_NAME", "index_local", "index_shards"]
