@@ -1,11 +1,12 @@
 """The training/evaluation batch loader: torch DataLoader workers over a ``ShardStream``, plus its position.
 
-Batches are dicts; N = (samples that decoded) x views, views of one sample adjacent:
+Batches are dicts; N = (planned samples) x views, views of one sample adjacent:
 
 - ``video`` uint8 [N, 3, T, S, S] (or ``image`` [N, 3, S, S]), not normalised: the consumer applies
   ``transforms.normalize`` on its device;
 - ``label`` int64 [N] (-1 when unlabelled), ``index`` int64 [N] (epoch position), ``view`` int64 [N]
-  (repeat r in training, ``t * spatial_views + s`` in evaluation), ``valid`` bool [N], ``key`` list[str];
+  (repeat r in training, ``t * spatial_views + s`` in evaluation), ``valid`` bool [N] (False for the
+  rows of a sample that failed, which hold a copy of another, and for padding), ``key`` list[str];
 - ``mask`` bool [N, #MU] (True = keep) when ``SampleConfig.mask_grid`` is set;
 - ``num_samples`` int (planned samples, padding excluded) and ``failures`` [(shard, key, reason)] for this batch.
 
@@ -19,6 +20,7 @@ import gc
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -45,7 +47,8 @@ class ShardLoader:
     ``load_state_dict`` into a fresh loader with the same arguments (any ``num_workers``), continues with
     exactly batch k + 1 of that epoch.
     More than ``max_fail_fraction`` failed samples (checked once ``min_samples_checked`` were tried) raises
-    ``DataFailureError`` naming the shards.
+    ``DataFailureError`` naming the shards, unless ``check_failures`` is False: then the caller decides from
+    ``stats`` (the trainer does, with the counts of all ranks, so that every rank stops at the same step).
     """
 
     def __init__(
@@ -65,6 +68,7 @@ class ShardLoader:
         prefetch_factor: int = 2,
         pin_memory: bool = False,
         persistent: bool = False,
+        check_failures: bool = True,
         shard_mix: int = 8,
         cache: ShardCache | None = None,
     ):
@@ -76,14 +80,17 @@ class ShardLoader:
         self.sample, self.batch_size, self.seed = sample, batch_size, seed
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.shuffle, self.drop_last, self.persistent = shuffle, drop_last, persistent
+        self.check_failures = check_failures
         self.max_fail_fraction, self.min_samples_checked = max_fail_fraction, min_samples_checked
         self.loader_kwargs = {"pin_memory": pin_memory}
+        self.prefetch_factor = prefetch_factor
         if num_workers:
             self.loader_kwargs["prefetch_factor"] = prefetch_factor
         self.epoch = 0
         self.consumed = 0  # batches of ``epoch`` already handed out
         self.tried = 0
         self.failed: Counter[str] = Counter()  # shard name -> failed samples
+        self.last_failure: tuple[str, str, str] | None = None  # (shard, key, reason)
         self._batches = None  # the workers' batch iterator, from (epoch, consumed) on
         self._len = num_batches(self.shards.num_samples, batch_size, world_size, drop_last)
         if self._len == 0 and self.shards.num_samples:
@@ -133,13 +140,32 @@ class ShardLoader:
     def _count(self, batch: dict) -> None:
         self.tried += batch["num_samples"]
         self.failed.update(shard for shard, _, _ in batch["failures"])
-        failed = sum(self.failed.values())
-        if self.tried >= self.min_samples_checked and failed > self.max_fail_fraction * self.tried:
-            worst = ", ".join(f"{name} ({n})" for name, n in self.failed.most_common())
-            raise DataFailureError(
-                f"{failed} of {self.tried} samples failed to load (more than {self.max_fail_fraction:.0%}); "
-                f"failures by shard: {worst}; the last: {batch['failures'][-1:]}"
-            )
+        if batch["failures"]:
+            self.last_failure = batch["failures"][-1]
+        message = self.failure_message(self.tried, self.failed) if self.check_failures else None
+        if message:
+            raise DataFailureError(f"{message}; the last: {self.last_failure}")
+
+    def failure_message(self, tried: int, failed: Counter[str]) -> str | None:
+        """Why the run must stop, if more than ``max_fail_fraction`` of ``tried`` samples failed; ``failed``
+        counts failures by shard (this loader's, or all ranks' summed)."""
+        total = sum(failed.values())
+        if tried < self.min_samples_checked or total <= self.max_fail_fraction * tried:
+            return None
+        worst = ", ".join(f"{name} ({n})" for name, n in failed.most_common())
+        return (f"{total} of {tried} samples failed to load (more than {self.max_fail_fraction:.0%}); "
+                f"failures by shard: {worst}")
+
+    def shared_memory_needed(self) -> int:
+        """Bytes of shared memory the workers may hold at once: each has up to ``prefetch_factor`` finished
+        batches queued and one in the making, allocated in shared memory (``stream._empty``)."""
+        if not self.num_workers:
+            return 0
+        views = self.sample.num_views * self.batch_size
+        frame = 3 * self.sample.crop_size**2
+        pixels = views * frame * (1 if self.shards.media == "image" else self.sample.num_frames)
+        masks = views * int(np.prod(self.sample.mask_grid)) if self.sample.mask_grid is not None else 0
+        return self.num_workers * (self.prefetch_factor + 1) * (pixels + masks)
 
     @property
     def stats(self) -> dict:

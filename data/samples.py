@@ -97,10 +97,14 @@ class SampleProcessor:
             pixels = self._spatial(torch.from_numpy(clip), seed, epoch, index, v, target)
             view = {"pixels": pixels[:, 0] if is_image else pixels}
             if cfg.mask_grid is not None:
-                rng = position_rng(seed, epoch, index, v, "mask")
-                view["mask"] = torch.from_numpy(random_mask(cfg.mask_grid, cfg.mask_ratio, rng))
+                view["mask"] = self.mask(seed, epoch, index, v)
             views.append(view)
         return views
+
+    def mask(self, seed: int, epoch: int, index: int, view: int) -> torch.Tensor:
+        """bool [#MU], True = keep: the mask of one view, drawn whether or not its sample decodes."""
+        rng = position_rng(seed, epoch, index, view, "mask")
+        return torch.from_numpy(random_mask(self.config.mask_grid, self.config.mask_ratio, rng))
 
     def _decode_clips(self, data: bytes, seed: int, epoch: int, index: int) -> list[np.ndarray]:
         """One decode for all views; returns [T, H, W, 3] uint8 per view (in view order)."""

@@ -16,8 +16,9 @@ epoch ``epoch + j // n``), so training workers live across epochs and prefetch o
 
 Augmentation randomness is seeded by (seed, epoch, position, view) (``samples.position_rng``), so results
 do not depend on K either. A sample that fails (corrupt, zero-byte, non-video, missing from a truncated
-shard) is left out of its batch and reported in ``failures``; it never sleeps or retries. A batch whose every
-sample failed comes out with zero rows, so ranks still agree on the number of batches.
+shard) is reported in ``failures``; it never sleeps or retries. Its rows keep their place in the batch, filled
+with a copy of a good sample and marked ``valid=False`` (see ``ShardStream._batch``), so batches keep one shape
+and every rank's step still takes part in the gradient all-reduce, even when all of its samples failed.
 """
 
 from __future__ import annotations
@@ -91,37 +92,57 @@ class ShardStream(IterableDataset):
                 yield self._batch(plan.batch(j % per_epoch), epoch, plan, reader, processor)
 
     def _batch(self, planned: PlannedBatch, epoch: int, order: EpochPlan, reader: ShardReader, processor) -> dict:
-        """Views are written straight into the batch tensor; the rows of a sample that fails are reused."""
+        """Views are written straight into the batch tensor, one fixed slot of rows per planned sample. The
+        slot of a sample that fails is filled with a copy of the batch's first good sample (zeros if none)
+        and marked ``valid=False``: the batch keeps its shape, so a step never sees zero rows and a compiled
+        model never meets a new shape, and the loss weights such rows by zero."""
         per_sample = self.sample.num_views
         shape = self.sample.view_shape(self.is_image)
-        pixels = _empty((len(planned.positions) * per_sample, *shape), torch.uint8)
-        rows, failures = [], []
-        for position, valid in zip(planned.positions.tolist(), planned.valid.tolist()):
+        num_rows = len(planned.positions) * per_sample
+        pixels = _empty((num_rows, *shape), torch.uint8)
+        masks = None if self.sample.mask_grid is None else _empty((num_rows, int(np.prod(self.sample.mask_grid))),
+                                                                    torch.bool)
+        label, index, view = (np.zeros(num_rows, dtype=np.int64) for _ in range(3))
+        valid, keys = np.zeros(num_rows, dtype=bool), []
+        failures, failed_slots, donor = [], [], None
+        for slot, (position, planned_valid) in enumerate(zip(planned.positions.tolist(), planned.valid.tolist())):
+            rows = slice(slot * per_sample, (slot + 1) * per_sample)
             shard, member = order[position]
             key = f"#{member}"
+            index[rows], view[rows] = position, np.arange(per_sample)
             try:
                 key, ext, data, meta = reader.read(shard, member)
-                out = pixels[len(rows) : len(rows) + per_sample]
-                views = processor(data, ext, self.seed, epoch, position, out=out)
+                views = processor(data, ext, self.seed, epoch, position, out=pixels[rows])
             except (DecodeError, SampleError) as e:
-                if valid:  # a padding copy's failure is already counted where the sample is planned
+                if planned_valid:  # a padding copy's failure is already counted where the sample is planned
                     failures.append((self.shards.names[shard], key, str(e)))
-                continue
-            label = int(meta.get("label", -1))
-            rows.extend((v, view, label, position, key, valid) for v, view in enumerate(views))
+                failed_slots.append(rows)
+                views = [{"mask": processor.mask(self.seed, epoch, position, v)} for v in range(per_sample)
+                         ] if masks is not None else []
+            else:
+                label[rows], valid[rows] = int(meta.get("label", -1)), planned_valid
+                donor = rows if donor is None else donor
+            keys.extend([key] * per_sample)
+            if masks is not None:
+                torch.stack([v["mask"] for v in views], out=masks[rows])
+        for rows in failed_slots:
+            if donor is None:
+                pixels[rows] = 0
+            else:
+                pixels[rows] = pixels[donor]
+                label[rows] = label[donor]
         batch = {
-            "image" if self.is_image else "video": pixels[: len(rows)],
-            "label": torch.tensor([r[2] for r in rows], dtype=torch.int64),
-            "index": torch.tensor([r[3] for r in rows], dtype=torch.int64),
-            "view": torch.tensor([r[0] for r in rows], dtype=torch.int64),
-            "valid": torch.tensor([r[5] for r in rows], dtype=torch.bool),
-            "key": [r[4] for r in rows],
+            "image" if self.is_image else "video": pixels,
+            "label": torch.from_numpy(label),
+            "index": torch.from_numpy(index),
+            "view": torch.from_numpy(view),
+            "valid": torch.from_numpy(valid),
+            "key": keys,
             "num_samples": int(planned.valid.sum()),
             "failures": failures,
         }
-        if self.sample.mask_grid is not None:
-            masks = _empty((len(rows), int(np.prod(self.sample.mask_grid))), torch.bool)
-            batch["mask"] = torch.stack([r[1]["mask"] for r in rows], out=masks) if rows else masks
+        if masks is not None:
+            batch["mask"] = masks
         return batch
 
 

@@ -170,6 +170,23 @@ def test_bad_samples_and_a_truncated_tar_are_skipped_and_counted(dirty):
     assert truncated and all("truncated" in reason for _, _, reason in truncated)
 
 
+def test_failed_samples_keep_their_rows_as_invalid_stand_ins(dirty):
+    """Batches keep one shape whatever fails (no zero-row batch for a step, no new shape for a compiled
+    model): a failed sample's rows copy the batch's first good sample, or are zeros when none decoded."""
+    loader = ShardLoader(dirty, SAMPLE, batch_size=3, num_workers=0, max_fail_fraction=1.0, shuffle=False)
+    batches = run_epoch(loader)
+    assert all(len(b["video"]) == len(b["mask"]) == len(b["valid"]) == 3 * SAMPLE.repeats for b in batches)
+    assert all(b["mask"].sum(1).tolist() == [4] * 6 for b in batches)  # every row a usable mask
+    stand_ins = [(b, row) for b in batches for row in range(6) if not b["valid"][row]]
+    assert len(stand_ins) == 2 * sum(len(b["failures"]) for b in batches)
+    for batch, row in stand_ins:
+        good = torch.nonzero(batch["valid"]).flatten()
+        donor = batch["video"][good[0] + row % 2] if len(good) else torch.zeros_like(batch["video"][row])
+        assert torch.equal(batch["video"][row], donor)
+    # shard 1 (b0 first) is followed by three failures in a row: a batch without any good sample
+    assert any(not b["valid"].any() and not b["video"].any() for b in batches)
+
+
 def test_too_many_failures_stop_the_run_naming_the_shards(dirty):
     loader = ShardLoader(dirty, SAMPLE, batch_size=3, num_workers=0, max_fail_fraction=0.2,
                          min_samples_checked=6, shuffle=False)

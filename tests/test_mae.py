@@ -122,6 +122,22 @@ def test_reconstruction_views():
     assert not torch.allclose(real["reconstruction"], x)
 
 
+def test_rows_marked_invalid_are_left_out_of_the_loss():
+    """Stand-ins for samples that failed to load weigh nothing; a batch of them only gives 0 with (zero)
+    gradients, so a data-parallel step still joins the all-reduce."""
+    torch.manual_seed(0)
+    model = create_model("mae_hiera_tiny_224", input_size=(64, 64), decoder_depth=1)
+    x = torch.randn(4, 3, 64, 64)
+    mask = model.keep_mask(model.keep_indices(x))
+    valid = torch.tensor([True, False, True, False])
+    partial = model(x, mask=mask, valid=valid)["loss"]
+    assert torch.allclose(partial, model(x[valid], mask=mask[valid])["loss"], rtol=1e-5)
+    none = model(x, mask=mask, valid=torch.zeros(4, dtype=torch.bool))["loss"]
+    none.backward()
+    assert none.item() == 0
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters() if p.requires_grad)
+
+
 def test_hog_target():
     edge = torch.zeros(1, 3, 16, 16)
     edge[..., 8:] = 1.0  # a vertical edge: horizontal gradient
