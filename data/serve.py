@@ -27,10 +27,15 @@ class ShardServer:
             def do_GET(self):  # noqa: N802 (http.server's naming)
                 name = self.path.lstrip("/").split("?")[0]
                 with server.lock:
-                    server.requests[name] += 1
                     served = sum(n for k, n in server.requests.items() if k.endswith(".tar"))
+                    dead = server.die_after is not None and served >= server.die_after
+                    if not dead:
+                        server.requests[name] += 1
+                if dead:  # a request that raced the shutdown gets no reply, as from a dying server
+                    self.close_connection = True
+                    return
                 super().do_GET()
-                if server.die_after is not None and served >= server.die_after:
+                if server.die_after is not None and served + name.endswith(".tar") >= server.die_after:
                     threading.Thread(target=server.stop, daemon=True).start()
 
             def log_message(self, *args):  # quiet

@@ -116,9 +116,10 @@ class ShardSet:
 
     @property
     def fingerprint(self) -> str:
-        """A hash of the shard list (names and sample counts): where the data moves (local disk, a web
-        server, a bucket), it stays the same; where shards are added, removed or rewritten, it changes."""
-        return hashlib.sha256(json.dumps([self.names, self.counts]).encode()).hexdigest()[:16]
+        """A hash of the shard list (names, sample counts, byte sizes where recorded): where the data moves
+        (local disk, a web server, a bucket), it stays the same; where shards are added, removed or rewritten,
+        it changes."""
+        return hashlib.sha256(json.dumps([self.names, self.counts, self.sizes]).encode()).hexdigest()[:16]
 
     @property
     def remote(self) -> bool:

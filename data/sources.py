@@ -241,9 +241,9 @@ class ShardCache:
 
         try:
             _with_retries(url, self.retries, attempt, self.backoff)
-        finally:
-            if part.exists() and not self._complete(part, size):
-                part.unlink()
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
         os.replace(part, target)
 
     def _evict(self, need: int, keep: Path) -> None:
