@@ -1,7 +1,7 @@
 """Video and image data pipeline: tar shards -> decoded clips -> augmented, masked batches.
 
-See ``data/stream.py`` for how epochs are planned (deterministic, evenly split, resumable) and
-``data/loader.py`` for the batch format.
+See ``data/plan.py`` for how epochs are planned (deterministic, evenly split, resumable, rank blocks, mixed
+batches), ``data/sources.py`` for where shards may live and ``data/loader.py`` for the batch format.
 """
 
 from .decode import DecodeError, VideoInfo, decode_image, decode_video, probe_video

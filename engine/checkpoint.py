@@ -6,8 +6,10 @@
                                "overrides": JSON of the create_model overrides}
         optimizer.pt           optimizer state (tensors and plain containers: torch.load(weights_only=True))
         rng-rank{r}.pt         each rank's torch / numpy / python RNG states (tensors only)
+        rank{r}.json           each rank's step and data position with its own failure counters
         task.safetensors       the task's extra state, when it has one (e.g. fine-tuning's EMA weights)
-        state.json             step, epoch, data position, scheduler, scaler, counters
+        state.json             step, scheduler, scaler, counters, and the layout (processes, per-device
+                               batch, accumulation, repeat) that the data position belongs to
         config.yaml            the resolved config
 
 A crash at any moment leaves either the previous checkpoints or the new one complete, never half a one.
@@ -88,8 +90,10 @@ def begin_save(output_dir: str | Path, step: int) -> Path:
     return temp
 
 
-def write_rank_state(temp: Path, rank: int) -> None:
+def write_rank_state(temp: Path, rank: int, state: dict[str, Any]) -> None:
+    """This rank's RNG states and its plain-JSON `state` (step, data position and counters)."""
     torch.save(capture_rng(), temp / f"rng-rank{rank}.pt")
+    (temp / f"rank{rank}.json").write_text(json.dumps(state))
 
 
 def check_finite(model_state: dict[str, torch.Tensor]) -> None:
@@ -136,15 +140,17 @@ def commit_save(temp: Path, keep: int) -> Path:
 
 
 def read_checkpoint(path: str | Path, rank: int) -> dict[str, Any]:
-    """Everything a resume needs, loaded safely; names the file when something is missing or broken."""
+    """Everything rank `rank` needs to resume, loaded safely; names the file when something is missing or
+    broken (a rank without its own RNG and data files is an error, not a fresh start)."""
     path = Path(path)
     try:
-        rng_file, task_file = path / f"rng-rank{rank}.pt", path / "task.safetensors"
+        task_file = path / "task.safetensors"
         return {
             "model": load_file(str(path / "model.safetensors")),
             "optimizer": torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True),
             "state": json.loads((path / "state.json").read_text()),
-            "rng": torch.load(rng_file, weights_only=True) if rng_file.exists() else None,
+            "rank": json.loads((path / f"rank{rank}.json").read_text()),
+            "rng": torch.load(path / f"rng-rank{rank}.pt", weights_only=True),
             "task": load_file(str(task_file)) if task_file.exists() else None,
         }
     except Exception as err:  # safetensors raises its own error type for truncated files

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-import torch
+import os
+from collections import Counter
 
-from data import SampleConfig, ShardCache, ShardLoader, normalize
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+
+from data import DataFailureError, SampleConfig, ShardCache, ShardLoader, normalize
 
 from .config import ConfigError, RunConfig
 
@@ -31,6 +36,41 @@ def check_geometry(cfg: RunConfig, input_size: tuple[int, ...]) -> None:
         raise ConfigError(f"data.num_frames={cfg.data.num_frames} does not match the model input {input_size}")
 
 
+def check_failures(loader: ShardLoader, accelerator: Accelerator, where: str) -> int:
+    """Failed samples summed over the ranks (returned for logging); past `data.max_fail_fraction` every rank
+    raises the same DataFailureError. Callers use it where the ranks synchronise anyway (log steps, saves, the
+    end of an evaluation), so all stop together; a rank deciding alone on its own counts left the others
+    waiting in a collective until it timed out. Loaders built here leave the decision to this function."""
+    stats = loader.stats
+    tried, failed = accelerator.reduce(
+        torch.tensor([stats["samples_tried"], stats["samples_failed"]], device=accelerator.device),
+        reduction="sum").tolist()
+    if failed:
+        by_shard: Counter[str] = Counter()
+        for counts in gather_object([stats["failed_by_shard"]]):
+            by_shard.update(counts)
+        message = loader.failure_message(tried, by_shard)
+        if message:
+            raise DataFailureError(f"{message} (all {accelerator.num_processes} ranks, {where})")
+    return failed
+
+
+def check_shared_memory(loader: ShardLoader, batch_key: str, shm: str = "/dev/shm") -> None:
+    """Workers hand batches over in shared memory; a container's default /dev/shm (64 MB under Docker) is
+    soon too small for video batches, and running out kills a worker with a bus error hours in. Say so now."""
+    needed = loader.shared_memory_needed()
+    if not needed or not os.path.isdir(shm):
+        return
+    stat = os.statvfs(shm)
+    free = stat.f_bavail * stat.f_frsize
+    if needed > free:
+        raise ConfigError(
+            f"the data workers may need {needed / 2**30:.2f} GiB of shared memory, but {shm} has "
+            f"{free / 2**30:.2f} GiB free: lower data.num_workers={loader.num_workers} or {batch_key}="
+            f"{loader.batch_size * loader.sample.num_views} (or data.num_frames / data.crop_size), or give the "
+            f"container more (docker run --shm-size=16g)")
+
+
 def shard_cache(cfg: RunConfig) -> ShardCache:
     """Where remote shards are kept on this node (`data.cache_dir`, `data.cache_gb`, `data.fetch_retries`)."""
     d = cfg.data
@@ -50,10 +90,13 @@ def train_loader(cfg: RunConfig, rank: int, world_size: int, input_size: tuple[i
                           target_fps=d.target_fps, crop_size=d.crop_size, scale=tuple(d.scale), hflip=d.hflip,
                           rand_augment=d.rand_augment, repeats=d.repeat, mask_grid=mask_grid,
                           mask_ratio=mask_ratio)
-    return ShardLoader(d.train, sample, cfg.train.batch_size // d.repeat, seed=cfg.seed, rank=rank,
-                       world_size=world_size, num_workers=d.num_workers, shuffle=True, drop_last=True,
-                       max_fail_fraction=d.max_fail_fraction, pin_memory=PIN_MEMORY, persistent=True,
-                       shard_mix=d.shard_mix, cache=shard_cache(cfg))
+    loader = ShardLoader(d.train, sample, cfg.train.batch_size // d.repeat, seed=cfg.seed, rank=rank,
+                         world_size=world_size, num_workers=d.num_workers, shuffle=True, drop_last=True,
+                         max_fail_fraction=d.max_fail_fraction, pin_memory=PIN_MEMORY, persistent=True,
+                         check_failures=False,  # the trainer decides, on the counts of all ranks
+                         shard_mix=d.shard_mix, cache=shard_cache(cfg))
+    check_shared_memory(loader, "train.batch_size")
+    return loader
 
 
 def eval_loader(cfg: RunConfig, rank: int, world_size: int, input_size: tuple[int, ...]) -> ShardLoader:
@@ -63,7 +106,9 @@ def eval_loader(cfg: RunConfig, rank: int, world_size: int, input_size: tuple[in
     sample = SampleConfig(train=False, num_frames=d.num_frames, sampling_rate=d.sampling_rate,
                           target_fps=d.target_fps, crop_size=d.crop_size,
                           spatial_views=cfg.eval.spatial_views, temporal_views=cfg.eval.temporal_views)
-    return ShardLoader(d.val, sample, cfg.eval.batch_size, seed=cfg.seed, rank=rank, world_size=world_size,
-                       num_workers=d.num_workers, shuffle=False, drop_last=False,
-                       max_fail_fraction=d.max_fail_fraction, pin_memory=PIN_MEMORY, cache=shard_cache(cfg),
-                       shard_mix=1)  # evaluation gains nothing from mixing shards
+    loader = ShardLoader(d.val, sample, cfg.eval.batch_size, seed=cfg.seed, rank=rank,
+                         world_size=world_size, num_workers=d.num_workers, shuffle=False, drop_last=False,
+                         max_fail_fraction=d.max_fail_fraction, pin_memory=PIN_MEMORY, check_failures=False,
+                         cache=shard_cache(cfg), shard_mix=1)  # evaluation gains nothing from mixing shards
+    check_shared_memory(loader, "eval.batch_size")
+    return loader

@@ -15,12 +15,14 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, gather_object
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from .config import RunConfig, flatten, to_yaml
+from .config import ConfigError, RunConfig, flatten, to_yaml
+from .loaders import check_failures
 from .tblog import TrainLogger
 
 
@@ -32,7 +34,9 @@ class Task(Protocol):
         and `stats` (data.ShardLoader)."""
 
     def step(self, model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
-        """Forward pass of one batch: {"loss": scalar, other scalars to log...}."""
+        """Forward pass of one batch: {"loss": scalar, other scalars to log...}. Rows whose `batch["valid"]`
+        is False stand in for samples that failed to load: they must weigh nothing in the loss, and a batch
+        without valid rows must still give a loss (0) whose backward reaches every parameter."""
 
     def encoder(self, model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """The encoder's state dict and its metadata (checkpoint.encoder_metadata), for the export."""
@@ -61,17 +65,18 @@ class Progress:
 class WindowMeans:
     """Means of a step's scalar outputs (loss, accuracy) over the micro-batches of a logging window and over
     the ranks. Sums stay on the device until `read`, so the loop has no extra host sync; non-finite values
-    (skipped steps, counted on their own) are left out."""
+    (skipped steps, counted on their own) are left out, and so are batches added with weight 0 (every sample
+    failed to load: their zero loss is not a value)."""
 
     def __init__(self):
         self.sums: dict[str, torch.Tensor] = {}
 
-    def add(self, out: dict[str, torch.Tensor]) -> None:
+    def add(self, out: dict[str, torch.Tensor], weight: float = 1.0) -> None:
         for name, value in out.items():
             if value.dim() == 0:
                 value = value.detach().float()
                 finite = torch.isfinite(value)
-                entry = torch.stack([torch.where(finite, value, 0.0), finite.float()])
+                entry = torch.stack([torch.where(finite, value, 0.0), finite.float()]) * weight
                 self.sums[name] = self.sums[name] + entry if name in self.sums else entry
 
     def read(self, accelerator: Accelerator) -> dict[str, float]:
@@ -105,6 +110,8 @@ class Trainer:
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.yaml").write_text(to_yaml(cfg))
+        if self.world > 1:
+            self._check_shared_output_dir()
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = task.build_model(cfg)
@@ -136,41 +143,78 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------------------------
     def _maybe_resume(self) -> None:
+        """Rank 0 lists the checkpoints and proposes them, newest first; one is taken only when every rank can
+        read it, so a stale directory listing or a damaged per-rank file on one node makes all ranks fall back
+        together instead of resuming at different steps."""
         resume = self.cfg.resume
         if not resume:
             return
-        if resume == "auto":
-            found = ckpt.list_checkpoints(self.output_dir)
-            if not found:
-                self._print(f"resume=auto: no checkpoint in {self.output_dir}, starting fresh")
-                return
-            path, saved = self._newest_readable(found)
+        candidates = ckpt.list_checkpoints(self.output_dir)[::-1] if resume == "auto" else [Path(resume)]
+        candidates = broadcast_object_list([candidates])[0]
+        if not candidates:
+            self._print(f"resume=auto: no checkpoint in {self.output_dir}, starting fresh")
+            return
+        for path in candidates:
+            try:
+                saved, error = ckpt.read_checkpoint(path, self.rank), None
+            except RuntimeError as err:
+                saved, error = None, f"rank {self.rank}: {err}"
+            errors = [e for e in gather_object([error]) if e]
+            if not errors:
+                break
+            if resume != "auto":
+                raise RuntimeError("; ".join(errors))
+            self._print(f"warning: {'; '.join(errors)}; trying the checkpoint before it")
         else:
-            path = Path(resume)
-            saved = ckpt.read_checkpoint(path, self.rank)
+            raise RuntimeError(f"resume=auto: none of the {len(candidates)} checkpoints in {self.output_dir} is "
+                               f"readable by every rank")
+        state = saved["state"]
+        self._check_same_layout(state, path)
         self.accelerator.unwrap_model(self.model).load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         if saved["task"] is not None:
             self.task.load_state_dict(saved["task"])
-        state = saved["state"]
-        self.loader.load_state_dict(state["data"])
+        self.loader.load_state_dict(saved["rank"]["data"])
         self.progress = Progress(**state["progress"])
         if self.accelerator.scaler is not None and state.get("scaler"):
             self.accelerator.scaler.load_state_dict(state["scaler"])
         self.scheduler.step_update(self.progress.step)
-        if saved["rng"] is not None:
-            ckpt.restore_rng(saved["rng"])
-        self._print(f"resumed from {path} at step {self.progress.step}")
+        ckpt.restore_rng(saved["rng"])
+        steps = gather_object([(self.progress.step, saved["rank"]["step"])])
+        if len(set(steps)) != 1:
+            raise RuntimeError(f"{path}: ranks restored different steps (step, rank file step) {steps}")
+        print(f"[rank {self.rank}] resumed from {path} at step {self.progress.step}", flush=True)
 
-    def _newest_readable(self, found: list[Path]) -> tuple[Path, dict]:
-        """The newest checkpoint that reads, with a warning for each newer one that does not (a disk that
-        filled up, a file damaged after the save)."""
-        for path in reversed(found):
-            try:
-                return path, ckpt.read_checkpoint(path, self.rank)
-            except RuntimeError as err:
-                print(f"warning: {err}; trying the checkpoint before it", flush=True)
-        raise RuntimeError(f"resume=auto: none of the {len(found)} checkpoints in {self.output_dir} is readable")
+    def _layout(self) -> dict[str, int]:
+        """What the data position and the lr of a checkpoint depend on."""
+        return {"num_processes": self.world, "batch_size": self.cfg.train.batch_size,
+                "accum_steps": self.cfg.train.accum_steps, "repeat": self.cfg.data.repeat}
+
+    def _check_same_layout(self, state: dict, path: Path) -> None:
+        """A checkpoint's data position counts batches of its own layout: with another number of processes or
+        another batch, the same count would name other samples (and the lr scaling would change), so stop."""
+        saved, now = state.get("layout", {}), self._layout()
+        changed = [f"{k} {saved[k]} -> {now[k]}" for k in now if k in saved and saved[k] != now[k]]
+        if changed:
+            raise ConfigError(
+                f"{path} was written with another layout ({', '.join(changed)}); its data position and lr "
+                f"schedule are only valid for the same one. Resume with the saved values, or start a new "
+                f"output_dir that loads these weights with model.pretrained={path}/model.safetensors")
+
+    def _check_shared_output_dir(self) -> None:
+        """Checkpoints are written by rank 0 and read by every rank: fail at start, not at the first resume,
+        when the ranks do not see one output_dir (node-local disks on many nodes)."""
+        token = broadcast_object_list([f"{time.time_ns()}-{random.getrandbits(64)}"])[0]
+        marker = self.output_dir / ".shared-check"
+        if self.is_main:
+            marker.write_text(token)
+        self.accelerator.wait_for_everyone()
+        seen = marker.read_text() if marker.exists() else None
+        blind = [rank for rank, ok in enumerate(gather_object([seen == token])) if not ok]
+        self.accelerator.wait_for_everyone()
+        if blind:
+            raise ConfigError(f"output_dir={self.output_dir} is not shared: rank(s) {blind} cannot read what rank "
+                              f"0 wrote there. Checkpoints need a filesystem that every node sees.")
 
     def save_checkpoint(self) -> None:
         step = self.progress.step
@@ -179,12 +223,12 @@ class Trainer:
         if self.is_main:
             ckpt.begin_save(self.output_dir, step)
         self.accelerator.wait_for_everyone()
-        ckpt.write_rank_state(temp, self.rank)
+        ckpt.write_rank_state(temp, self.rank, {"step": step, "data": self.loader.state_dict()})
         self.accelerator.wait_for_everyone()
         if self.is_main:
             model = self.accelerator.unwrap_model(self.model)
             encoder_state, encoder_meta = self.task.encoder(model)
-            state = {"progress": vars(self.progress), "data": self.loader.state_dict(),
+            state = {"progress": vars(self.progress), "layout": self._layout(),
                      "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler else None,
                      "scheduler": self.scheduler.state_dict(), "total_steps": self.total_steps}
             task_state = self.task.state_dict() if hasattr(self.task, "state_dict") else None
@@ -208,6 +252,7 @@ class Trainer:
             fetched = time.perf_counter()
             for batch in self.loader:
                 data_wait += time.perf_counter() - fetched
+                has_valid_rows = bool(batch["valid"].any())  # on the host, before the copy
                 batch = to_device(batch, acc.device)
                 with acc.accumulate(self.model):
                     with acc.autocast():
@@ -215,7 +260,7 @@ class Trainer:
                     acc.backward(out["loss"])
                     if acc.sync_gradients:
                         grad_norm = self._optimizer_step()
-                means.add(out)
+                means.add(out, weight=float(has_valid_rows))
                 window_samples += len(batch["label"]) * self.world
                 progress.samples_seen += len(batch["label"]) * self.world
                 fetched = time.perf_counter()
@@ -227,13 +272,14 @@ class Trainer:
                     self.task.after_step(acc.unwrap_model(self.model), progress.step)
                 if progress.step % cfg.log.every == 0 or progress.step == self.total_steps:
                     elapsed = time.perf_counter() - window_start
+                    failed = check_failures(self.loader, acc, f"step {progress.step}")
                     scalars = {f"train/{k}": v for k, v in means.read(acc).items()}
                     # The largest lr: with layer decay, the head's group (group 0 is the most decayed).
                     top_lr = max(g["lr"] for g in self.optimizer.param_groups)
                     scalars |= {"train/lr": top_lr, "train/grad_norm": grad_norm,
                                 "perf/samples_per_s": window_samples / elapsed,
                                 "perf/data_wait_fraction": data_wait / elapsed,
-                                "data/samples_failed": self.loader.stats["samples_failed"],
+                                "data/samples_failed": failed,
                                 "train/nonfinite_steps": progress.nonfinite_total}
                     self.logger.scalars(scalars, progress.step)
                     bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", lr=f"{scalars['train/lr']:.2e}")
@@ -243,6 +289,7 @@ class Trainer:
                 if self.is_main and cfg.log.visualize_every and progress.step % cfg.log.visualize_every == 0:
                     self.task.visualize(acc.unwrap_model(self.model), batch, self.logger, progress.step)
                 if progress.step % cfg.train.checkpoint_every == 0 or progress.step == self.total_steps:
+                    check_failures(self.loader, acc, f"step {progress.step}")
                     self.save_checkpoint()
                 if progress.step >= self.total_steps:
                     break

@@ -1,6 +1,5 @@
 """The pretraining app end to end, as users run it: real shards, real processes, real files read back."""
 
-import os
 import random
 import signal
 import subprocess
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launch import REPO, run, two_gloo_processes
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -18,17 +18,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from engine import checkpoint
 from models import create_model, load_pretrained
 
-REPO = Path(__file__).resolve().parents[1]
 DEMO = "configs/pretrain/demo.yaml"
 
 
 def pretrain_command(shards: Path, out: Path, *overrides: str) -> list[str]:
     return [sys.executable, "pretrain/main.py", "--config", DEMO, f"data.train={shards}", f"output_dir={out}",
             "data.num_workers=1", "log.progress=false", "train.warmup_epochs=1", *overrides]
-
-
-def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, **kwargs)
 
 
 def test_pretraining_end_to_end(demo_shards, tmp_path):
@@ -101,7 +96,7 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
     model = torch.nn.Linear(2, 2)
     state = {"progress": {"step": 5}}
     temp = checkpoint.begin_save(tmp_path, 5)
-    checkpoint.write_rank_state(temp, 0)
+    checkpoint.write_rank_state(temp, 0, {"step": 5, "data": {}})
     checkpoint.write_main_state(temp, model.state_dict(), model.state_dict(), {"model": "x"},
                                 torch.optim.AdamW(model.parameters()).state_dict(), state, "seed: 0\n")
     checkpoint.commit_save(temp, keep=2)
@@ -136,13 +131,10 @@ def test_bad_model_override_exits_2(tmp_path):
 
 def test_two_gloo_processes_train_together(demo_shards, tmp_path):
     out = tmp_path / "ddp"
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
-    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "tests/dist_train.py",
-               "--config", DEMO, f"data.train={demo_shards['train']}", f"output_dir={out}", "data.num_workers=0",
-               "log.progress=false", "train.max_steps=4", "train.batch_size=8", "log.visualize_every=0",
-               "model.drop_path_rate=0.2"]
-    result = run(command, env=env)
+    result = two_gloo_processes(
+        "tests/dist_train.py", "--config", DEMO, f"data.train={demo_shards['train']}", f"output_dir={out}",
+        "data.num_workers=0", "log.progress=false", "train.max_steps=4", "train.batch_size=8",
+        "log.visualize_every=0", "model.drop_path_rate=0.2")
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = []
     for rank in (0, 1):

@@ -27,7 +27,7 @@ class ListLoader:
             yield self.batches[self.consumed - 1]
         self.epoch, self.consumed = self.epoch + 1, 0
 
-    stats = {"samples_failed": 0}
+    stats = {"samples_tried": 0, "samples_failed": 0, "failed_by_shard": {}}
 
     def state_dict(self):
         return {"epoch": self.epoch, "consumed": self.consumed}
@@ -47,7 +47,8 @@ class RegressionTask:
 
     def train_loader(self, cfg, rank, world_size):
         x = torch.linspace(-1, 1, 8)[:, None]
-        return ListLoader([{"x": x, "label": torch.zeros(8), "poison": i in self.poisoned} for i in range(6)])
+        return ListLoader([{"x": x, "label": torch.zeros(8), "valid": torch.ones(8, dtype=torch.bool),
+                            "poison": i in self.poisoned} for i in range(6)])
 
     def step(self, model, batch):
         loss = (model(batch["x"]) - 2 * batch["x"]).pow(2).mean()

@@ -1,6 +1,9 @@
-"""Clips per second of the shard loader against raw PyAV decoding of the same clips.
+"""Clips per second of the shard loader against raw PyAV decoding of the same clips, against local disk when
+the shards come from a web server, and the cost of planning a large epoch.
 
     python -m tools.bench_loader [--videos 48] [--seconds 10] [--size 320x240] [--gop 250] [--rounds 3]
+    python -m tools.bench_loader --source http --per-shard 2 --batch-size 8 [--shard-mix 8]
+    python -m tools.bench_loader --plan
 
 Writes a synthetic dataset into a temporary folder (Kinetics-like: 10 s clips, x264's default key-frame
 interval of 250, which is also what ``make_shards --short-side`` produces), shards it, then times:
@@ -12,6 +15,15 @@ Ratios are printed: loader / raw (the loader's overhead; 1 worker is the like-fo
 exceed 1 because the loader's decoder skips the frames that are neither shown nor referenced), repeat 4 /
 repeat 1, and raw repeat 4 / raw repeat 1, the ceiling that full decoding sets for that ratio. Each figure
 is the best of ``--rounds`` runs: the machine is shared, so compare the ratios, not the absolute numbers.
+
+``--source http`` serves the shards from a web server on loopback (``data.serve.ShardServer``) and times, in one
+run, repeat 1 with 1 and 2 workers: local disk, the server with a cold cache (a fresh cache each round, the
+whole epoch timed, downloads included) and with a warm one (steady state, like local), and the mean number of
+distinct shards per batch.
+
+``--plan`` plans an epoch of 240,000 samples in 1,000 shards for 64 ranks x 8 workers, as each rank does: every
+worker builds the epoch's plan and resolves its batches to (shard, member). It prints the time and the peak
+Python memory (tracemalloc) of one rank's planning, for the first, middle and last rank. No shard is read.
 """
 
 from __future__ import annotations
@@ -20,6 +32,7 @@ import argparse
 import io
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
 import av
@@ -28,9 +41,11 @@ import numpy as np
 from data import make_shards
 from data.decode import rgb24
 from data.loader import ShardLoader
+from data.plan import EpochPlan, epoch_order
 from data.samples import SampleConfig, position_rng
+from data.serve import ShardServer
 from data.shards import ShardReader, ShardSet
-from data.stream import epoch_order
+from data.sources import ShardCache
 from data.synthetic import write_kinetics_dataset
 from data.transforms import clip_span, clip_times, random_clip_start
 
@@ -74,18 +89,79 @@ def bench_raw(shards: ShardSet, cfg: SampleConfig, repeats: int, seed: int = 0) 
     return len(samples) * repeats / (time.perf_counter() - start)
 
 
-def bench_loader(shards: ShardSet, cfg: SampleConfig, workers: int, batch_size: int) -> float:
-    """Steady-state clips/s: the clock starts when every worker's first batch has arrived, so starting the
+def bench_loader(shards: ShardSet | str, cfg: SampleConfig, workers: int, batch_size: int, steady: bool = True,
+                 **loader_args) -> float:
+    """Clips/s. Steady state: the clock starts when every worker's first batch has arrived, so starting the
     workers (once per epoch, negligible on a real epoch but not on this small dataset) is left out, and no
-    worker has a batch half made before the clock starts."""
-    loader = ShardLoader(shards, cfg, batch_size=batch_size, num_workers=workers, drop_last=False)
-    batches = iter(loader)
-    for _ in range(max(1, workers)):
-        next(batches)
-    start, clips = time.perf_counter(), 0
+    worker has a batch half made before the clock starts. Otherwise the whole epoch from creating the loader
+    (a cold start: reading info.json, starting workers, downloads)."""
+    start = time.perf_counter()
+    loader = ShardLoader(shards, cfg, batch_size=batch_size, num_workers=workers, drop_last=False, **loader_args)
+    batches, clips = iter(loader), 0
+    if steady:
+        for _ in range(max(1, workers)):
+            next(batches)
+        start = time.perf_counter()
     for batch in batches:
         clips += batch["video"].shape[0]
     return clips / (time.perf_counter() - start)
+
+
+def distinct_shards_per_batch(shards: ShardSet, batch_size: int, shard_mix: int) -> float:
+    """Mean number of shards a batch of epoch 0 draws from (from the plan: the same batches the loader makes)."""
+    plan = EpochPlan(shards.counts, batch_size, seed=0, epoch=0, drop_last=False, shard_mix=shard_mix)
+    return float(np.mean([len(set(plan.resolve(plan.batch(j).positions)[:, 0].tolist()))
+                          for j in range(plan.num_batches)]))
+
+
+def remote_table(shards: ShardSet, root: Path, args: argparse.Namespace) -> None:
+    """Local disk against the same shards from a web server on loopback, cold and warm cache."""
+    cfg = SampleConfig(num_frames=args.frames, sampling_rate=args.rate, mask_grid=(args.frames // 2, 7, 7),
+                       mask_ratio=0.9)
+    mix = {"shard_mix": args.shard_mix}
+    print(f"{len(shards.names)} shards; distinct shards per batch of {args.batch_size} at shard_mix "
+          f"{args.shard_mix}: {distinct_shards_per_batch(shards, args.batch_size, args.shard_mix):.2f}")
+    print(f"{'workers':>7} {'local clip/s':>12} {'http warm':>9} {'warm/local':>10} {'local epoch':>11} "
+          f"{'http cold epoch':>15} {'cold/local':>10}")
+    with ShardServer(root) as server:
+        for workers in (1, 2):
+            # Rounds alternate local and remote, so a change in the machine's load hits both alike.
+            local, warm, local_cold, cold = [], [], [], []
+            for r in range(args.rounds):
+                cache = ShardCache(str(root.parent / f"cache-{workers}-{r}"))
+                local_cold.append(bench_loader(root, cfg, workers, args.batch_size, steady=False, **mix))
+                cold.append(bench_loader(server.url, cfg, workers, args.batch_size, steady=False, cache=cache, **mix))
+                local.append(bench_loader(shards, cfg, workers, args.batch_size, **mix))
+                warm.append(bench_loader(server.url, cfg, workers, args.batch_size, cache=cache, **mix))
+            print(f"{workers:>7} {max(local):>12.1f} {max(warm):>9.1f} {max(warm) / max(local):>10.2f} "
+                  f"{max(local_cold):>11.1f} {max(cold):>15.1f} {max(cold) / max(local_cold):>10.2f}")
+    print("epoch columns: clips/s over a whole epoch from a new loader (start-up and, for http, downloads)")
+
+
+def plan_figures(num_samples: int = 240_000, num_shards: int = 1_000, ranks: int = 64, workers: int = 8,
+                 batch_size: int = 8, shard_mix: int = 8) -> None:
+    """Time and peak memory of one rank's planning of an epoch (all its workers' share), reading no shard."""
+    counts = tuple(np.diff(np.linspace(0, num_samples, num_shards + 1).astype(int)).tolist())
+
+    def plan_rank(rank: int) -> int:
+        resolved = 0
+        for w in range(workers):  # each worker plans the epoch, then resolves the batches it builds
+            plan = EpochPlan(counts, batch_size, rank, ranks, seed=0, epoch=0, shard_mix=shard_mix)
+            for j in range(w, plan.num_batches, workers):
+                resolved += len(plan.resolve(plan.batch(j).positions))
+        return resolved
+
+    print(f"planning an epoch of {num_samples} samples in {num_shards} shards for {ranks} ranks x {workers} "
+          f"workers, batch {batch_size}, shard_mix {shard_mix}:")
+    for rank in (0, ranks // 2, ranks - 1):
+        start = time.perf_counter()
+        resolved = plan_rank(rank)
+        elapsed = time.perf_counter() - start
+        tracemalloc.start()
+        plan_rank(rank)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        print(f"  rank {rank:>2}: {resolved} samples planned in {elapsed * 1000:.0f} ms, peak {peak / 2**20:.2f} MB")
 
 
 def main() -> None:
@@ -98,7 +174,15 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--rate", type=int, default=4, help="sampling rate (frames at 30 fps)")
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--per-shard", type=int, default=8, help="videos per shard")
+    parser.add_argument("--source", choices=("local", "http"), default="local",
+                        help="local: the decoding table; http: a web server on loopback against local disk")
+    parser.add_argument("--shard-mix", type=int, default=8)
+    parser.add_argument("--plan", action="store_true", help="only the planning figures (no data is made)")
     args = parser.parse_args()
+    if args.plan:
+        plan_figures()
+        return
     width, height = (int(v) for v in args.size.split("x"))
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,10 +192,13 @@ def main() -> None:
                                           size=(width, height), num_frames=int(args.seconds * fps), fps=fps,
                                           gop=args.gop)
         make_shards.main(["kinetics", "--csv", str(csv_path["train"]), "--videos", str(tmp / "raw" / "videos"),
-                          "--out", str(tmp / "shards"), "--per-shard", "8", "--workers", "2"])
+                          "--out", str(tmp / "shards"), "--per-shard", str(args.per_shard), "--workers", "2"])
         shards = ShardSet.load(tmp / "shards")
         print(f"{shards.num_samples} videos {width}x{height}, {args.seconds:g} s at {fps} fps, gop {args.gop}; "
               f"clips {args.frames}x{args.rate}, crop 224")
+        if args.source == "http":
+            remote_table(shards, tmp / "shards", args)
+            return
         rows = []
         for repeats in (1, 4):
             cfg = SampleConfig(num_frames=args.frames, sampling_rate=args.rate, repeats=repeats,
