@@ -79,6 +79,8 @@ class TrainConfig:
     weight_decay: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     layer_decay: float | None = None  # fine-tuning: per-block lr decay
+    optimizer: str = "adamw"  # any timm optimizer name (timm.optim.create_optimizer_v2), e.g. "lars"
+    optimizer_args: dict[str, Any] = field(default_factory=dict)  # its other arguments, e.g. {always_adapt: true}
     accum_steps: int = 1
     clip_grad: float | None = None
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory
@@ -91,6 +93,7 @@ class TrainConfig:
     cutmix: float = 0.0
     label_smoothing: float = 0.0
     ema_decay: float | None = None
+    mode: str = "finetune"  # fine-tuning app: "finetune" (all weights) or "linear_probe" (frozen encoder)
 
 
 @dataclass
@@ -102,12 +105,25 @@ class LogConfig:
 
 
 @dataclass
+class KnnConfig:
+    """Pretraining's online k-NN monitor (engine/knn.py): off while `train` or `val` is unset."""
+
+    train: str = ""  # labelled shard directory: the neighbours
+    val: str = ""  # labelled shard directory: the queries
+    every: int = 1000  # optimizer steps between measurements (and at step 0)
+    max_samples: int | None = None  # use only the first this many samples of each set
+    k: int = 20
+    temperature: float = 0.07
+
+
+@dataclass
 class EvalConfig:
     spatial_views: int = 3
     temporal_views: int = 5
     batch_size: int = 8
     every_epochs: int = 1  # fine-tuning: evaluate after every this many passes
     shuffled: bool = True  # video: also evaluate with each clip's frames permuted (temporal reliance)
+    knn: KnnConfig = field(default_factory=KnnConfig)
 
 
 @dataclass
@@ -164,20 +180,25 @@ def load_config(config_files: list[str], overrides: list[str], schema: type = Ru
 _AT_LEAST_ONE = ("train.batch_size", "train.accum_steps", "train.checkpoint_every", "log.every",
                  "eval.batch_size", "eval.every_epochs", "eval.spatial_views", "eval.temporal_views",
                  "data.repeat", "data.num_frames", "data.sampling_rate", "data.crop_size",
-                 "data.shard_mix")
+                 "data.shard_mix", "eval.knn.every", "eval.knn.k", "eval.knn.max_samples")
 
 
 def check_values(config: RunConfig) -> None:
     """Values the types allow but the run cannot use, named before any work starts."""
     for key in _AT_LEAST_ONE:
-        section, name = key.split(".")
-        value = getattr(getattr(config, section), name)
-        if value < 1:
+        value = config
+        for name in key.split("."):
+            value = getattr(value, name)
+        if value is not None and value < 1:  # None: an optional key left unset
             raise ConfigError(f"{key}={value}: must be at least 1")
     if config.train.max_steps is not None and config.train.max_steps < 1:
         raise ConfigError(f"train.max_steps={config.train.max_steps}: must be at least 1 (or unset)")
     if config.data.num_workers < 0 or config.log.visualize_every < 0:
         raise ConfigError("data.num_workers and log.visualize_every cannot be negative")
+    if config.train.mode not in ("finetune", "linear_probe"):
+        raise ConfigError(f"train.mode={config.train.mode!r}: use finetune or linear_probe")
+    if config.eval.knn.temperature <= 0:
+        raise ConfigError(f"eval.knn.temperature={config.eval.knn.temperature}: must be positive")
     if config.train.mixed_precision not in (None, "no", "bf16", "fp16"):
         raise ConfigError(f"train.mixed_precision={config.train.mixed_precision!r}: use no, bf16 or fp16")
 

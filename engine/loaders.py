@@ -9,7 +9,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from data import DataFailureError, SampleConfig, ShardCache, ShardLoader, normalize
+from data import DataFailureError, SampleConfig, ShardCache, ShardLoader, ShardSet, normalize
 
 from .config import ConfigError, RunConfig
 
@@ -99,14 +99,17 @@ def train_loader(cfg: RunConfig, rank: int, world_size: int, input_size: tuple[i
     return loader
 
 
-def eval_loader(cfg: RunConfig, rank: int, world_size: int, input_size: tuple[int, ...]) -> ShardLoader:
-    """Every validation sample exactly once across ranks, as spatial x temporal views."""
+def eval_loader(cfg: RunConfig, rank: int, world_size: int, input_size: tuple[int, ...],
+                shards: str | ShardSet | None = None, views: tuple[int, int] | None = None) -> ShardLoader:
+    """Every sample of `shards` (default `data.val`) exactly once across ranks, in shard order, as spatial x
+    temporal views (default `eval.spatial_views` x `eval.temporal_views`)."""
     check_geometry(cfg, input_size)
     d = cfg.data
+    spatial, temporal = views or (cfg.eval.spatial_views, cfg.eval.temporal_views)
     sample = SampleConfig(train=False, num_frames=d.num_frames, sampling_rate=d.sampling_rate,
                           target_fps=d.target_fps, crop_size=d.crop_size,
-                          spatial_views=cfg.eval.spatial_views, temporal_views=cfg.eval.temporal_views)
-    loader = ShardLoader(d.val, sample, cfg.eval.batch_size, seed=cfg.seed, rank=rank,
+                          spatial_views=spatial, temporal_views=temporal)
+    loader = ShardLoader(shards or d.val, sample, cfg.eval.batch_size, seed=cfg.seed, rank=rank,
                          world_size=world_size, num_workers=d.num_workers, shuffle=False, drop_last=False,
                          max_fail_fraction=d.max_fail_fraction, pin_memory=PIN_MEMORY, check_failures=False,
                          cache=shard_cache(cfg), shard_mix=1)  # evaluation gains nothing from mixing shards

@@ -50,6 +50,10 @@ class Task(Protocol):
 
     # Optional hooks, called only when the task defines them:
     #   after_step(model, step)        after every optimizer step (all ranks, unwrapped model): e.g. an EMA;
+    #   monitor(model, accelerator, logger, step) -> metrics
+    #                                  before the first step of a fresh run and after every optimizer step (all
+    #                                  ranks, unwrapped model): e.g. the k-NN monitor; its time is left out of
+    #                                  the throughput figures;
     #   state_dict() -> {name: tensor} extra state kept in each checkpoint (task.safetensors), and
     #   load_state_dict(state)         its restoration on resume.
 
@@ -124,8 +128,11 @@ class Trainer:
         self.total_steps, warmup = schedule(cfg, self.steps_per_pass)
         total_batch = cfg.train.batch_size * self.world * cfg.train.accum_steps
         lr = cfg.train.base_lr * total_batch / 256
-        optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=cfg.train.weight_decay,
-                                        betas=tuple(cfg.train.betas), layer_decay=cfg.train.layer_decay)
+        # Parameters that do not require grad (a linear probe's frozen encoder) are left out by timm; betas
+        # are dropped by timm for optimizers without them (LARS).
+        optimizer = create_optimizer_v2(model, cfg.train.optimizer, lr=lr, weight_decay=cfg.train.weight_decay,
+                                        betas=tuple(cfg.train.betas), layer_decay=cfg.train.layer_decay,
+                                        **cfg.train.optimizer_args)
         self.scheduler = CosineLRScheduler(optimizer, t_initial=max(self.total_steps - warmup, 1),
                                            lr_min=cfg.train.min_lr, warmup_t=warmup, warmup_lr_init=0.0,
                                            warmup_prefix=True, t_in_epochs=False)
@@ -244,6 +251,8 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=progress.step, disable=not (self.is_main and cfg.log.progress),
                    dynamic_ncols=True, desc=Path(cfg.output_dir).name)
         metrics: dict[str, float] = {}
+        if progress.step == 0 and hasattr(self.task, "monitor"):  # the curve starts from the initial weights
+            metrics |= self.task.monitor(acc.unwrap_model(self.model), acc, self.logger, 0)
         window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
         means = WindowMeans()
         self.model.train()
@@ -270,6 +279,10 @@ class Trainer:
                 self.scheduler.step_update(progress.step)
                 if hasattr(self.task, "after_step"):
                     self.task.after_step(acc.unwrap_model(self.model), progress.step)
+                if hasattr(self.task, "monitor"):
+                    began = time.perf_counter()
+                    metrics |= self.task.monitor(acc.unwrap_model(self.model), acc, self.logger, progress.step)
+                    window_start += time.perf_counter() - began
                 if progress.step % cfg.log.every == 0 or progress.step == self.total_steps:
                     elapsed = time.perf_counter() - window_start
                     failed = check_failures(self.loader, acc, f"step {progress.step}")

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
+from engine.gather import gather_rows
 from engine.loaders import media_of
 from engine.tblog import TrainLogger
 
@@ -74,13 +75,7 @@ class VideoScores:
         indices = cat(self.indices, torch.zeros(0, dtype=torch.long, device=device))
         probs = cat(self.probs, torch.zeros(0, num_classes, device=device))
         labels = cat(self.labels, torch.zeros(0, dtype=torch.long, device=device))
-        # Ranks hold different numbers of videos: pad to the longest, gather, drop the padding (index -1).
-        indices = accelerator.gather(accelerator.pad_across_processes(indices, pad_index=-1)).cpu()
-        probs = accelerator.gather(accelerator.pad_across_processes(probs)).cpu()
-        labels = accelerator.gather(accelerator.pad_across_processes(labels)).cpu()
-        real = indices >= 0
-        order = indices[real].argsort()
-        return probs[real][order], labels[real][order]
+        return gather_rows(accelerator, indices, probs, labels)[1:]
 
 
 def classification_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict:

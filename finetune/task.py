@@ -22,6 +22,7 @@ from engine.trainer import schedule
 from models import CheckpointError, LoadReport, create_model, load_pretrained
 
 from .evaluate import evaluate, write_results
+from .probe import LinearProbe
 
 # Keys a pretrained encoder may lack and that start fresh: the classifier, and the final norm (an MAE fuses
 # its stages and normalises them with its own `encoder_norm` instead).
@@ -101,6 +102,12 @@ class FinetuneTask:
             self.report = initialise(model, cfg.model.pretrained, need_head=cfg.eval_only)
         elif cfg.eval_only:
             raise ConfigError("eval_only=true needs model.pretrained (a fine-tuned checkpoint)")
+        if cfg.train.mode == "linear_probe" and not cfg.eval_only:
+            if not cfg.model.pretrained:
+                raise ConfigError("train.mode=linear_probe needs model.pretrained (the encoder to probe)")
+            if cfg.train.layer_decay is not None:
+                raise ConfigError("train.layer_decay does not apply to train.mode=linear_probe (one layer trains)")
+            model = LinearProbe(model)
         t = cfg.train
         self.mixup = None
         if t.mixup > 0 or t.cutmix > 0:
@@ -155,8 +162,11 @@ class FinetuneTask:
         return self.ema.module
 
     def encoder(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """The whole classifier: `eval_only=true model.pretrained=<output_dir>` evaluates it."""
-        return self.final_model(model).state_dict(), checkpoint.encoder_metadata(self.name, self.overrides)
+        """The whole classifier (a linear probe as the plain classifier it equals): `eval_only=true
+        model.pretrained=<output_dir>` evaluates it."""
+        final = self.final_model(model)
+        state = final.classifier_state_dict() if isinstance(final, LinearProbe) else final.state_dict()
+        return state, checkpoint.encoder_metadata(self.name, self.overrides)
 
     def visualize(self, model, batch, logger, step) -> None:
         """Nothing to draw during fine-tuning: evaluation writes its images after passes."""

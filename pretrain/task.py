@@ -6,6 +6,7 @@ import torch
 
 from engine import checkpoint
 from engine.config import ConfigError, RunConfig
+from engine.knn import KnnMonitor
 from engine.loaders import media_of, train_loader
 from engine.tblog import TrainLogger
 from models import create_model
@@ -23,12 +24,19 @@ class PretrainTask:
         return self.model
 
     def train_loader(self, cfg: RunConfig, rank: int, world_size: int):
-        self.loader = train_loader(cfg, rank, world_size, self.model.encoder.config.input_size,
-                                   self.model.mask_unit_grid, self.model.mask_ratio)
+        input_size = self.model.encoder.config.input_size
+        self.loader = train_loader(cfg, rank, world_size, input_size, self.model.mask_unit_grid,
+                                   self.model.mask_ratio)
+        knn = cfg.eval.knn
+        self.knn = KnnMonitor(cfg, input_size, encoder_features) if knn.train and knn.val else None
         return self.loader
 
     def step(self, model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         return {"loss": model(media_of(batch, self.loader.sample), mask=batch["mask"])["loss"]}
+
+    def monitor(self, model: MaskedAutoencoder, accelerator, logger: TrainLogger, step: int) -> dict[str, float]:
+        """The k-NN top-1 / top-5 of the encoder's features when `eval.knn` is set and it is due."""
+        return self.knn(model, accelerator, logger, step) if self.knn and self.knn.due(step) else {}
 
     def encoder(self, model: MaskedAutoencoder) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         return model.encoder_state_dict(), encoder_metadata(self.cfg)
@@ -46,6 +54,12 @@ class PretrainTask:
 
     def after_pass(self, model, accelerator, logger, step) -> dict[str, float]:
         return {}
+
+
+def encoder_features(model: MaskedAutoencoder, x: torch.Tensor) -> torch.Tensor:
+    """The encoder's pooled last stage on unmasked input [B, C, (T,) H, W] -> [B, C_enc]: what fine-tuning
+    starts from (the MAE replaces the classifier norm by an identity; k-NN normalises anyway)."""
+    return model.encoder.forward_features(x)
 
 
 def encoder_metadata(cfg: RunConfig) -> dict[str, str]:

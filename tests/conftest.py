@@ -5,8 +5,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from engine import checkpoint
+from models import create_model
 
 REPO = Path(__file__).resolve().parents[1]
+# A tiny video Hiera on 8 x 32 x 32 clips: 4 x 8 x 8 tokens, one mask unit per frame pair.
+TINY = dict(input_size=[8, 32, 32], embed_dim=16, num_heads=1, stages=[1, 1, 2, 1])
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +29,14 @@ def demo_shards(tmp_path_factory) -> dict[str, Path]:
                         "--videos", str(root / "raw" / "videos"), "--out", str(shards[split]), "--per-shard", "4"],
                        check=True, cwd=REPO, capture_output=True)
     return shards
+
+
+@pytest.fixture(scope="session")
+def mae_encoder(tmp_path_factory) -> Path:
+    """The tiny Hiera's encoder as an MAE exports it (file + name/overrides metadata), before any training:
+    real pretraining is what `make demo` runs; here the fine-tuning has to do all the learning."""
+    torch.manual_seed(0)
+    mae = create_model("mae_hiera_base_16x224", **TINY, decoder_embed_dim=32, decoder_depth=1, mask_ratio=0.75)
+    path = tmp_path_factory.mktemp("pretrain") / "encoder.safetensors"
+    checkpoint.export_encoder(path, mae.encoder_state_dict(), checkpoint.encoder_metadata("hiera_base_16x224", TINY))
+    return path

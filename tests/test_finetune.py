@@ -9,16 +9,16 @@ from pathlib import Path
 import hiera as official
 import pytest
 import torch
+from conftest import TINY
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from engine import checkpoint
+from finetune.probe import LinearProbe
 from models import create_model
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = "configs/finetune/demo.yaml"
-# A tiny video Hiera on 8 x 32 x 32 clips: 4 x 8 x 8 tokens, one mask unit per frame pair.
-TINY = dict(input_size=[8, 32, 32], embed_dim=16, num_heads=1, stages=[1, 1, 2, 1])
 SIZE = ["model.input_size=[8,32,32]", "data.crop_size=32", "data.num_workers=1", "log.progress=false"]
 
 
@@ -29,17 +29,6 @@ def run(command: list[str]) -> subprocess.CompletedProcess:
 def finetune(shards: dict[str, Path], out: Path, *overrides: str) -> subprocess.CompletedProcess:
     return run([sys.executable, "finetune/main.py", "--config", DEMO, f"data.train={shards['train']}",
                 f"data.val={shards['val']}", f"output_dir={out}", *SIZE, *overrides])
-
-
-@pytest.fixture(scope="session")
-def mae_encoder(tmp_path_factory) -> Path:
-    """The tiny Hiera's encoder as an MAE exports it (file + name/overrides metadata), before any training:
-    real pretraining is what `make demo` runs; here the fine-tuning has to do all the learning."""
-    torch.manual_seed(0)
-    mae = create_model("mae_hiera_base_16x224", **TINY, decoder_embed_dim=32, decoder_depth=1, mask_ratio=0.75)
-    path = tmp_path_factory.mktemp("pretrain") / "encoder.safetensors"
-    checkpoint.export_encoder(path, mae.encoder_state_dict(), checkpoint.encoder_metadata("hiera_base_16x224", TINY))
-    return path
 
 
 def test_finetune_from_mae_beats_chance_and_needs_temporal_order(demo_shards, mae_encoder, tmp_path):
@@ -109,3 +98,50 @@ def test_bad_setups_stop_before_work(demo_shards, mae_encoder, tmp_path):
     assert wrong_name.returncode == 2 and "set model.name=hiera_base_16x224" in wrong_name.stderr
     untrained_head = finetune(demo_shards, tmp_path / "b", f"model.pretrained={mae_encoder}", "eval_only=true")
     assert untrained_head.returncode == 2 and "evaluation needs a fine-tuned classifier" in untrained_head.stderr
+
+
+def test_linear_probe_trains_only_the_head_and_resumes_exactly(demo_shards, mae_encoder, tmp_path):
+    out = tmp_path / "probe"
+    probe = [f"model.pretrained={mae_encoder}", "train.mode=linear_probe", "train.optimizer=lars",
+             "train.optimizer_args.always_adapt=true", "train.base_lr=0.5", "train.weight_decay=0",
+             "train.layer_decay=null", "train.label_smoothing=0", "train.max_steps=6", "train.checkpoint_every=3",
+             "eval.every_epochs=100", "eval.shuffled=false"]
+    result = finetune(demo_shards, out, *probe)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {"top1", "top5"} <= set(json.loads((out / "metrics.json").read_text()))
+    final = out / "checkpoint-00000006"
+    weights = load_file(final / "model.safetensors")
+    # The encoder is bit-identical to the file it came from; the optimizer holds the head's 2 tensors only.
+    source = load_file(mae_encoder)
+    assert all(torch.equal(weights[f"encoder.{k}"], v) for k, v in source.items())
+    optimizer = torch.load(final / "optimizer.pt", weights_only=True)
+    assert sum(len(group["params"]) for group in optimizer["param_groups"]) == 2
+    assert sorted(tuple(s["momentum_buffer"].shape) for s in optimizer["state"].values()) == [(4,), (4, 128)]
+    assert not torch.equal(weights["head.norm.running_var"], torch.ones(128))  # the BatchNorm did learn
+
+    # Resumed from step 3, it ends where the uninterrupted run ended, bit for bit.
+    final.rename(tmp_path / "straight-6")
+    resumed = finetune(demo_shards, out, *probe, "resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    again = load_file(final / "model.safetensors")
+    assert all(torch.equal(again[k], weights[k]) for k in weights)
+
+    # The export is the plain classifier the probe equals in eval mode (BatchNorm folded into the linear layer).
+    name, overrides = checkpoint.read_encoder_metadata(out / "encoder.safetensors")
+    plain = create_model(name, **overrides).eval()
+    plain.load_state_dict(load_file(out / "encoder.safetensors"))
+    head = weights["head.projection.weight"], weights["head.projection.bias"]
+    features = torch.randn(5, 128)
+    normed = (features - weights["head.norm.running_mean"]) / (weights["head.norm.running_var"] + 1e-6).sqrt()
+    torch.testing.assert_close(plain.head(features), normed @ head[0].T + head[1])
+
+
+def test_linear_probe_keeps_the_encoder_in_eval_mode():
+    probe = LinearProbe(create_model("hiera_base_16x224", **TINY, num_classes=3, drop_path_rate=0.5)).train()
+    assert probe.training and probe.head.training and not probe.encoder.training
+    assert not any(m.training for m in probe.encoder.modules())
+    assert [n for n, p in probe.named_parameters() if p.requires_grad] == ["head.projection.weight",
+                                                                           "head.projection.bias"]
+    clips = torch.randn(2, 3, 8, 32, 32)
+    torch.testing.assert_close(probe.forward_features(clips), probe.forward_features(clips))  # no drop path

@@ -1,0 +1,176 @@
+"""Weighted k-NN classification of frozen features, and the online monitor that runs it during pretraining.
+
+The DINO protocol (after Wu et al. 2018): features are L2-normalised; each query's k nearest neighbours in
+the labelled "train" set, by cosine similarity, vote for their own labels with weight exp(sim / T); the class
+with the largest sum of votes wins (k = 20, T = 0.07). No training, so it tracks what the encoder's features
+are worth while the MAE loss alone says little about them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import nn
+
+from data import ShardSet
+
+from .config import ConfigError, RunConfig
+from .gather import gather_rows
+from .loaders import eval_loader, media_of
+from .tblog import TrainLogger
+
+FeatureFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]  # (model, pixels [B, C, (T,) H, W]) -> [B, D]
+
+
+def knn_scores(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, num_classes: int,
+               k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
+    """Vote sums [Q, num_classes] of `queries` [Q, D] among `bank` [N, D] with labels [N] (0..num_classes-1).
+
+    Queries go in chunks so that the [chunk, N] similarity matrix, not [Q, N], bounds the memory."""
+    bank = F.normalize(bank.float(), dim=1)
+    queries = F.normalize(queries.float(), dim=1)
+    k = min(k, len(bank))
+    votes = []
+    for part in queries.split(chunk):
+        similarity, neighbour = (part @ bank.T).topk(k, dim=1)  # [q, k] each
+        weight = (similarity / temperature).exp()
+        votes.append(torch.zeros(len(part), num_classes, device=part.device)
+                     .scatter_add_(1, bank_labels[neighbour], weight))
+    return torch.cat(votes) if votes else torch.zeros(0, num_classes, device=queries.device)
+
+
+def topk_percent(scores: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    """Percent of rows of `scores` [Q, K] whose `labels` [Q] is among their k highest."""
+    if len(labels) == 0:
+        return float("nan")
+    top = scores.topk(min(k, scores.shape[1]), dim=1).indices
+    return float((top == labels[:, None]).any(1).float().mean() * 100)
+
+
+def first_samples(shards: ShardSet, count: int | None) -> ShardSet:
+    """The first `count` samples in shard order (what a non-shuffled loader visits first). Shards made by
+    data.make_shards mix the classes, so this is a random subset of them."""
+    if count is None or count >= shards.num_samples:
+        return shards
+    counts, left = [], count
+    for n in shards.counts:
+        if left == 0:
+            break
+        counts.append(min(n, left))
+        left -= counts[-1]
+    kept = len(counts)
+    return dataclasses.replace(shards, names=shards.names[:kept], urls=shards.urls[:kept], counts=tuple(counts),
+                               sizes=shards.sizes[:kept], indexes=shards.indexes[:kept])
+
+
+def batch_features(features: FeatureFn, model: nn.Module, batch: dict, sample, accelerator: Accelerator,
+                   ) -> torch.Tensor:
+    """`features` of a loader batch's rows, float32 [N, D] on the device (rows with `valid` False included:
+    the caller drops them with the batch's `valid`)."""
+    x = media_of(batch, sample, accelerator.device)
+    with accelerator.autocast():
+        return features(model, x).float()
+
+
+@torch.no_grad()
+def extract_features(features: FeatureFn, model: nn.Module, loader,
+                     accelerator: Accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features [N, D], labels [N]) of every sample of a one-view, non-shuffled `loader`
+    (engine.loaders.eval_loader), gathered from all ranks in sample order, on the CPU. Samples that fail to
+    decode are left out. The model is used as it is: put it in eval mode first."""
+    index, rows, labels = [], [], []
+    for batch in loader:
+        if len(batch["label"]) == 0:  # every sample of this batch failed to decode
+            continue
+        valid = batch["valid"].to(accelerator.device)
+        rows.append(batch_features(features, model, batch, loader.sample, accelerator)[valid])
+        index.append(batch["index"].to(accelerator.device)[valid])
+        labels.append(batch["label"].to(accelerator.device)[valid])
+    if not rows:  # this rank got nothing to do; the gather still needs its (empty) share
+        width = _feature_width(features, model, loader, accelerator)
+        rows, index, labels = [torch.zeros(0, width, device=accelerator.device)], [], []
+    index = torch.cat(index) if index else torch.zeros(0, dtype=torch.long, device=accelerator.device)
+    labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=accelerator.device)
+    return gather_rows(accelerator, index, torch.cat(rows), labels)[1:]
+
+
+def _feature_width(features: FeatureFn, model: nn.Module, loader, accelerator: Accelerator) -> int:
+    """D of `features`, from one all-zero input of the loader's shape."""
+    shape = loader.sample.view_shape(loader.shards.media == "image")
+    return features(model, torch.zeros(1, *shape, device=accelerator.device)).shape[1]
+
+
+class KnnMonitor:
+    """Pretraining's online k-NN: at step 0 and every `eval.knn.every` steps, the encoder's pooled features of
+    the `eval.knn.train` and `eval.knn.val` samples (one centre view each; eval mode, no grad, no mask), from
+    all ranks, classify the val samples. Every rank computes the same top-1 / top-5, which go to TensorBoard
+    (`knn/top1`, `knn/top5`, `perf/knn_seconds`) and `output_dir/metrics.json` (with the whole curve)."""
+
+    def __init__(self, cfg: RunConfig, input_size: tuple[int, ...], features: FeatureFn):
+        knn = cfg.eval.knn
+        self.cfg, self.input_size, self.features = cfg, input_size, features
+        self.sets = {}
+        for role in ("train", "val"):
+            path = getattr(knn, role)
+            try:
+                shards = ShardSet.load(path)
+            except (OSError, ValueError) as err:
+                raise ConfigError(f"eval.knn.{role}={path}: not a shard directory ({err})") from err
+            if not shards.classes:
+                raise ConfigError(f"eval.knn.{role}={path}: its info.json names no classes; the k-NN monitor "
+                                  f"needs labelled shards")
+            self.sets[role] = first_samples(shards, knn.max_samples)
+        if self.sets["train"].classes != self.sets["val"].classes:
+            raise ConfigError("eval.knn.train and eval.knn.val have different classes: make both shard sets from "
+                              "one class list")
+        self.num_classes = len(self.sets["train"].classes)
+
+    def due(self, step: int) -> bool:
+        return step % self.cfg.eval.knn.every == 0
+
+    def __call__(self, model: nn.Module, accelerator: Accelerator, logger: TrainLogger,
+                 step: int) -> dict[str, float]:
+        """Measure (all ranks at once); returns {"knn_top1", "knn_top5"} in percent."""
+        began = time.perf_counter()
+        was_training = model.training
+        model.eval()
+        found = {}
+        for role, shards in self.sets.items():
+            loader = eval_loader(self.cfg, accelerator.process_index, accelerator.num_processes, self.input_size,
+                                 shards=shards, views=(1, 1))
+            found[role] = extract_features(self.features, model, loader, accelerator)
+        model.train(was_training)
+        (bank, bank_labels), (queries, labels) = found["train"], found["val"]
+        knn, device = self.cfg.eval.knn, accelerator.device
+        bank, bank_labels = bank[bank_labels >= 0], bank_labels[bank_labels >= 0]
+        queries, labels = queries[labels >= 0], labels[labels >= 0]
+        scores = knn_scores(bank.to(device), bank_labels.to(device), queries.to(device), self.num_classes,
+                            knn.k, knn.temperature).cpu()
+        result = {"knn_top1": topk_percent(scores, labels, 1), "knn_top5": topk_percent(scores, labels, 5)}
+        seconds = time.perf_counter() - began
+        logger.scalars({"knn/top1": result["knn_top1"], "knn/top5": result["knn_top5"],
+                        "perf/knn_seconds": seconds}, step)
+        if accelerator.is_main_process:
+            self._write(step, result, seconds, len(bank), len(queries))
+        return result
+
+    def _write(self, step: int, result: dict[str, float], seconds: float, neighbours: int, queries: int) -> None:
+        """metrics.json: the latest measurement and the curve; a resumed run drops what the interrupted one
+        measured after its checkpoint, as TensorBoard does."""
+        path = Path(self.cfg.output_dir) / "metrics.json"
+        history = json.loads(path.read_text()).get("knn_history", []) if path.is_file() else []
+        entry = {"step": step, "top1": result["knn_top1"], "top5": result["knn_top5"], "seconds": round(seconds, 3)}
+        history = [h for h in history if h["step"] < step] + [entry]
+        content = {**result, "step": step, "knn_neighbours": neighbours, "knn_queries": queries,
+                   "knn_k": self.cfg.eval.knn.k, "knn_temperature": self.cfg.eval.knn.temperature,
+                   "knn_history": history}
+        temp = path.with_name(path.name + ".tmp")
+        temp.write_text(json.dumps(content, indent=2))
+        temp.replace(path)

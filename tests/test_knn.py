@@ -1,0 +1,112 @@
+"""The online k-NN monitor: its classifier against a brute-force one written here, and the pretraining app
+with it, in one and in two real gloo processes, read back from metrics.json and the event files."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from data import ShardSet
+from engine.config import load_config
+from engine.knn import first_samples, knn_scores, topk_percent
+from engine.loaders import eval_loader, media_of
+from models import create_model
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = "configs/pretrain/demo.yaml"
+
+
+def brute_force_votes(bank: list, bank_labels: list, queries: list, num_classes: int, k: int, t: float) -> list:
+    """Per query: cosine similarity to every bank row, the k most similar vote exp(sim / t) for their label."""
+    def cosine(a, b):
+        return sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+    votes = []
+    for query in queries:
+        ranked = sorted(((cosine(query, row), label) for row, label in zip(bank, bank_labels)), reverse=True)
+        tally = [0.0] * num_classes
+        for similarity, label in ranked[:k]:
+            tally[label] += math.exp(similarity / t)
+        votes.append(tally)
+    return votes
+
+
+@pytest.mark.parametrize("k, temperature", [(20, 0.07), (3, 0.5), (100, 0.07)])
+def test_knn_matches_brute_force(k, temperature):
+    generator = torch.Generator().manual_seed(k)
+    bank, queries = torch.randn(50, 6, generator=generator), torch.randn(30, 6, generator=generator)
+    bank_labels = torch.randint(0, 5, (50,), generator=generator)
+    labels = torch.randint(0, 5, (30,), generator=generator)
+    scores = knn_scores(bank, bank_labels, queries, 5, k=k, temperature=temperature, chunk=7)
+    expected = torch.tensor(brute_force_votes(bank.tolist(), bank_labels.tolist(), queries.tolist(), 5, k, temperature))
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=0)
+    hits1 = sum(row.index(max(row)) == y for row, y in zip(expected.tolist(), labels.tolist()))
+    assert topk_percent(scores, labels, 1) == pytest.approx(100 * hits1 / 30)
+    assert topk_percent(scores, labels, 5) == 100.0  # 5 classes
+
+
+def test_first_samples_cuts_in_shard_order(demo_shards):
+    shards = ShardSet.load(demo_shards["train"])  # 4 shards of 4
+    cut = first_samples(shards, 6)
+    assert cut.num_samples == 6 and cut.names == shards.names[:2] and cut.counts == (4, 2)
+    assert first_samples(shards, None) is shards and first_samples(shards, 99) is shards
+
+
+def pretrain(shards: dict, out: Path, processes: int, *overrides: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--num_processes", str(processes)]
+    if processes > 1:
+        launcher.insert(2, "--multi_gpu")
+    command = [*launcher, "tests/dist_knn.py", "--config", DEMO, f"data.train={shards['train']}",
+               f"output_dir={out}", "data.num_workers=0", "log.progress=false", "log.visualize_every=0",
+               "train.batch_size=8", f"eval.knn.train={shards['train']}", f"eval.knn.val={shards['val']}",
+               "eval.batch_size=3", *overrides]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_monitor_is_the_same_on_one_and_two_ranks_and_matches_brute_force(demo_shards, tmp_path):
+    knn = ["train.max_steps=2", "eval.knn.every=2", "eval.knn.max_samples=14", "eval.knn.k=5"]
+    runs = {}
+    for processes in (1, 2):
+        out = tmp_path / f"ranks{processes}"
+        result = pretrain(demo_shards, out, processes, *knn)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[processes] = json.loads((out / "metrics.json").read_text())
+        fits = [json.loads((out / f"fit-rank{r}.json").read_text()) for r in range(processes)]
+        assert all(f["knn_top1"] == runs[processes]["knn_top1"] for f in fits)  # every rank, the same answer
+    one, two = runs[1]["knn_history"], runs[2]["knn_history"]
+    assert [h["step"] for h in one] == [h["step"] for h in two] == [0, 2]
+    # Step 0 is the random initialisation: the same weights, whatever the process count.
+    assert one[0]["top1"] == two[0]["top1"] and one[0]["top5"] == two[0]["top5"]
+    assert runs[1]["knn_neighbours"] == runs[2]["knn_neighbours"] == 14
+
+    # The same measurement done here: the initial encoder, eval mode, one centre view, brute-force k-NN.
+    cfg = load_config([DEMO], [f"eval.knn.train={demo_shards['train']}"])
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model.name, **cfg.model.overrides()).eval()
+    found = {}
+    for role in ("train", "val"):
+        loader = eval_loader(cfg, 0, 1, (8, 64, 64), shards=first_samples(ShardSet.load(demo_shards[role]), 14),
+                             views=(1, 1))
+        rows, labels = [], []
+        with torch.no_grad():
+            for batch in loader:
+                rows += model.encoder.forward_features(media_of(batch, loader.sample)).tolist()
+                labels += batch["label"].tolist()
+        found[role] = rows, labels
+    votes = brute_force_votes(*found["train"], found["val"][0], 4, k=5, t=0.07)
+    hits = sum(row.index(max(row)) == y for row, y in zip(votes, found["val"][1]))
+    assert one[0]["top1"] == pytest.approx(100 * hits / 14)
+
+    events = EventAccumulator(str(tmp_path / "ranks2" / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("knn/top1")] == [(0, pytest.approx(two[0]["top1"])),
+                                                                        (2, pytest.approx(two[1]["top1"]))]
+    assert len(events.Scalars("knn/top5")) == 2 and all(e.value > 0 for e in events.Scalars("perf/knn_seconds"))
