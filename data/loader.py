@@ -76,7 +76,8 @@ class ShardLoader:
         self.shards = shards if isinstance(shards, ShardSet) else ShardSet.load(shards, self.cache.retries)
         self.shard_mix = shard_mix
         if self.shards.remote:
-            self.cache.check_room(max((s or 0) for s in self.shards.sizes), ShardStream.open_shards(shard_mix))
+            largest = max((size or 0 for size in self.shards.sizes), default=0)
+            self.cache.check_room(largest, ShardStream.open_shards(shard_mix))
         self.sample, self.batch_size, self.seed = sample, batch_size, seed
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.shuffle, self.drop_last, self.persistent = shuffle, drop_last, persistent

@@ -251,8 +251,10 @@ def _write_info(out: Path, num_shards: int, classes: list[str], args: argparse.N
         side = json.loads((out / f"shard-{i:06d}.json").read_text())
         skipped += side["skipped"]
         if side["num_samples"]:
-            shards.append({"name": f"shard-{i:06d}.tar", "num_samples": side["num_samples"],
-                           "bytes": side["bytes"], "index": f"shard-{i:06d}.json"})
+            entry = {"name": f"shard-{i:06d}.tar", "num_samples": side["num_samples"]}
+            if "samples" in side:  # shards written before sidecars held offsets are indexed from their headers
+                entry |= {"bytes": side["bytes"], "index": f"shard-{i:06d}.json"}
+            shards.append(entry)
     info = {
         "version": 1,
         "media": args.media,

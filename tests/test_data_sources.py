@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from webdataset.gopen import gopen_schemes
 
 from data.loader import ShardLoader
 from data.plan import EpochPlan
 from data.samples import SampleConfig
 from data.serve import ShardServer
 from data.shards import ShardSet, index_tar, open_raw
-from data.sources import FetchError, ShardCache
+from data.sources import FetchError, ShardCache, gopen_s3
 
 SAMPLE = SampleConfig(num_frames=4, sampling_rate=2, crop_size=16, repeats=1)
 
@@ -81,6 +82,20 @@ def test_two_ranks_two_workers_over_http_one_node_and_two_nodes(demo_shards, tmp
             assert sorted(seen) == everything
 
 
+def test_unreachable_shards_are_skipped_and_counted_naming_the_url(demo_shards, tmp_path):
+    shards = ShardSet.load(demo_shards["train"])
+    with ShardServer(demo_shards["train"], die_after=2) as server:
+        loader = ShardLoader(server.url, SAMPLE, batch_size=2, seed=5, drop_last=False, max_fail_fraction=1.0,
+                             cache=ShardCache(str(tmp_path), retries=0))
+        failures = [f for b in loader for f in b["failures"]]
+        served = set(server.tar_requests())
+    lost = [n for n in shards.names if n not in served]
+    assert len(served) == 2 and len(failures) == sum(shards.counts[shards.names.index(n)] for n in lost)
+    assert {name for name, _, _ in failures} == set(lost)
+    assert all(f"{server.url}/{name}: failed after 1 attempts" in reason for name, _, reason in failures)
+    assert loader.stats["samples_failed"] == len(failures)
+
+
 def test_batches_mix_shards_and_rank_blocks_barely_overlap():
     counts = (10,) * 40
     for rank in range(2):
@@ -107,9 +122,10 @@ def test_cache_keeps_open_shards_evicts_least_recent_and_checks_sizes(demo_shard
 
     with pytest.raises(FetchError, match=r"records 5 .*shard-000000.tar|shard-000000.tar.*records 5"):
         ShardCache(str(tmp_path / "other"), retries=0).fetch(urls[0], 5)
-    with pytest.raises(FetchError, match="cat: /nowhere/shard-000009.tar: No such file"):
+    with pytest.raises(FetchError, match="cat: /nowhere/shard-000009.tar: No such file"):  # stderr is quoted
         ShardCache(str(tmp_path / "other"), retries=0).fetch("pipe:cat /nowhere/shard-000009.tar", None)
     assert not [p for p in (tmp_path / "other").iterdir() if not p.name.endswith(".lock")]
+    assert gopen_schemes["s3"] is gopen_s3  # webdataset itself has no s3:// handler
 
 
 class CountingOpener:
