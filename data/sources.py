@@ -18,14 +18,17 @@ downloaded whole into the cache on first touch (``ShardCache.fetch``): local fil
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
 import re
 import tempfile
+import threading
 import time
 import warnings
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -50,6 +53,9 @@ def gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192):
 
 
 gopen_schemes.setdefault("s3", gopen_s3)
+
+
+_STDERR_LOCK = threading.Lock()
 
 
 class FetchError(OSError):
@@ -134,13 +140,14 @@ def _gopen_capturing_stderr(url: str, stderr):
     webdataset's Pipe lets the child inherit this process's stderr; pointing fd 2 at the file only while the
     child is spawned gives it that file and leaves this process's own stderr as it was.
     """
-    saved = os.dup(2)
-    try:
-        os.dup2(stderr.fileno(), 2)
-        return gopen(url, "rb")
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+    with _STDERR_LOCK:  # fd 2 is the process's: threads (prefetching) take turns
+        saved = os.dup(2)
+        try:
+            os.dup2(stderr.fileno(), 2)
+            return gopen(url, "rb")
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def _with_retries(url: str, retries: int, attempt, backoff: float = 1.0):
@@ -215,6 +222,12 @@ class ShardCache:
                           f"may hold open ({open_per_rank} shards of up to {largest / 2**30:.2f} GiB each): it will "
                           f"grow past it; raise data.cache_gb or lower data.shard_mix", stacklevel=2)
 
+    def prefetch(self, url: str, size: int | None) -> None:
+        """Download ``url`` into the cache if missing, holding nothing afterwards. Errors are left to the fetch
+        that needs the shard, which retries and reports them."""
+        with contextlib.suppress(OSError, ValueError):  # no retries here: the lock would make the user wait
+            self.release(replace(self, retries=0).fetch(url, size)[1])
+
     @staticmethod
     def release(fd: int) -> None:
         os.close(fd)  # closing drops the lock
@@ -270,3 +283,25 @@ class ShardCache:
             path.unlink(missing_ok=True)
             used -= size
             os.close(fd)
+
+
+class Prefetcher:
+    """Downloads shards into a cache on background threads, ahead of their first use, so that a worker whose
+    lanes move into new shards finds them there instead of waiting for the download. Each shard is asked for
+    once until ``forget()`` (a new epoch)."""
+
+    def __init__(self, cache: ShardCache, threads: int = 2):
+        self.cache, self.asked = cache, set()
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="shard-prefetch")
+
+    def want(self, shards: list[tuple[str, int | None]]) -> None:
+        for url, size in shards:
+            if url not in self.asked:
+                self.asked.add(url)
+                self.pool.submit(self.cache.prefetch, url, size)
+
+    def forget(self) -> None:
+        self.asked.clear()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)

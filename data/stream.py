@@ -24,6 +24,7 @@ and every rank's step still takes part in the gradient all-reduce, even when all
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ from .decode import DecodeError
 from .plan import EpochPlan, PlannedBatch, epoch_order, num_batches, rank_batches
 from .samples import SampleConfig, SampleProcessor
 from .shards import SampleError, ShardReader, ShardSet
-from .sources import ShardCache
+from .sources import Prefetcher, ShardCache
 
 __all__ = ["PlannedBatch", "ShardStream", "epoch_order", "rank_batches"]
 
@@ -79,17 +80,39 @@ class ShardStream(IterableDataset):
         per_epoch = self.num_batches
         processor = SampleProcessor(self.sample)
         plan = None
+        prefetcher = Prefetcher(self.cache or ShardCache()) if self.shards.remote else None
         with ShardReader(self.shards, max_open=self.open_shards(self.shard_mix), cache=self.cache,
                          fetch_errors_fatal=self.fetch_errors_fatal) as reader:
-            for j in itertools.count(self.start + worker_id, num_workers):
-                if per_epoch == 0 or (j >= per_epoch and not self.endless):
-                    return
-                epoch = self.epoch + j // per_epoch
-                if plan is None or plan.epoch != epoch:
-                    plan = EpochPlan(self.shards.counts, self.batch_size, self.rank, self.world_size,
-                                     seed=self.seed, epoch=epoch, shuffle=self.shuffle, drop_last=self.drop_last,
-                                     shard_mix=self.shard_mix)
-                yield self._batch(plan.batch(j % per_epoch), epoch, plan, reader, processor)
+            try:
+                for j in itertools.count(self.start + worker_id, num_workers):
+                    if per_epoch == 0 or (j >= per_epoch and not self.endless):
+                        return
+                    epoch = self.epoch + j // per_epoch
+                    if plan is None or plan.epoch != epoch:
+                        plan = EpochPlan(self.shards.counts, self.batch_size, self.rank, self.world_size,
+                                         seed=self.seed, epoch=epoch, shuffle=self.shuffle,
+                                         drop_last=self.drop_last, shard_mix=self.shard_mix)
+                        if prefetcher is not None:
+                            prefetcher.forget()
+                    batch = self._batch(plan.batch(j % per_epoch), epoch, plan, reader, processor)
+                    if prefetcher is not None:  # after the batch: its own shards come first
+                        prefetcher.want(self._upcoming(plan, j % per_epoch, num_workers))
+                    yield batch
+            finally:
+                if prefetcher is not None:
+                    prefetcher.close()
+
+    def _upcoming(self, plan: EpochPlan, j: int, num_workers: int) -> list[tuple[str, int | None]]:
+        """(URL, size) of the shards this worker's next batches of the epoch read: enough batches for every
+        lane to reach its next shard."""
+        mean_count = plan.length / max(1, len(self.shards.counts))
+        ahead = min(64, max(1, math.ceil(mean_count * plan.lanes / (self.batch_size * num_workers))))
+        later = range(j + num_workers, min(plan.num_batches, j + (ahead + 1) * num_workers), num_workers)
+        if not later:
+            return []
+        positions = np.concatenate([plan.batch(k).positions for k in later])
+        shards = dict.fromkeys(plan.resolve(positions)[:, 0].tolist())  # in order of need, once each
+        return [(self.shards.urls[s], self.shards.sizes[s]) for s in shards]
 
     def _batch(self, planned: PlannedBatch, epoch: int, order: EpochPlan, reader: ShardReader, processor) -> dict:
         """Views are written straight into the batch tensor, one fixed slot of rows per planned sample. The
