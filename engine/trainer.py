@@ -137,7 +137,7 @@ class Trainer:
                                            lr_min=cfg.train.min_lr, warmup_t=warmup, warmup_lr_init=0.0,
                                            warmup_prefix=True, t_in_epochs=False)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        self.forward_model = torch.compile(self.model, fullgraph=True) if cfg.model.compile else self.model
+        self.forward_model = self._compiled(self.model) if cfg.model.compile else self.model
         # Drop path (torch) and timm's mixup (numpy, random) differ across ranks, reproducibly.
         torch.manual_seed(cfg.seed + 1000 * self.rank)
         np.random.seed(cfg.seed + 1000 * self.rank)
@@ -147,6 +147,13 @@ class Trainer:
         # After a resume, what the interrupted run logged past its checkpoint is purged, not shown twice.
         self.logger = TrainLogger(self.output_dir / "tb", enabled=self.is_main,
                                   purge_step=self.progress.step + 1 if self.progress.step else None)
+
+    def _compiled(self, model: torch.nn.Module) -> torch.nn.Module:
+        """One process: the whole model as one graph (fullgraph). Under DDP, dynamo steps over the wrapper's own
+        Python (its logging cannot be traced, so fullgraph would fail) and DDPOptimizer splits the model's graph
+        at the gradient buckets, so that their all-reduces overlap the backward pass; the model's own code is
+        graph-break free, as the single-process tests show."""
+        return torch.compile(model, fullgraph=self.world == 1)
 
     # -- checkpoints -------------------------------------------------------------------------------------------
     def _maybe_resume(self) -> None:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from engine.gather import gather_rows
-from engine.loaders import media_of
+from engine.loaders import check_failures, media_of
 from engine.tblog import TrainLogger
 
 
@@ -107,13 +107,12 @@ def evaluate(model: torch.nn.Module, loader, accelerator: Accelerator, num_class
         scores["shuffled"] = VideoScores.empty()
     for batch in loader:
         x = media_of(batch, loader.sample, accelerator.device)
-        if len(x) == 0:  # every sample of this batch failed to decode
-            continue
         with accelerator.autocast():
             scores["plain"].add(model(x), batch)
             if "shuffled" in scores:
                 scores["shuffled"].add(model(shuffle_frames(x, batch["index"], shuffle_seed)), batch)
     model.train(was_training)
+    check_failures(loader, accelerator, "evaluation")
     return {name: classification_metrics(*s.gather(accelerator, num_classes)) for name, s in scores.items()}
 
 

@@ -4,14 +4,15 @@ clipping come from the engine) and evaluated with multi-view testing after passe
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from timm.data import Mixup
-from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch import nn
+from torch.nn import functional as F
 
 from data import ShardSet
 from engine import checkpoint
@@ -113,8 +114,6 @@ class FinetuneTask:
         if t.mixup > 0 or t.cutmix > 0:
             self.mixup = Mixup(mixup_alpha=t.mixup, cutmix_alpha=t.cutmix, label_smoothing=t.label_smoothing,
                                num_classes=self.num_classes)
-        self.criterion = SoftTargetCrossEntropy() if self.mixup else nn.CrossEntropyLoss(
-            label_smoothing=t.label_smoothing)
         # The EMA starts from the initialised weights; it is what gets evaluated and exported when enabled.
         self.ema = ModelEmaV3(model, decay=t.ema_decay) if t.ema_decay else None
         self.ema_on_device = False
@@ -125,16 +124,18 @@ class FinetuneTask:
         return self.loader
 
     def step(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
-        x, labels = media_of(batch, self.loader.sample), batch["label"]
+        x, labels, valid = media_of(batch, self.loader.sample), batch["label"], batch["valid"].float()
         if self.mixup is None:
             logits = model(x)
-            return {"loss": self.criterion(logits, labels), "acc": (logits.argmax(-1) == labels).float().mean()}
-        even = len(x) // 2 * 2  # pairs are mixed; a batch that lost one sample to a decode error drops one more
-        x, labels = x[:even], labels[:even]
+            losses = F.cross_entropy(logits, labels, label_smoothing=self.cfg.train.label_smoothing, reduction="none")
+            hits = (logits.argmax(-1) == labels).float()
+            return {"loss": valid_mean(losses, valid), "acc": valid_mean(hits, valid)}
+        even = len(x) // 2 * 2  # pairs are mixed: an odd batch leaves its last row out
+        x, labels, valid = x[:even], labels[:even], valid[:even]
         # timm's Mixup boxes the last two dims of a 4-D batch: fold time into channels so that a video
         # [B, C, T, H, W] gets one box for all its frames (the view shares memory, Mixup works in place).
         folded, targets = self.mixup(x.flatten(1, 2) if x.dim() == 5 else x, labels)
-        return {"loss": self.criterion(model(folded.view_as(x)), targets)}
+        return {"loss": valid_mean(F.cross_entropy(model(folded.view_as(x)), targets, reduction="none"), valid)}
 
     def after_step(self, model: nn.Module, step: int) -> None:
         if self.ema is not None:
@@ -166,7 +167,9 @@ class FinetuneTask:
         model.pretrained=<output_dir>` evaluates it."""
         final = self.final_model(model)
         state = final.classifier_state_dict() if isinstance(final, LinearProbe) else final.state_dict()
-        return state, checkpoint.encoder_metadata(self.name, self.overrides)
+        # The class names travel with the weights: finetune.predict names its answers from them.
+        return state, {**checkpoint.encoder_metadata(self.name, self.overrides),
+                       "classes": json.dumps(list(self.classes))}
 
     def visualize(self, model, batch, logger, step) -> None:
         """Nothing to draw during fine-tuning: evaluation writes its images after passes."""
@@ -190,6 +193,12 @@ class FinetuneTask:
         output_dir = cfg.output_dir if accelerator.is_main_process else None
         metrics = write_results(results, list(self.classes), views, logger, output_dir, step)
         return {k: v for k, v in metrics.items() if isinstance(v, float)}
+
+
+def valid_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean of per-row values [N] over the valid rows (weights [N] in {0, 1}); 0, with gradients, when none is:
+    rows standing in for failed samples count for nothing, and the step still takes part in the all-reduce."""
+    return (values * valid).sum() / valid.sum().clamp(min=1)
 
 
 def class_names(cfg: RunConfig) -> tuple[str, ...]:

@@ -9,7 +9,7 @@ from engine.config import ConfigError, RunConfig
 from engine.knn import KnnMonitor
 from engine.loaders import media_of, train_loader
 from engine.tblog import TrainLogger
-from models import create_model
+from models import create_model, load_pretrained
 from models.mae import MAEConfig, MaskedAutoencoder
 
 from . import render
@@ -21,6 +21,8 @@ class PretrainTask:
             raise ConfigError(f"model.name={cfg.model.name!r}: pretraining needs an MAE model (mae_<encoder>)")
         self.cfg = cfg
         self.model = create_model(cfg.model.name, **cfg.model.overrides())
+        if cfg.model.pretrained:  # another run's MAE weights, with a fresh schedule and data position
+            load_pretrained(self.model, cfg.model.pretrained)
         return self.model
 
     def train_loader(self, cfg: RunConfig, rank: int, world_size: int):
@@ -32,7 +34,7 @@ class PretrainTask:
         return self.loader
 
     def step(self, model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
-        return {"loss": model(media_of(batch, self.loader.sample), mask=batch["mask"])["loss"]}
+        return {"loss": model(media_of(batch, self.loader.sample), mask=batch["mask"], valid=batch["valid"])["loss"]}
 
     def monitor(self, model: MaskedAutoencoder, accelerator, logger: TrainLogger, step: int) -> dict[str, float]:
         """The k-NN top-1 / top-5 of the encoder's features when `eval.knn` is set and it is due."""
@@ -43,8 +45,8 @@ class PretrainTask:
 
     @torch.no_grad()
     def visualize(self, model: MaskedAutoencoder, batch: dict, logger: TrainLogger, step: int) -> None:
-        count = self.cfg.log.visualize_samples
-        x, mask = media_of(batch, self.loader.sample)[:count], batch["mask"][:count]
+        count, valid = self.cfg.log.visualize_samples, batch["valid"]
+        x, mask = media_of(batch, self.loader.sample)[valid][:count], batch["mask"][valid][:count]
         if len(x) == 0:
             return
         model.eval()
