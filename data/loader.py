@@ -97,8 +97,9 @@ class ShardLoader:
         if self._len == 0 and self.shards.num_samples:
             raise ValueError(
                 f"{self.shards.spec}: {self.shards.num_samples} samples are fewer than one global batch of "
-                f"{batch_size} samples per rank x {world_size} ranks = {batch_size * world_size}: use more data, "
-                f"a smaller batch size or fewer processes")
+                f"{batch_size} samples per rank x {world_size} ranks = {batch_size * world_size}"
+                + (f" (each sample gives {sample.num_views} clips: data.repeat)" if sample.num_views > 1 else "")
+                + ": use more data, a smaller batch size or fewer processes")
 
     def __len__(self) -> int:
         return self._len

@@ -1,6 +1,7 @@
 """Shards from anywhere: a real HTTP server on loopback and real pipe: commands against local disk, the node
 cache, rank blocks over two ranks x two workers, mixed batches, webdataset interop and the index reads."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -177,7 +178,7 @@ def test_indexes_are_read_once_per_shard_per_worker(demo_shards, tmp_path, sidec
         (root / "info.json").write_text(json.dumps(info))
     log = tmp_path / "reads.log"
     shards = ShardSet.load(root)
-    loader = ShardLoader(shards.__class__(**{**vars(shards), "opener": CountingOpener(log)}), SAMPLE, batch_size=2,
+    loader = ShardLoader(dataclasses.replace(shards, opener=CountingOpener(log)), SAMPLE, batch_size=2,
                          num_workers=2, shard_mix=2, drop_last=False)
     assert len(keys_of(list(loader))) == shards.num_samples
     reads = reads_of(log)
