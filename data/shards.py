@@ -87,6 +87,9 @@ class ShardSet:
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{spec}: no {INFO_NAME} at {source.info_url}; write one with "
                                     f"python -m data.make_shards index SHARDS... --out {INFO_NAME}") from e
+        except FetchError as e:
+            raise FetchError(f"{spec}: {e}. If there is no {INFO_NAME} there, write one with python -m "
+                             f"data.make_shards index SHARDS... --out {INFO_NAME} and give its path") from e
         except ValueError as e:
             raise ValueError(f"{source.info_url}: not a readable {INFO_NAME}: {e}") from e
         entries = info["shards"]

@@ -195,6 +195,8 @@ def check_values(config: RunConfig) -> None:
         raise ConfigError(f"train.max_steps={config.train.max_steps}: must be at least 1 (or unset)")
     if config.data.num_workers < 0 or config.log.visualize_every < 0:
         raise ConfigError("data.num_workers and log.visualize_every cannot be negative")
+    if config.data.fetch_retries < 0 or config.data.cache_gb < 0:
+        raise ConfigError("data.fetch_retries and data.cache_gb cannot be negative")
     if config.train.mode not in ("finetune", "linear_probe"):
         raise ConfigError(f"train.mode={config.train.mode!r}: use finetune or linear_probe")
     if config.eval.knn.temperature <= 0:
