@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import nn
 
-from .hiera import MAE_ONLY_KEY_PREFIXES, Head, PatchEmbed, init_transformer_weights, run_block
+from .hiera import MAE_ONLY_KEY_PREFIXES, Head, PatchEmbed, attention, init_transformer_weights, run_block
 from .mvitv2_convert import adapt_mvitv2_state_dict
 from .mvitv2_geometry import (
     Grid,
@@ -281,7 +281,7 @@ class PoolingAttention(nn.Module):
             bias = hidden if bias is None else bias + hidden
         if q.is_cuda:  # pooled q/k/v are strided views; CUDA's fused kernels need a unit last-dim stride
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        out = attention(q, k, v, bias)
         if self.residual_pooling:
             # The cls token is not a pooled token: SlowFast leaves its row without the residual.
             out = torch.cat([out[:, :, :self.prefix], out[:, :, self.prefix:] + q[:, :, self.prefix:]], dim=2) \
