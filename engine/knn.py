@@ -23,7 +23,7 @@ from data import ShardSet
 
 from .config import ConfigError, RunConfig
 from .gather import gather_rows
-from .loaders import eval_loader, media_of
+from .loaders import check_failures, eval_loader, media_of
 from .tblog import TrainLogger
 
 FeatureFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]  # (model, pixels [B, C, (T,) H, W]) -> [B, D]
@@ -84,27 +84,16 @@ def extract_features(features: FeatureFn, model: nn.Module, loader,
                      accelerator: Accelerator) -> tuple[torch.Tensor, torch.Tensor]:
     """(features [N, D], labels [N]) of every sample of a one-view, non-shuffled `loader`
     (engine.loaders.eval_loader), gathered from all ranks in sample order, on the CPU. Samples that fail to
-    decode are left out. The model is used as it is: put it in eval mode first."""
+    decode are left out (too many stop every rank: engine.loaders.check_failures). The model is used as it
+    is: put it in eval mode first."""
     index, rows, labels = [], [], []
     for batch in loader:
-        if len(batch["label"]) == 0:  # every sample of this batch failed to decode
-            continue
-        valid = batch["valid"].to(accelerator.device)
+        valid = batch["valid"].to(accelerator.device)  # False: padding, or a stand-in for a failed sample
         rows.append(batch_features(features, model, batch, loader.sample, accelerator)[valid])
         index.append(batch["index"].to(accelerator.device)[valid])
         labels.append(batch["label"].to(accelerator.device)[valid])
-    if not rows:  # this rank got nothing to do; the gather still needs its (empty) share
-        width = _feature_width(features, model, loader, accelerator)
-        rows, index, labels = [torch.zeros(0, width, device=accelerator.device)], [], []
-    index = torch.cat(index) if index else torch.zeros(0, dtype=torch.long, device=accelerator.device)
-    labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=accelerator.device)
-    return gather_rows(accelerator, index, torch.cat(rows), labels)[1:]
-
-
-def _feature_width(features: FeatureFn, model: nn.Module, loader, accelerator: Accelerator) -> int:
-    """D of `features`, from one all-zero input of the loader's shape."""
-    shape = loader.sample.view_shape(loader.shards.media == "image")
-    return features(model, torch.zeros(1, *shape, device=accelerator.device)).shape[1]
+    check_failures(loader, accelerator, "k-NN features")
+    return gather_rows(accelerator, torch.cat(index), torch.cat(rows), torch.cat(labels))[1:]
 
 
 class KnnMonitor:

@@ -1,5 +1,6 @@
 """The fine-tuning app end to end, as users run it: real shards, real processes, files read back."""
 
+import csv
 import dataclasses
 import json
 import subprocess
@@ -12,7 +13,10 @@ import torch
 from conftest import TINY
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from data import SampleConfig, SampleProcessor, normalize
+from data.synthetic import CLASSES, kinetics_name, write_corrupt
 from engine import checkpoint
 from finetune.probe import LinearProbe
 from models import create_model
@@ -31,11 +35,18 @@ def finetune(shards: dict[str, Path], out: Path, *overrides: str) -> subprocess.
                 f"data.val={shards['val']}", f"output_dir={out}", *SIZE, *overrides])
 
 
-def test_finetune_from_mae_beats_chance_and_needs_temporal_order(demo_shards, mae_encoder, tmp_path):
-    out = tmp_path / "ft"
+@pytest.fixture(scope="module")
+def finetuned(demo_shards, mae_encoder, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """A run fine-tuned from the untrained MAE encoder on the 4 motion classes: (output_dir, the process)."""
+    out = tmp_path_factory.mktemp("finetuned") / "ft"
     result = finetune(demo_shards, out, f"model.pretrained={mae_encoder}", "train.max_steps=96",
                       "train.base_lr=2e-2", "train.layer_decay=null", "eval.every_epochs=100")
     assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+def test_finetune_from_mae_beats_chance_and_needs_temporal_order(demo_shards, finetuned, tmp_path):
+    out, result = finetuned
     # The report names what was loaded and what starts fresh (the MAE has no classifier norm or head).
     assert "loaded 70 tensors" in result.stdout
     fresh = "norm.weight, norm.bias, head.projection.weight, head.projection.bias"
@@ -60,6 +71,65 @@ def test_finetune_from_mae_beats_chance_and_needs_temporal_order(demo_shards, ma
     assert again.returncode == 0, again.stderr[-3000:]
     evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert evaluated["top1"] == metrics["top1"] and evaluated["top1_shuffled"] == metrics["top1_shuffled"]
+
+
+def val_videos(demo_shards: dict[str, Path]) -> list[tuple[Path, str]]:
+    """The validation split's mp4 files and their class names, from the raw Kinetics-style CSV."""
+    raw = demo_shards["val"].parents[1] / "raw"
+    with open(raw / "val.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [(raw / "videos" / r["label"] / kinetics_name(r["youtube_id"], int(r["time_start"]), int(r["time_end"])),
+             r["label"]) for r in rows]
+
+
+def test_predict_names_the_classes_and_agrees_with_evaluation(demo_shards, finetuned, tmp_path):
+    out, _ = finetuned
+    videos = val_videos(demo_shards)
+    broken = write_corrupt(tmp_path / "broken.mp4", videos[0][0])
+    files = [videos[0][0], broken, *(v for v, _ in videos[1:])]
+    result = run([sys.executable, "-m", "finetune.predict", "--checkpoint", str(out), "--json", *map(str, files)])
+    assert result.returncode == 1, result.stderr[-3000:]  # one file failed, the others were predicted
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {broken}: ")
+    entries = json.loads(result.stdout)
+    assert [e["file"] for e in entries] == list(map(str, files)) and set(entries[1]) == {"file", "error"}
+    predicted = [e["predictions"] for e in entries if "predictions" in e]
+    assert len(predicted) == 16
+    for top in predicted:  # all 4 classes, by name, most probable first, probabilities summing to 1
+        assert sorted(p["class"] for p in top) == sorted(CLASSES)
+        assert [p["probability"] for p in top] == sorted((p["probability"] for p in top), reverse=True)
+        assert sum(p["probability"] for p in top) == pytest.approx(1, abs=1e-5)
+    # The run's 1 x 2 views, averaged like evaluation: the same top-1 as metrics.json.
+    hits = sum(top[0]["class"] == label for top, (_, label) in zip(predicted, videos))
+    assert 100 * hits / 16 == pytest.approx(json.loads((out / "metrics.json").read_text())["top1"])
+
+    text = run([sys.executable, "-m", "finetune.predict", "--checkpoint", str(out / "encoder.safetensors"),
+                "--spatial-views", "2", str(videos[0][0])])
+    assert text.returncode == 0, text.stderr[-3000:]
+    lines = text.stdout.splitlines()
+    assert lines[0] == str(videos[0][0]) and len(lines) == 5 and lines[1].split()[0] in CLASSES
+    assert lines[1].endswith("%")
+
+
+def test_predict_with_an_official_kinetics_checkpoint(demo_shards, tmp_path):
+    torch.manual_seed(0)
+    config = create_model("hiera_base_16x224").config
+    reference = official.Hiera(**dataclasses.asdict(config)).eval()  # 400 Kinetics classes, random weights
+    torch.save({"model_state": reference.state_dict()}, tmp_path / "hiera_base_16x224.pth")
+    video = val_videos(demo_shards)[0][0]
+    result = run([sys.executable, "-m", "finetune.predict", "--checkpoint", str(tmp_path / "hiera_base_16x224.pth"),
+                  "--model", "hiera_base_16x224", "--spatial-views", "1", "--temporal-views", "1", "--json",
+                  str(video)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    top = json.loads(result.stdout)[0]["predictions"]
+    # The official model on the same clip (16 frames, 4 apart at 30 fps, centre crop; its head softmaxes in eval).
+    clip = SampleProcessor(SampleConfig(train=False))(video.read_bytes(), "mp4", 0, 0, 0)[0]["pixels"]
+    with torch.no_grad():
+        expected = reference(normalize(clip[None], IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))[0].topk(5)
+    names = (REPO / "finetune" / "kinetics400_classes.txt").read_text().splitlines()
+    assert [p["class"] for p in top] == [names[i] for i in expected.indices.tolist()]
+    assert [p["probability"] for p in top] == pytest.approx(expected.values.tolist(), abs=1e-4)
+    assert len(names) == 400 and names[:2] == ["abseiling", "air drumming"] and names[-1] == "zumba"
 
 
 def test_official_hiera_checkpoint_finetunes_with_the_recipe_and_resumes(demo_shards, tmp_path):

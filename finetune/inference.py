@@ -1,0 +1,111 @@
+"""A trained model on the user's own files: loading it from whatever the user has (a fine-tuning run, one of
+its checkpoints, an exported file, an official checkpoint) and cutting files into clips the way evaluation
+does. Shared by `finetune.predict` and `finetune.features`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from data import SampleConfig, SampleProcessor, normalize
+from data.decode import IMAGE_EXTENSIONS
+from engine import checkpoint
+from engine.config import ConfigError, DataConfig, EvalConfig, RunConfig, load_config
+from models import CheckpointError, create_model
+
+from .task import class_names, encoder_file, initialise
+
+KINETICS400 = Path(__file__).with_name("kinetics400_classes.txt")  # the official list, alphabetical
+
+
+@dataclass
+class Loaded:
+    model: nn.Module  # in eval mode
+    name: str  # registered architecture
+    classes: tuple[str, ...]  # one name per output (empty for an encoder without a classifier)
+    data: DataConfig  # how its clips are cut: frames, sampling rate, fps, crop size
+    views: tuple[int, int]  # (spatial, temporal) views of the run's evaluation
+
+    @property
+    def is_video(self) -> bool:
+        return len(self.model.config.input_size) == 3
+
+
+def run_config(source: Path) -> RunConfig | None:
+    """The resolved config saved next to a run's files (`output_dir/config.yaml`, `checkpoint-*/config.yaml`)."""
+    found = source / "config.yaml" if source.is_dir() else source.parent / "config.yaml"
+    return load_config([str(found)], []) if found.is_file() else None
+
+
+def saved_classes(exported: Path | None) -> tuple[str, ...]:
+    """Class names a fine-tuning run wrote into its exported classifier's metadata."""
+    if exported is None:
+        return ()
+    with safe_open(str(exported), framework="pt") as f:
+        return tuple(json.loads((f.metadata() or {}).get("classes", "[]")))
+
+
+def load_model(source: str | Path, model_name: str | None = None, need_head: bool = True) -> Loaded:
+    """Our runs and exported files name their architecture; any other checkpoint (an official Hiera K400
+    file, timm weights) needs `model_name`. With `need_head` the classifier must come from the file.
+    Raises CheckpointError or ConfigError naming the file."""
+    source = Path(source)
+    if not source.exists():
+        raise CheckpointError(f"{source}: no such file or directory")
+    exported = encoder_file(source)
+    saved = checkpoint.read_encoder_metadata(exported) if exported else None
+    if saved is None and not model_name:
+        raise ConfigError(f"{source} does not name its architecture: give --model (e.g. hiera_base_16x224)")
+    name, overrides = saved if saved is not None else (model_name, {})
+    model = create_model(name.removeprefix("mae_"), **overrides)
+    initialise(model, str(exported or source), need_head=need_head)
+    cfg = run_config(source)
+    classes = _classes(exported, cfg, model.config.num_classes)
+    data, evaluation = (cfg.data, cfg.eval) if cfg else (DataConfig(), EvalConfig())
+    return Loaded(model.eval(), name, classes, data, (evaluation.spatial_views, evaluation.temporal_views))
+
+
+def _classes(exported: Path | None, cfg: RunConfig | None, num_classes: int) -> tuple[str, ...]:
+    """Names from the exported file, else from the run's shards, else Kinetics-400's for 400 outputs, else
+    the class indices."""
+    names = saved_classes(exported)
+    if not names and cfg is not None:
+        try:
+            names = class_names(cfg)
+        except (OSError, ValueError):  # the run's shards were moved or deleted
+            names = ()
+    if not names and num_classes == 400:
+        names = tuple(KINETICS400.read_text().splitlines())
+    return names if len(names) == num_classes else tuple(str(i) for i in range(num_classes))
+
+
+def sample_config(loaded: Loaded, views: tuple[int, int]) -> SampleConfig:
+    """Evaluation's clips for this model: its frames and crop size, the run's frame spacing."""
+    size, d = loaded.model.config.input_size, loaded.data
+    return SampleConfig(train=False, num_frames=size[0] if loaded.is_video else 1, sampling_rate=d.sampling_rate,
+                        target_fps=d.target_fps, crop_size=size[-1], spatial_views=views[0],
+                        temporal_views=views[1])
+
+
+def file_clips(path: Path, loaded: Loaded, sample: SampleConfig) -> torch.Tensor:
+    """A video or image file -> normalised views [V, 3, (T,) S, S] for `loaded.model`. An image given to a
+    video model is repeated over the frames (one temporal view); a video given to an image model gives
+    single frames. Raises OSError or data.DecodeError for a file that cannot be read."""
+    ext = path.suffix.lstrip(".").lower()
+    is_image = ext in IMAGE_EXTENSIONS
+    if is_image:
+        sample = dataclasses.replace(sample, temporal_views=1)
+    views = SampleProcessor(sample)(path.read_bytes(), ext, 0, 0, 0)
+    pixels = torch.stack([v["pixels"] for v in views])  # [V, 3, S, S] image, [V, 3, T, S, S] video
+    if is_image and loaded.is_video:
+        pixels = pixels[:, :, None].expand(-1, -1, sample.num_frames, -1, -1)
+    elif not is_image and not loaded.is_video:
+        pixels = pixels[:, :, 0]
+    return normalize(pixels, sample.mean, sample.std)

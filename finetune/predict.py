@@ -1,0 +1,83 @@
+"""Classify your own videos and images with a fine-tuned run or an official checkpoint.
+
+    python -m finetune.predict --checkpoint runs/demo/finetune clip.mp4 [photo.jpg ...]
+    python -m finetune.predict --checkpoint hiera_base_16x224.pth --model hiera_base_16x224 clip.mp4 --json
+
+Prints the top classes with their probabilities: softmax scores averaged over spatial x temporal views, as
+in evaluation (the run's views by default). --checkpoint takes a fine-tuning output_dir, one of its
+checkpoint-* directories, its encoder.safetensors, or any checkpoint models.load_pretrained reads (then
+--model names the architecture; 400 outputs get the Kinetics-400 class names). A file that cannot be read
+gets one line on stderr and the others are still predicted; the exit code is then 1. --json prints a list
+with one {"file", "predictions": [{"class", "index", "probability"}]} or {"file", "error"} per file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from data import DecodeError
+from engine.config import ConfigError
+from models import CheckpointError
+
+from .inference import Loaded, file_clips, load_model, sample_config
+
+
+@torch.no_grad()
+def predict_file(loaded: Loaded, path: Path, views: tuple[int, int], batch_size: int,
+                 device: torch.device) -> torch.Tensor:
+    """Class probabilities [K] of one file: the mean of its views' softmax scores."""
+    clips = file_clips(path, loaded, sample_config(loaded, views))
+    scores = [loaded.model(part.to(device)).float().softmax(-1) for part in clips.split(batch_size)]
+    return torch.cat(scores).mean(0).cpu()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("files", nargs="+", type=Path, help="videos and images")
+    parser.add_argument("--checkpoint", required=True, help="fine-tuning run, checkpoint dir or file")
+    parser.add_argument("--model", help="architecture of a checkpoint that does not name it, e.g. hiera_base_16x224")
+    parser.add_argument("--spatial-views", type=int, help="crops across the frame (default: the run's)")
+    parser.add_argument("--temporal-views", type=int, help="clips along the video (default: the run's)")
+    parser.add_argument("--top", type=int, default=5, help="classes shown per file")
+    parser.add_argument("--batch-size", type=int, default=16, help="clips per forward pass")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    args = parser.parse_args(argv)
+    try:
+        loaded = load_model(args.checkpoint, args.model, need_head=True)
+    except (CheckpointError, ConfigError, KeyError, TypeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    device = torch.device(args.device)
+    loaded.model.to(device)
+    views = (args.spatial_views or loaded.views[0], args.temporal_views or loaded.views[1])
+    results, failed = [], 0
+    for path in args.files:
+        try:
+            probs = predict_file(loaded, path, views, args.batch_size, device)
+        except (OSError, DecodeError) as err:
+            failed += 1
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+            print(f"error: {path}: {' '.join(reason.split())}", file=sys.stderr)  # one line
+            results.append({"file": str(path), "error": reason})
+            continue
+        top = probs.topk(min(args.top, len(probs)))
+        predictions = [{"class": loaded.classes[i], "index": i, "probability": p}
+                       for p, i in zip(top.values.tolist(), top.indices.tolist())]
+        results.append({"file": str(path), "predictions": predictions})
+        if not args.json:
+            width = max(len(p["class"]) for p in predictions)
+            lines = [f"  {p['class']:<{width}}  {100 * p['probability']:5.1f}%" for p in predictions]
+            print("\n".join([str(path), *lines]), flush=True)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
