@@ -24,7 +24,7 @@ from webdataset.shardlists import expand_urls
 
 from .decode import IMAGE_EXTENSIONS
 from .shards import MEDIA_EXTENSIONS, last_extension, media_member, open_raw, raw_label, read_member, scan_tar
-from .sources import INFO_NAME, ShardCache, is_remote, local_path, shard_name
+from .sources import ShardCache, is_remote, local_path, shard_name
 
 
 def index_local(path: Path) -> tuple[list, int, list[str]]:
@@ -43,6 +43,8 @@ def index_local(path: Path) -> tuple[list, int, list[str]]:
             except (ValueError, UnicodeDecodeError) as e:
                 raise ValueError(f"{path}: sample {key!r}: unreadable label member: {e}") from e
             samples.append((key, files, label))
+    if not samples:
+        problems.append(f"{path}: no samples (empty, not a tar, or no member named <key>.<ext>)")
     return samples, size, problems
 
 
@@ -99,5 +101,3 @@ def index_shards(shards: list[str], out: Path, classes: list[str] | None = None,
     out.write_text(json.dumps(info, indent=1))
     return info
 
-
-__all__ = ["INFO_NAME", "index_local", "index_shards"]
