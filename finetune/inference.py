@@ -20,7 +20,7 @@ from engine import checkpoint
 from engine.config import ConfigError, DataConfig, EvalConfig, RunConfig, load_config
 from models import CheckpointError, create_model
 
-from .task import class_names, encoder_file, initialise
+from .task import class_names, encoder_file, initialise, newly_initialised
 
 KINETICS400 = Path(__file__).with_name("kinetics400_classes.txt")  # the official list, alphabetical
 
@@ -65,7 +65,11 @@ def load_model(source: str | Path, model_name: str | None = None, need_head: boo
         raise ConfigError(f"{source} does not name its architecture: give --model (e.g. hiera_base_16x224)")
     name, overrides = saved if saved is not None else (model_name, {})
     model = create_model(name.removeprefix("mae_"), **overrides)
-    initialise(model, str(exported or source), need_head=need_head)
+    report = initialise(model, str(exported or source), need_head=need_head)
+    if "norm.weight" in newly_initialised(report):
+        # An MAE encoder has no classifier norm: its features are the pooled last stage, as the k-NN
+        # monitor sees them, not a freshly initialised norm of them.
+        model.norm = nn.Identity()
     cfg = run_config(source)
     classes = _classes(exported, cfg, model.config.num_classes)
     data, evaluation = (cfg.data, cfg.eval) if cfg else (DataConfig(), EvalConfig())

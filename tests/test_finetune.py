@@ -5,6 +5,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import hiera as official
@@ -15,11 +16,12 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from data import SampleConfig, SampleProcessor, normalize
+from data import SampleConfig, SampleProcessor, ShardLoader, normalize
 from data.synthetic import CLASSES, kinetics_name, write_corrupt
 from engine import checkpoint
+from engine.loaders import media_of
 from finetune.probe import LinearProbe
-from models import create_model
+from models import create_model, load_pretrained
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = "configs/finetune/demo.yaml"
@@ -215,3 +217,49 @@ def test_linear_probe_keeps_the_encoder_in_eval_mode():
                                                                            "head.projection.bias"]
     clips = torch.randn(2, 3, 8, 32, 32)
     torch.testing.assert_close(probe.forward_features(clips), probe.forward_features(clips))  # no drop path
+
+
+def test_feature_export_resumes_after_a_kill_and_equals_forward_features(demo_shards, finetuned, tmp_path):
+    out, _ = finetuned
+
+    def export(dest: Path) -> list[str]:
+        return [sys.executable, "-m", "finetune.features", "--checkpoint", str(out), "--data", str(demo_shards["val"]),
+                "--out", str(dest), "--stages", "--batch-size", "1", "--chunk-size", "1", "--num-workers", "0"]
+
+    straight = run(export(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    names = sorted(p.name for p in (tmp_path / "straight").glob("features-*.safetensors"))
+    assert len(names) == 16  # one sample per chunk
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(export(killed), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / names[2]).exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.kill()
+    process.wait()
+    assert not (killed / "info.json").exists()  # it was killed before the end
+    resumed = run(export(killed))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming after" in resumed.stdout
+    assert sorted(p.name for p in killed.glob("features-*.safetensors")) == names
+    assert all((killed / n).read_bytes() == (tmp_path / "straight" / n).read_bytes() for n in names)
+
+    # The features are forward_features (and the pooled stages) of the exported classifier, sample by sample.
+    name, overrides = checkpoint.read_encoder_metadata(out / "encoder.safetensors")
+    model = create_model(name, **overrides).eval()
+    load_pretrained(model, out / "encoder.safetensors")
+    chunks = [load_file(tmp_path / "straight" / n) for n in names]
+    exported = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
+    sample = SampleConfig(train=False, num_frames=8, sampling_rate=2, target_fps=25, crop_size=32)
+    loader = ShardLoader(demo_shards["val"], sample, 4, shuffle=False, drop_last=False)
+    with torch.no_grad():
+        for batch in loader:
+            x, rows = media_of(batch, sample), batch["index"]
+            torch.testing.assert_close(exported["features"][rows], model.forward_features(x), rtol=1e-4, atol=1e-5)
+            for s, stage in enumerate(model.forward_intermediates(x)):
+                torch.testing.assert_close(exported[f"stage{s}"][rows], stage.flatten(1, -2).mean(1), rtol=1e-4,
+                                           atol=1e-5)
+    assert exported["index"].tolist() == list(range(16))
+    info = json.loads((tmp_path / "straight" / "info.json").read_text())
+    assert info["num_samples"] == 16 and info["classes"] == sorted(CLASSES)
