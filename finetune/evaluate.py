@@ -16,12 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 
 from engine.gather import gather_rows
 from engine.loaders import check_failures, media_of
 from engine.tblog import TrainLogger
+
+from .confusion import confusion_picture, picture_tensor
 
 
 def average_views(probs: torch.Tensor, index: torch.Tensor, valid: torch.Tensor,
@@ -126,16 +127,6 @@ def summary(results: dict[str, dict], views: int) -> dict:
             "num_videos": results["plain"]["num_videos"], "views_per_video": views}
 
 
-def confusion_image(confusion: torch.Tensor, cell: int = 0) -> torch.Tensor:
-    """[K, K] counts -> [3, H, W] in [0, 1]: row-normalised, white (0) to dark blue (1), `cell` pixels per
-    class (default: about 256 pixels in all)."""
-    K = confusion.shape[0]
-    rate = confusion.float() / confusion.sum(1, keepdim=True).clamp(min=1)
-    image = torch.stack([1 - rate, 1 - 0.7 * rate, 1 - 0.3 * rate])
-    cell = cell or max(1, 256 // K)
-    return F.interpolate(image[None], scale_factor=cell, mode="nearest")[0]
-
-
 def per_class_table(per_class: list[float | None], classes: list[str]) -> str:
     """Markdown table of per-class accuracy, worst first (what TensorBoard's text tab renders)."""
     names = classes if len(classes) == len(per_class) else [str(i) for i in range(len(per_class))]
@@ -145,13 +136,15 @@ def per_class_table(per_class: list[float | None], classes: list[str]) -> str:
 
 def write_results(results: dict[str, dict], classes: list[str], views: int, logger: TrainLogger,
                   output_dir: str | Path, step: int) -> dict:
-    """TensorBoard scalars, the confusion matrix image and the per-class table; metrics.json (main process
-    only: pass `output_dir` None elsewhere). Returns the summary."""
+    """TensorBoard scalars, the confusion matrix picture and the per-class table; metrics.json and
+    confusion_matrix.png (main process only: pass `output_dir` None elsewhere). Returns the summary."""
     metrics = summary(results, views)
     logger.scalars({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)}, step)
-    logger.image("eval/confusion_matrix", confusion_image(results["plain"]["confusion"]), step)
     logger.text("eval/per_class_top1", per_class_table(results["plain"]["per_class"], classes), step)
     if output_dir is not None:
+        picture = confusion_picture(results["plain"]["confusion"], classes)
+        logger.image("eval/confusion_matrix", picture_tensor(picture), step)
+        picture.save(Path(output_dir) / "confusion_matrix.png")
         names = classes if len(classes) == len(results["plain"]["per_class"]) else None
         per_class = dict(zip(names, results["plain"]["per_class"])) if names else results["plain"]["per_class"]
         content = {**metrics, "step": step, "per_class_top1": per_class}

@@ -12,6 +12,7 @@ import hiera as official
 import pytest
 import torch
 from conftest import TINY
+from PIL import Image
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -64,6 +65,7 @@ def test_finetune_from_mae_beats_chance_and_needs_temporal_order(demo_shards, fi
     events.Reload()
     assert events.Scalars("eval/top1")[-1].value == pytest.approx(metrics["top1"])
     assert "eval/confusion_matrix" in events.Tags()["images"]
+    assert Image.open(out / "confusion_matrix.png").size[0] > 4 * 30  # the picture with names, next to metrics
     assert {"setup/initialisation/text_summary", "eval/per_class_top1/text_summary"} <= set(events.Tags()["tensors"])
 
     # The exported classifier evaluates on its own (eval_only), with the same views: the same numbers.

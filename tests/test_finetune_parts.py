@@ -8,7 +8,8 @@ from timm.optim import create_optimizer_v2
 
 from engine.checkpoint import encoder_metadata, export_encoder
 from engine.config import load_config
-from finetune.evaluate import VideoScores, average_views, classification_metrics, confusion_image, shuffle_frames
+from finetune.confusion import confusion_picture, confusion_table, picture_tensor
+from finetune.evaluate import VideoScores, average_views, classification_metrics, shuffle_frames
 from finetune.task import architecture, initialise
 from models import CheckpointError, create_model
 
@@ -50,8 +51,6 @@ def test_metrics_per_class_top5_and_unlabelled():
     assert metrics["num_videos"] == 4 and metrics["top1"] == 50.0
     assert metrics["per_class"] == [100.0, 100.0, 0.0, 0.0, None, None]
     assert metrics["top5"] == 75.0  # label 3 is ranked last of 6 for the fourth video
-    image = confusion_image(metrics["confusion"])
-    assert image.shape == (3, 6 * 42, 6 * 42) and image.min() >= 0 and image.max() <= 1
 
 
 def test_shuffled_frames_are_a_fixed_permutation_per_video():
@@ -114,3 +113,23 @@ def test_architecture_comes_from_the_export_but_the_input_size_from_this_run(tmp
     cfg = load_config([], ["model.name=hiera_base_16x224", f"model.pretrained={tmp_path}",
                            "model.input_size=[8,32,32]"])
     assert tuple(architecture(cfg, classes=())[1]["input_size"]) == (8, 32, 32)
+
+
+def test_confusion_picture_names_the_classes_and_keeps_the_largest():
+    confusion = torch.zeros(40, 40, dtype=torch.long)
+    confusion[torch.arange(40), torch.arange(40)] = torch.arange(40) + 1  # class i: i + 1 videos, all right
+    confusion[39, 0] = 7  # 7 videos of class 39 predicted as class 0, which is not among the largest
+    names = [f"class_{i:02d}" for i in range(40)]
+    shown, table, other = confusion_table(confusion, names, top=5)
+    assert shown == ["class_35", "class_36", "class_37", "class_38", "class_39"] and other
+    assert table.shape == (5, 6) and table[:, -1].tolist() == [0, 0, 0, 0, 7]
+    assert torch.equal(table.sum(1), confusion[35:].sum(1))  # rows still add up to the class's videos
+    few = confusion_table(confusion[:3, :3], names[:3], top=5)
+    assert few[0] == names[:3] and torch.equal(few[1], confusion[:3, :3]) and not few[2]
+
+    small = confusion_picture(confusion, names, top=20)
+    wide = confusion_picture(confusion, [f"a much longer name for class {i}" for i in range(40)], top=20)
+    assert wide.width > small.width and wide.height > small.height  # room for the names on both axes
+    assert confusion_picture(confusion, names, top=30).width > small.width  # one column per shown class
+    pixels = picture_tensor(small)
+    assert pixels.shape == (3, small.height, small.width) and (pixels.mean(0) < 0.4).sum() > 200  # dark text

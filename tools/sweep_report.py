@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
+
+from engine.tblog import font as font_of
 
 
 def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
@@ -56,14 +58,6 @@ _LABEL_W, _BAR_W, _MARGIN, _BAR_H, _GAP, _TOP = 350, 470, 20, 16, 14, 76
 _OURS, _PAPER, _INK, _GRID = (31, 119, 180), (170, 170, 170), (30, 30, 30), (225, 225, 225)
 
 
-def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    # DejaVu has the × and ² of the labels; Pillow's built-in font (the fallback) draws them as boxes.
-    try:
-        return ImageFont.truetype("DejaVuSans.ttf", size)
-    except OSError:
-        return ImageFont.load_default(size)
-
-
 def write_chart(results: dict, path: Path) -> None:
     """Horizontal bars of speed relative to the first row: ours (blue) above the paper's (grey), per row."""
     rows = results["rows"]
@@ -72,7 +66,7 @@ def write_chart(results: dict, path: Path) -> None:
     height = _TOP + len(rows) * (2 * _BAR_H + _GAP) + 2 * _MARGIN
     image = Image.new("RGB", (_LABEL_W + _BAR_W + 2 * _MARGIN, height), "white")
     draw = ImageDraw.Draw(image)
-    font, small, bold = _font(13), _font(11), _font(15)
+    font, small, bold = font_of(13), font_of(11), font_of(15)
     step = 1 if scale_max <= 6 else 2 if scale_max <= 12 else 5
     x0 = _MARGIN + _LABEL_W
 
