@@ -22,11 +22,15 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# The main job: synthetic demo videos -> shards -> a small video MAE pretraining run -> fine-tuning its encoder
-# on the 4 motion classes, evaluated with 2 views per video and with shuffled frames (printed with chance).
+# The main job: synthetic demo videos -> shards -> a small video MAE pretraining run (with the online k-NN of
+# its encoder on the demo classes, from the random initialisation on) -> fine-tuning its encoder on the 4
+# motion classes, evaluated with 2 views per video and with shuffled frames (printed with chance) -> the
+# fine-tuned model's top classes for one validation video.
 demo: $(STAMP) $(DEMO)/shards/train/info.json $(DEMO)/shards/val/info.json
-	$(ACCELERATE) pretrain/main.py --config configs/pretrain/demo.yaml
+	$(ACCELERATE) pretrain/main.py --config configs/pretrain/demo.yaml \
+		eval.knn.train=$(DEMO)/shards/train eval.knn.val=$(DEMO)/shards/val eval.knn.every=100
 	$(ACCELERATE) finetune/main.py --config configs/finetune/demo.yaml
+	$(PY) -m finetune.predict --checkpoint $(DEMO)/finetune $$(ls $(DEMO)/raw/videos/moving_left/va*.mp4 | head -1)
 
 $(DEMO)/raw/train.csv: | $(STAMP)
 	$(PY) -m data.synthetic --out $(DEMO)/raw --per-class 16 --size 64x64 --frames 32

@@ -159,7 +159,7 @@ class KnnMonitor:
         history = [h for h in history if h["step"] < step] + [entry]
         content = {**result, "step": step, "knn_neighbours": neighbours, "knn_queries": queries,
                    "knn_k": self.cfg.eval.knn.k, "knn_temperature": self.cfg.eval.knn.temperature,
-                   "knn_history": history}
+                   "knn_chance": 100 / self.num_classes, "knn_history": history}
         temp = path.with_name(path.name + ".tmp")
         temp.write_text(json.dumps(content, indent=2))
         temp.replace(path)

@@ -7,10 +7,13 @@ Setup only: the loop is engine.trainer.Trainer; the step and the viewer are pret
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
 from engine.config import ConfigError, parse_args
 from engine.trainer import Trainer
+from pretrain.knn_curve import write_curve
 from pretrain.task import PretrainTask
 
 
@@ -26,7 +29,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         print(f"done: {trainer.progress.step} steps; TensorBoard logs in {cfg.output_dir}/tb "
               f"(tensorboard --logdir {cfg.output_dir}); checkpoints in {cfg.output_dir}/checkpoint-*; "
               f"encoder for fine-tuning: {cfg.output_dir}/encoder.safetensors")
+        if "knn_top1" in metrics:
+            report_knn(Path(cfg.output_dir))
     return metrics
+
+
+def report_knn(output_dir: Path) -> None:
+    """The k-NN top-1 of the initial and the final encoder, and the curve's picture."""
+    history = json.loads((output_dir / "metrics.json").read_text())["knn_history"]
+    first, last = history[0], history[-1]
+    print(f"k-NN top-1: {first['top1']:.1f}% at step {first['step']}"
+          f"{' (the random initialisation)' if first['step'] == 0 else ''}, {last['top1']:.1f}% at step "
+          f"{last['step']}; curve: {write_curve(output_dir)}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from data import ShardSet
@@ -62,9 +63,11 @@ def pretrain(shards: dict, out: Path, processes: int, *overrides: str) -> subpro
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_machines", "1",
                 "--mixed_precision", "no", "--dynamo_backend", "no", "--num_processes", str(processes)]
-    if processes > 1:
-        launcher.insert(2, "--multi_gpu")
-    command = [*launcher, "tests/dist_knn.py", "--config", DEMO, f"data.train={shards['train']}",
+    if processes > 1:  # a script that also keeps what every rank's fit returned
+        launcher += ["--multi_gpu", "tests/dist_knn.py"]
+    else:  # the app itself
+        launcher += ["pretrain/main.py"]
+    command = [*launcher, "--config", DEMO, f"data.train={shards['train']}",
                f"output_dir={out}", "data.num_workers=0", "log.progress=false", "log.visualize_every=0",
                "train.batch_size=8", f"eval.knn.train={shards['train']}", f"eval.knn.val={shards['val']}",
                "eval.batch_size=3", *overrides]
@@ -73,15 +76,19 @@ def pretrain(shards: dict, out: Path, processes: int, *overrides: str) -> subpro
 
 def test_monitor_is_the_same_on_one_and_two_ranks_and_matches_brute_force(demo_shards, tmp_path):
     knn = ["train.max_steps=2", "eval.knn.every=2", "eval.knn.max_samples=14", "eval.knn.k=5"]
-    runs = {}
+    runs, printed = {}, {}
     for processes in (1, 2):
         out = tmp_path / f"ranks{processes}"
         result = pretrain(demo_shards, out, processes, *knn)
         assert result.returncode == 0, result.stderr[-3000:]
-        runs[processes] = json.loads((out / "metrics.json").read_text())
-        fits = [json.loads((out / f"fit-rank{r}.json").read_text()) for r in range(processes)]
-        assert all(f["knn_top1"] == runs[processes]["knn_top1"] for f in fits)  # every rank, the same answer
+        runs[processes], printed[processes] = json.loads((out / "metrics.json").read_text()), result.stdout
+    fits = [json.loads((tmp_path / "ranks2" / f"fit-rank{r}.json").read_text()) for r in range(2)]
+    assert fits[0]["knn_top1"] == fits[1]["knn_top1"] == runs[2]["knn_top1"]  # every rank, the same answer
     one, two = runs[1]["knn_history"], runs[2]["knn_history"]
+    # The app prints the first and the last measurement and draws the curve.
+    assert f"k-NN top-1: {one[0]['top1']:.1f}% at step 0 (the random initialisation), {one[1]['top1']:.1f}% at " \
+           f"step 2; curve: {tmp_path / 'ranks1' / 'knn_curve.png'}" in printed[1]
+    assert Image.open(tmp_path / "ranks1" / "knn_curve.png").format == "PNG"
     assert [h["step"] for h in one] == [h["step"] for h in two] == [0, 2]
     # Step 0 is the random initialisation: the same weights, whatever the process count.
     assert one[0]["top1"] == two[0]["top1"] and one[0]["top5"] == two[0]["top5"]
