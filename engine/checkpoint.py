@@ -7,6 +7,8 @@
         optimizer.pt           optimizer state (tensors and plain containers: torch.load(weights_only=True))
         rng-rank{r}.pt         each rank's torch / numpy / python RNG states (tensors only)
         rank{r}.json           each rank's step and data position with its own failure counters
+        sharded/               instead of model.safetensors and optimizer.pt when the model is sharded (FSDP):
+                               one safetensors file of model and optimizer shards per rank (engine.sharded)
         task.safetensors       the task's extra state, when it has one (e.g. fine-tuning's EMA weights)
         state.json             step, scheduler, scaler, counters, and the layout (processes, per-device
                                batch, accumulation, repeat) that the data position belongs to
@@ -31,6 +33,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+SHARDED_DIR = "sharded"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d{8})$")
 TEMP_PREFIX = ".tmp-checkpoint-"
 
@@ -104,14 +107,17 @@ def check_finite(model_state: dict[str, torch.Tensor]) -> None:
         raise FloatingPointError(f"refusing to save non-finite weights ({', '.join(bad[:5])})")
 
 
-def write_main_state(temp: Path, model_state: dict[str, torch.Tensor], encoder_state: dict[str, torch.Tensor],
-                     encoder_metadata: dict[str, str], optimizer_state: dict, state: dict[str, Any],
-                     config_yaml: str, task_state: dict[str, torch.Tensor] | None = None) -> None:
-    save_tensors(temp / "model.safetensors", model_state)
+def write_main_state(temp: Path, model_state: dict[str, torch.Tensor] | None,
+                     encoder_state: dict[str, torch.Tensor], encoder_metadata: dict[str, str],
+                     optimizer_state: dict | None, state: dict[str, Any], config_yaml: str,
+                     task_state: dict[str, torch.Tensor] | None = None) -> None:
+    """What the main process writes; model and optimizer are None when every rank saved its shards."""
+    if model_state is not None:
+        save_tensors(temp / "model.safetensors", model_state)
+        torch.save(optimizer_state, temp / "optimizer.pt")
     save_tensors(temp / "encoder.safetensors", encoder_state, encoder_metadata)
     if task_state:
         save_tensors(temp / "task.safetensors", task_state)
-    torch.save(optimizer_state, temp / "optimizer.pt")
     (temp / "state.json").write_text(json.dumps(state, indent=2))
     (temp / "config.yaml").write_text(config_yaml)
 
@@ -128,7 +134,7 @@ def commit_save(temp: Path, keep: int) -> Path:
     """Rename the finished temporary directory into place, then prune to the newest `keep`. The files reach
     the disk before the rename, so that after a machine crash the renamed directory never holds empty files."""
     final = temp.parent / temp.name.replace(TEMP_PREFIX, "checkpoint-")
-    for path in [*temp.iterdir(), temp]:
+    for path in [*temp.rglob("*"), temp]:
         _fsync(path)
     if final.exists():  # the same step saved again (e.g. the end of a resumed run)
         shutil.rmtree(final)
@@ -145,9 +151,11 @@ def read_checkpoint(path: str | Path, rank: int) -> dict[str, Any]:
     path = Path(path)
     try:
         task_file = path / "task.safetensors"
+        sharded = (path / SHARDED_DIR).is_dir()  # read later, by all ranks together (engine.sharded)
         return {
-            "model": load_file(str(path / "model.safetensors")),
-            "optimizer": torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True),
+            "model": None if sharded else load_file(str(path / "model.safetensors")),
+            "optimizer": None if sharded else torch.load(path / "optimizer.pt", map_location="cpu",
+                                                         weights_only=True),
             "state": json.loads((path / "state.json").read_text()),
             "rank": json.loads((path / f"rank{rank}.json").read_text()),
             "rng": torch.load(path / f"rng-rank{rank}.pt", weights_only=True),

@@ -5,6 +5,7 @@ clipping, non-finite steps, checkpoints, exact resume, logging, progress) lives 
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import time
@@ -15,12 +16,13 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, gather_object
+from accelerate.utils import DistributedType, broadcast_object_list, gather_object
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
+from . import sharded
 from .config import ConfigError, RunConfig, flatten, to_yaml
 from .loaders import check_failures
 from .tblog import TrainLogger
@@ -136,6 +138,9 @@ class Trainer:
         self.scheduler = CosineLRScheduler(optimizer, t_initial=max(self.total_steps - warmup, 1),
                                            lr_min=cfg.train.min_lr, warmup_t=warmup, warmup_lr_init=0.0,
                                            warmup_prefix=True, t_in_epochs=False)
+        self.sharded = self._check_sharding(cfg)
+        # A sharded model has no whole copy anywhere: the export fills this one on the main process.
+        self.export_model = copy.deepcopy(model) if self.sharded and self.is_main else None
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.forward_model = self._compiled(self.model) if cfg.model.compile else self.model
         # Drop path (torch) and timm's mixup (numpy, random) differ across ranks, reproducibly.
@@ -147,6 +152,20 @@ class Trainer:
         # After a resume, what the interrupted run logged past its checkpoint is purged, not shown twice.
         self.logger = TrainLogger(self.output_dir / "tb", enabled=self.is_main,
                                   purge_step=self.progress.step + 1 if self.progress.step else None)
+
+    def _check_sharding(self, cfg: RunConfig) -> bool:
+        """Whether accelerate shards the model (FSDP2, from `accelerate launch --use_fsdp` or a config file in
+        configs/accelerate/), and whether this run can be sharded."""
+        if self.accelerator.distributed_type != DistributedType.FSDP:
+            return False
+        if not self.accelerator.is_fsdp2:
+            raise ConfigError("FSDP: use fsdp_version: 2 (configs/accelerate/1node_8gpu_fsdp.yaml); checkpoints of "
+                              "version 1's flat parameters are not supported")
+        unsupported = {"train.ema_decay": cfg.train.ema_decay, "eval.knn.train": cfg.eval.knn.train}
+        if any(unsupported.values()):
+            raise ConfigError(f"under FSDP, {', '.join(k for k, v in unsupported.items() if v)} is not supported "
+                              f"yet (it needs the whole model on every rank): unset it, or train with DDP")
+        return True
 
     def _compiled(self, model: torch.nn.Module) -> torch.nn.Module:
         """One process: the whole model as one graph (fullgraph). Under DDP, dynamo steps over the wrapper's own
@@ -184,8 +203,14 @@ class Trainer:
                                f"readable by every rank")
         state = saved["state"]
         self._check_same_layout(state, path)
-        self.accelerator.unwrap_model(self.model).load_state_dict(saved["model"])
-        self.optimizer.load_state_dict(saved["optimizer"])
+        if saved["model"] is None:  # every rank reads its shards, resharded to this run's layout
+            sharded.load_sharded(path / ckpt.SHARDED_DIR, self.model, self.optimizer, state["optimizer_groups"])
+        elif self.sharded:
+            raise ConfigError(f"{path} was written without FSDP: resume it without FSDP, or start a sharded run "
+                              f"from its weights with model.pretrained={path}/model.safetensors")
+        else:
+            self.accelerator.unwrap_model(self.model).load_state_dict(saved["model"])
+            self.optimizer.load_state_dict(saved["optimizer"])
         if saved["task"] is not None:
             self.task.load_state_dict(saved["task"])
         self.loader.load_state_dict(saved["rank"]["data"])
@@ -232,22 +257,36 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         step = self.progress.step
-        ckpt.check_finite(self.accelerator.unwrap_model(self.model).state_dict())
+        model = self.accelerator.unwrap_model(self.model)
+        if self.sharded:  # each rank checks its shards; the verdict is shared, so all stop together
+            bad = sharded.all_finite(model)
+            if bad:
+                raise FloatingPointError(f"refusing to save non-finite weights ({', '.join(bad[:5])})")
+        else:
+            ckpt.check_finite(model.state_dict())
         temp = self.output_dir / f"{ckpt.TEMP_PREFIX}{step:08d}"
         if self.is_main:
             ckpt.begin_save(self.output_dir, step)
         self.accelerator.wait_for_everyone()
         ckpt.write_rank_state(temp, self.rank, {"step": step, "data": self.loader.state_dict()})
+        state = {"progress": vars(self.progress), "layout": self._layout(),
+                 "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler else None,
+                 "scheduler": self.scheduler.state_dict(), "total_steps": self.total_steps}
+        model_state = optimizer_state = None
+        if self.sharded:
+            state["optimizer_groups"] = sharded.save_sharded(temp / ckpt.SHARDED_DIR, model, self.optimizer)
+            whole = sharded.full_model_state(model)
+            if self.is_main:
+                self.export_model.load_state_dict(whole)
+                model = self.export_model
+        elif self.is_main:
+            model_state, optimizer_state = model.state_dict(), self.optimizer.state_dict()
         self.accelerator.wait_for_everyone()
         if self.is_main:
-            model = self.accelerator.unwrap_model(self.model)
             encoder_state, encoder_meta = self.task.encoder(model)
-            state = {"progress": vars(self.progress), "layout": self._layout(),
-                     "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler else None,
-                     "scheduler": self.scheduler.state_dict(), "total_steps": self.total_steps}
             task_state = self.task.state_dict() if hasattr(self.task, "state_dict") else None
-            ckpt.write_main_state(temp, model.state_dict(), encoder_state, encoder_meta,
-                                  self.optimizer.state_dict(), state, to_yaml(self.cfg), task_state)
+            ckpt.write_main_state(temp, model_state, encoder_state, encoder_meta, optimizer_state, state,
+                                  to_yaml(self.cfg), task_state)
             ckpt.commit_save(temp, self.cfg.train.keep_checkpoints)
             ckpt.export_encoder(self.output_dir / "encoder.safetensors", encoder_state, encoder_meta)
         self.accelerator.wait_for_everyone()
@@ -328,7 +367,7 @@ class Trainer:
         """Clip, then step unless the gradients are not finite (counted; too many in a row stop the run).
         Reading the norm is the loop's one host sync per optimizer step."""
         clip = self.cfg.train.clip_grad or float("inf")
-        grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), clip))
+        grad_norm = sharded.norm_value(self.accelerator.clip_grad_norm_(self.model.parameters(), clip))
         progress = self.progress
         if math.isfinite(grad_norm):
             self.optimizer.step()

@@ -260,6 +260,7 @@ def init_transformer_weights(model: nn.Module, head_init_scale: float) -> None:
 
 class Hiera(nn.Module):
     foreign_key_prefixes = MAE_ONLY_KEY_PREFIXES
+    _no_split_modules = ("HieraBlock",)  # FSDP's unit of sharding (accelerate's TRANSFORMER_BASED_WRAP)
     mae_defaults = {"q_pool": 2, "num_classes": 0}  # MAE keeps stages 3 and 4 at one resolution
 
     def __init__(self, config: HieraConfig):

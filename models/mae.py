@@ -53,6 +53,11 @@ def random_keep_indices(batch: int, num_units: int, num_keep: int, device: torch
 
 
 class MaskedAutoencoder(nn.Module):
+    @property
+    def _no_split_modules(self) -> tuple[str, ...]:
+        """FSDP's units of sharding: the encoder's blocks and the decoder's."""
+        return (*self.encoder._no_split_modules, "HieraBlock")
+
     def __init__(self, encoder: nn.Module, config: MAEConfig):
         super().__init__()
         # The fused features get their own `encoder_norm`; the classifier norm would be an unused parameter.

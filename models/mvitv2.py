@@ -362,6 +362,7 @@ class MultiScaleBlock(nn.Module):
 
 class MViTv2(nn.Module):
     foreign_key_prefixes = MAE_ONLY_KEY_PREFIXES
+    _no_split_modules = ("MultiScaleBlock",)  # FSDP's unit of sharding (accelerate's TRANSFORMER_BASED_WRAP)
     mae_defaults = {"q_pool": 2, "num_classes": 0}  # as Hiera's MAE: stages 3 and 4 at one resolution
 
     def __init__(self, config: MViTv2Config):
