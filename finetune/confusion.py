@@ -66,4 +66,4 @@ def confusion_picture(confusion: torch.Tensor, classes: list[str], top: int = 30
 
 def picture_tensor(picture: Image.Image) -> torch.Tensor:
     """PIL RGB -> [3, H, W] float in [0, 1] (TrainLogger.image)."""
-    return torch.from_numpy(np.asarray(picture)).permute(2, 0, 1).float() / 255
+    return torch.from_numpy(np.array(picture)).permute(2, 0, 1).float() / 255  # a copy: PIL's buffer is read-only
