@@ -48,7 +48,8 @@ def checkpointing_rows(name: str, batch: int, device: torch.device, bf16: bool,
     """One table row: the model's peak step memory without and with activation checkpointing (MiB; None
     where the step ran out of memory)."""
     torch.manual_seed(0)
-    model = create_model(name, **overrides).train().to(device)
+    with device:  # weights made where they live (an L model initialises in seconds on a GPU, not on its CPU)
+        model = create_model(name, **overrides).train()
     x = torch.randn(batch, 3, *model.encoder.config.input_size, device=device)
     keep_idx = model.keep_indices(x)
     row: dict[str, object] = {"model": name, "batch": batch, "precision": "bf16" if bf16 else "fp32"}
