@@ -64,6 +64,9 @@ def load_model(source: str | Path, model_name: str | None = None, need_head: boo
     if saved is None and not model_name:
         raise ConfigError(f"{source} does not name its architecture: give --model (e.g. hiera_base_16x224)")
     name, overrides = saved if saved is not None else (model_name, {})
+    if need_head and saved is not None and "num_classes" not in overrides:  # fine-tuned exports always say
+        raise ConfigError(f"{exported} is an encoder without a classifier (a pretraining run's): fine-tune it "
+                          f"first (finetune/main.py), or export its features (python -m finetune.features)")
     model = create_model(name.removeprefix("mae_"), **overrides)
     report = initialise(model, str(exported or source), need_head=need_head)
     if "norm.weight" in newly_initialised(report):

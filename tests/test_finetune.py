@@ -172,6 +172,10 @@ def test_bad_setups_stop_before_work(demo_shards, mae_encoder, tmp_path):
     assert wrong_name.returncode == 2 and "set model.name=hiera_base_16x224" in wrong_name.stderr
     untrained_head = finetune(demo_shards, tmp_path / "b", f"model.pretrained={mae_encoder}", "eval_only=true")
     assert untrained_head.returncode == 2 and "evaluation needs a fine-tuned classifier" in untrained_head.stderr
+    no_classifier = run([sys.executable, "-m", "finetune.predict", "--checkpoint", str(mae_encoder),
+                         str(val_videos(demo_shards)[0][0])])
+    assert no_classifier.returncode == 2
+    assert no_classifier.stderr.strip().endswith("or export its features (python -m finetune.features)")
 
 
 def test_linear_probe_trains_only_the_head_and_resumes_exactly(demo_shards, mae_encoder, tmp_path):
