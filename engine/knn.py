@@ -70,15 +70,6 @@ def first_samples(shards: ShardSet, count: int | None) -> ShardSet:
                                sizes=shards.sizes[:kept], indexes=shards.indexes[:kept])
 
 
-def batch_features(features: FeatureFn, model: nn.Module, batch: dict, sample, accelerator: Accelerator,
-                   ) -> torch.Tensor:
-    """`features` of a loader batch's rows, float32 [N, D] on the device (rows with `valid` False included:
-    the caller drops them with the batch's `valid`)."""
-    x = media_of(batch, sample, accelerator.device)
-    with accelerator.autocast():
-        return features(model, x).float()
-
-
 @torch.no_grad()
 def extract_features(features: FeatureFn, model: nn.Module, loader,
                      accelerator: Accelerator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,7 +80,8 @@ def extract_features(features: FeatureFn, model: nn.Module, loader,
     index, rows, labels = [], [], []
     for batch in loader:
         valid = batch["valid"].to(accelerator.device)  # False: padding, or a stand-in for a failed sample
-        rows.append(batch_features(features, model, batch, loader.sample, accelerator)[valid])
+        with accelerator.autocast():
+            rows.append(features(model, media_of(batch, loader.sample, accelerator.device)).float()[valid])
         index.append(batch["index"].to(accelerator.device)[valid])
         labels.append(batch["label"].to(accelerator.device)[valid])
     check_failures(loader, accelerator, "k-NN features")
