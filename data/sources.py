@@ -176,10 +176,13 @@ def _explain(err: Exception) -> str:
 class ShardCache:
     """A directory of whole remote shards shared by the processes of one node.
 
-    Files are ``<sha1(url)[:16]>-<shard name>``; ``<that>.lock`` is their lock file. A process holds a shared
-    lock on it while it has the shard open, and an exclusive one while downloading, so the workers of a node
-    download each shard once (the others wait), and eviction (least recently used first, by mtime, until
-    the cache fits ``max_bytes``; 0 = no bound) only removes shards that nobody holds open. A download goes
+    Files are ``<sha1(url)[:16]>-<shard name>``, with two lock files. A process holds a shared lock on
+    ``<that>.lock`` from before it looks for the shard until it closes it, and eviction (least recently used
+    first, by mtime, until the cache fits ``max_bytes``; 0 = no bound) takes that lock exclusively without
+    waiting, so it only removes shards that nobody holds. The download itself is serialised by an exclusive
+    lock on ``<that>.download``, so the workers of a node download each shard once; the others wait for that
+    lock alone. (Upgrading the shared lock to an exclusive one instead deadlocked: a waiter then waits for
+    every other holder to close the shard, and a worker idle with the shard open never does.) A download goes
     to a temporary name and is renamed into place once its size matches the size recorded in info.json, so a
     killed run never leaves half a shard under the real name.
     """
@@ -202,10 +205,10 @@ class ShardCache:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH)
             if not self._complete(target, size):
-                fcntl.flock(fd, fcntl.LOCK_EX)  # drops the shared lock first: two waiters cannot deadlock
-                if not self._complete(target, size):  # someone else may have finished it meanwhile
-                    self._download(url, target, size)
-                fcntl.flock(fd, fcntl.LOCK_SH)
+                with open(f"{target}.download", "a") as download:  # released when closed
+                    fcntl.flock(download, fcntl.LOCK_EX)
+                    if not self._complete(target, size):  # someone else may have finished it meanwhile
+                        self._download(url, target, size)
             os.utime(target)  # recently used: evicted last
         except BaseException:
             os.close(fd)
@@ -237,7 +240,7 @@ class ShardCache:
         return target.is_file() and (size is None or target.stat().st_size == size)
 
     def _download(self, url: str, target: Path, size: int | None) -> None:
-        for stale in target.parent.glob(f"{target.name}.part-*"):  # from a killed download: we hold the lock
+        for stale in target.parent.glob(f"{target.name}.part-*"):  # from a killed download: we hold the download lock
             stale.unlink(missing_ok=True)
         if self.max_bytes:
             self._evict(need=size or 0, keep=target)
@@ -263,7 +266,7 @@ class ShardCache:
         """Remove the least recently used shards that nobody holds until ``need`` more bytes fit."""
         shards = []
         for path in self.path.iterdir():
-            if path.suffix == ".lock" or ".part-" in path.name or path == keep:
+            if path.suffix in (".lock", ".download") or ".part-" in path.name or path == keep:
                 continue
             try:
                 stat = path.stat()

@@ -67,7 +67,6 @@ class DataConfig:
     fetch_retries: int = 3  # retries of a failed download, with backoff 1, 2, 4, ... s
 
 
-
 @dataclass
 class TrainConfig:
     batch_size: int = 8  # clips (or images) per device per step, repeats included

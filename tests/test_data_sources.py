@@ -1,7 +1,9 @@
 """Shards from anywhere: a real HTTP server on loopback and real pipe: commands against local disk, the node
 cache, rank blocks over two ranks x two workers, mixed batches, webdataset interop and the index reads."""
 
+import concurrent.futures
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
@@ -108,6 +110,26 @@ def test_batches_mix_shards_and_rank_blocks_barely_overlap():
     assert len(blocks[0] & blocks[1]) + len(blocks[1] & blocks[2]) <= 2  # only the shards a boundary cuts
 
 
+def test_a_download_does_not_wait_for_the_shards_other_holders(demo_shards, tmp_path):
+    """Another worker holds the shard's shared lock (it looked for the shard, or has it open and sits idle): a
+    fetch that must download still finishes. Upgrading the shared lock to an exclusive one waited for every
+    holder to close the shard, which an idle DataLoader worker never does (a suite hang)."""
+    shards = ShardSet.load(demo_shards["train"])
+    cache, url = ShardCache(str(tmp_path / "cache"), retries=0), f"pipe:cat {shards.urls[0]}"
+    path, fd = cache.fetch(url, shards.sizes[0])
+    cache.release(fd)
+    path.unlink()  # as if never downloaded; the other worker holds the lock while it waits or reads
+    other = os.open(f"{path}.lock", os.O_RDWR)
+    fcntl.flock(other, fcntl.LOCK_SH)
+    done = concurrent.futures.ThreadPoolExecutor(1).submit(cache.fetch, url, shards.sizes[0])
+    try:
+        path, fd = done.result(timeout=30)
+        assert path.stat().st_size == shards.sizes[0]
+        cache.release(fd)
+    finally:
+        os.close(other)
+
+
 def test_cache_keeps_open_shards_evicts_least_recent_and_checks_sizes(demo_shards, tmp_path):
     shards = ShardSet.load(demo_shards["train"])
     urls = [f"pipe:cat {u}" for u in shards.urls]
@@ -125,7 +147,7 @@ def test_cache_keeps_open_shards_evicts_least_recent_and_checks_sizes(demo_shard
         ShardCache(str(tmp_path / "other"), retries=0).fetch(urls[0], 5)
     with pytest.raises(FetchError, match="cat: /nowhere/shard-000009.tar: No such file"):  # stderr is quoted
         ShardCache(str(tmp_path / "other"), retries=0).fetch("pipe:cat /nowhere/shard-000009.tar", None)
-    assert not [p for p in (tmp_path / "other").iterdir() if not p.name.endswith(".lock")]
+    assert not [p for p in (tmp_path / "other").iterdir() if not p.name.endswith((".lock", ".download"))]
     assert gopen_schemes["s3"] is gopen_s3  # webdataset itself has no s3:// handler
 
 
