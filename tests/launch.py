@@ -1,8 +1,11 @@
 """How the end-to-end tests start runs: as users do, in subprocesses, one process or two gloo processes."""
 
 import os
+import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,3 +21,15 @@ def two_gloo_processes(script: str, *args: str, timeout: float = 600) -> subproc
     command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", script, *args]
     return run(command, timeout=timeout, env=env)
+
+
+def kill_after(command: list[str], marker: Path, **kwargs) -> None:
+    """Start `command` and SIGKILL it at a random moment within a second after `marker` appears (mid-step,
+    mid-save, ...)."""
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kwargs)
+    deadline = time.time() + 300
+    while not marker.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(random.uniform(0, 1.0))
+    process.send_signal(signal.SIGKILL)
+    process.wait()

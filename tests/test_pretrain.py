@@ -1,15 +1,11 @@
 """The pretraining app end to end, as users run it: real shards, real processes, real files read back."""
 
-import random
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from launch import REPO, run, two_gloo_processes
+from launch import kill_after, run, two_gloo_processes
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -70,14 +66,7 @@ def test_kill_and_resume_gives_identical_weights(demo_shards, tmp_path):
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     out = tmp_path / "killed"
-    process = subprocess.Popen(pretrain_command(demo_shards["train"], out, *args), cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (out / "checkpoint-00000004").exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(random.uniform(0, 1.0))  # anywhere: mid-step, mid-save, ...
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_after(pretrain_command(demo_shards["train"], out, *args), out / "checkpoint-00000004")
     assert checkpoint.latest_checkpoint(out) is not None
     resumed = run(pretrain_command(demo_shards["train"], out, *args, "resume=auto"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -41,7 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from engine.config import ConfigError, RunConfig, load_config
 from models import create_model
 from models.mae import MAEConfig
-from tools.bench_models import forward_runner, median_seconds
+from tools.bench_models import Settings, forward_runner, median_seconds
 from tools.sweep_report import write_chart, write_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,7 +114,8 @@ def timings(cfgs: list[RunConfig], batch: int, warmup: int, iters: int, device: 
     runners = []
     for cfg in cfgs:
         model = build_encoder(cfg, device)
-        runners.append(forward_runner(model, torch.randn(batch, 3, *model.config.input_size, device=device)))
+        x = torch.randn(batch, 3, *model.config.input_size, device=device)
+        runners.append(forward_runner(model, x, Settings(device, bf16=False, compile=False), bf16=False))
     for run in runners:
         for _ in range(warmup):
             run()
