@@ -28,12 +28,13 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
-_MODEL, _OPTIM = "model.", "optim."
+_MODEL, _OPTIM, _TASK = "model.", "optim.", "task."
 
 
-def _flat(model_state: dict, optim_state: dict) -> dict[str, torch.Tensor]:
-    """{model.<fqn>: tensor, optim.<fqn>.<name>: tensor}: what the safetensors storage can hold."""
-    flat = {_MODEL + k: v for k, v in model_state.items()}
+def _flat(model_state: dict, optim_state: dict, extra: dict | None) -> dict[str, torch.Tensor]:
+    """{model.<fqn>: tensor, optim.<fqn>.<name>: tensor, task.<name>: tensor}: what the safetensors storage can
+    hold. `extra` is a task's own state (an EMA's sharded weights), saved and restored in place."""
+    flat = {_MODEL + k: v for k, v in model_state.items()} | {_TASK + k: v for k, v in (extra or {}).items()}
     for fqn, values in optim_state["state"].items():
         flat |= {f"{_OPTIM}{fqn}.{name}": v for name, v in values.items()}
     return flat
@@ -46,21 +47,23 @@ def _nested(flat: dict[str, torch.Tensor], optim_state: dict) -> tuple[dict, dic
     return model_state, {"state": state, "param_groups": optim_state["param_groups"]}
 
 
-def save_sharded(directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[dict]:
-    """Collective: every rank writes its shards of model and optimizer into `directory`. Returns the
+def save_sharded(directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 extra: dict[str, torch.Tensor] | None = None) -> list[dict]:
+    """Collective: every rank writes its shards of model, optimizer and `extra` into `directory`. Returns the
     optimizer's param groups (plain data, the same on every rank) for the caller to keep as JSON."""
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save(_flat(model_state, optim_state), storage_writer=HuggingFaceStorageWriter(
+    dcp.save(_flat(model_state, optim_state, extra), storage_writer=HuggingFaceStorageWriter(
         str(directory), save_distributed=dist.is_initialized()))
     return [{k: list(v) if isinstance(v, tuple) else v for k, v in group.items()}
             for group in optim_state["param_groups"]]
 
 
 def load_sharded(directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 param_groups: list[dict]) -> None:
-    """Collective: fill `model` and `optimizer` (sharded or not) from `save_sharded`'s files."""
+                 param_groups: list[dict], extra: dict[str, torch.Tensor] | None = None) -> None:
+    """Collective: fill `model`, `optimizer` (sharded or not) and, in place, `extra` from `save_sharded`'s
+    files."""
     model_state, optim_state = get_state_dict(model, optimizer)  # allocates the optimizer's state
-    flat = _flat(model_state, optim_state)
+    flat = _flat(model_state, optim_state, extra)
     missing = sorted(set(flat) - _saved_keys(directory))
     if missing:
         raise RuntimeError(f"{directory}: the sharded checkpoint lacks {len(missing)} tensors of this model and "

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, broadcast_object_list, gather_object
+from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from tqdm import tqdm
@@ -52,6 +53,9 @@ class Task(Protocol):
 
     # Optional hooks, called only when the task defines them:
     #   after_step(model, step)        after every optimizer step (all ranks, unwrapped model): e.g. an EMA;
+    #   final_model(model) -> module   what is exported (e.g. the EMA), given to `encoder` (default: the model);
+    #   shard_copies(shard)            under FSDP, after the model was sharded: shard the task's own copies
+    #                                  of it (an EMA) with `shard(module) -> module`, so they update shard by shard;
     #   monitor(model, accelerator, logger, step) -> metrics
     #                                  before the first step of a fresh run and after every optimizer step (all
     #                                  ranks, unwrapped model): e.g. the k-NN monitor; its time is left out of
@@ -142,6 +146,8 @@ class Trainer:
         # A sharded model has no whole copy anywhere: the export fills this one on the main process.
         self.export_model = copy.deepcopy(model) if self.sharded and self.is_main else None
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        if self.sharded and hasattr(task, "shard_copies"):  # e.g. an EMA: sharded like the model
+            task.shard_copies(lambda module: fsdp2_prepare_model(self.accelerator, module))
         self.forward_model = self._compiled(self.model) if cfg.model.compile else self.model
         # Drop path (torch) and timm's mixup (numpy, random) differ across ranks, reproducibly.
         torch.manual_seed(cfg.seed + 1000 * self.rank)
@@ -161,10 +167,9 @@ class Trainer:
         if not self.accelerator.is_fsdp2:
             raise ConfigError("FSDP: use fsdp_version: 2 (configs/accelerate/1node_8gpu_fsdp.yaml); checkpoints of "
                               "version 1's flat parameters are not supported")
-        unsupported = {"train.ema_decay": cfg.train.ema_decay, "eval.knn.train": cfg.eval.knn.train}
-        if any(unsupported.values()):
-            raise ConfigError(f"under FSDP, {', '.join(k for k, v in unsupported.items() if v)} is not supported "
-                              f"yet (it needs the whole model on every rank): unset it, or train with DDP")
+        if cfg.eval.knn.train:
+            raise ConfigError("under FSDP, the k-NN monitor (eval.knn) is not supported yet: it runs the encoder "
+                              "alone, outside the sharded model's forward; unset eval.knn.train, or use DDP")
         return True
 
     def _compiled(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -204,7 +209,8 @@ class Trainer:
         state = saved["state"]
         self._check_same_layout(state, path)
         if saved["model"] is None:  # every rank reads its shards, resharded to this run's layout
-            sharded.load_sharded(path / ckpt.SHARDED_DIR, self.model, self.optimizer, state["optimizer_groups"])
+            sharded.load_sharded(path / ckpt.SHARDED_DIR, self.model, self.optimizer, state["optimizer_groups"],
+                                 self._task_state())
         elif self.sharded:
             raise ConfigError(f"{path} was written without FSDP: resume it without FSDP, or start a sharded run "
                               f"from its weights with model.pretrained={path}/model.safetensors")
@@ -272,24 +278,29 @@ class Trainer:
         state = {"progress": vars(self.progress), "layout": self._layout(),
                  "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler else None,
                  "scheduler": self.scheduler.state_dict(), "total_steps": self.total_steps}
-        model_state = optimizer_state = None
-        if self.sharded:
-            state["optimizer_groups"] = sharded.save_sharded(temp / ckpt.SHARDED_DIR, model, self.optimizer)
-            whole = sharded.full_model_state(model)
+        model_state = optimizer_state = task_state = None
+        exported = self.task.final_model(model) if hasattr(self.task, "final_model") else model
+        if self.sharded:  # the task's state is sharded too (an EMA), so it goes with the shards
+            state["optimizer_groups"] = sharded.save_sharded(temp / ckpt.SHARDED_DIR, model, self.optimizer,
+                                                             self._task_state())
+            whole = sharded.full_model_state(exported)
             if self.is_main:
                 self.export_model.load_state_dict(whole)
-                model = self.export_model
+                exported = self.export_model
         elif self.is_main:
             model_state, optimizer_state = model.state_dict(), self.optimizer.state_dict()
+            task_state = self._task_state()
         self.accelerator.wait_for_everyone()
         if self.is_main:
-            encoder_state, encoder_meta = self.task.encoder(model)
-            task_state = self.task.state_dict() if hasattr(self.task, "state_dict") else None
+            encoder_state, encoder_meta = self.task.encoder(exported)
             ckpt.write_main_state(temp, model_state, encoder_state, encoder_meta, optimizer_state, state,
                                   to_yaml(self.cfg), task_state)
             ckpt.commit_save(temp, self.cfg.train.keep_checkpoints)
             ckpt.export_encoder(self.output_dir / "encoder.safetensors", encoder_state, encoder_meta)
         self.accelerator.wait_for_everyone()
+
+    def _task_state(self) -> dict[str, torch.Tensor] | None:
+        return self.task.state_dict() if hasattr(self.task, "state_dict") else None
 
     # -- the loop ----------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:

@@ -149,6 +149,13 @@ class FinetuneTask:
             self.ema.module.to(next(model.parameters()).device)
             self.ema_on_device = True
 
+    def shard_copies(self, shard) -> None:
+        """Under FSDP: the EMA is sharded like the model, so that it updates shard by shard (an FSDP module
+        cannot be deep-copied, hence the copy made before sharding, sharded now)."""
+        if self.ema is not None:
+            self.ema.module = shard(self.ema.module)
+            self.ema_on_device = True
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {f"ema.{k}": v for k, v in self.ema.module.state_dict().items()} if self.ema else {}
 
@@ -163,10 +170,9 @@ class FinetuneTask:
         return self.ema.module
 
     def encoder(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """The whole classifier (a linear probe as the plain classifier it equals): `eval_only=true
-        model.pretrained=<output_dir>` evaluates it."""
-        final = self.final_model(model)
-        state = final.classifier_state_dict() if isinstance(final, LinearProbe) else final.state_dict()
+        """The whole classifier to export, `final_model`'s (a linear probe as the plain classifier it equals):
+        `eval_only=true model.pretrained=<output_dir>` evaluates it."""
+        state = model.classifier_state_dict() if isinstance(model, LinearProbe) else model.state_dict()
         # The class names travel with the weights: finetune.predict names its answers from them.
         return state, {**checkpoint.encoder_metadata(self.name, self.overrides),
                        "classes": json.dumps(list(self.classes))}
