@@ -276,6 +276,11 @@ class ShardReader:
             self._close(*self._open.popitem(last=False)[1])
         return f
 
+    def new_epoch(self) -> None:
+        """Shards that could not be fetched are tried again: an outage should not cost every later epoch
+        (training workers, and so their readers, live for the whole run)."""
+        self._unreachable.clear()
+
     def index(self, shard: int) -> list[IndexEntry]:
         """The shard's samples in file order, read once: from its sidecar if local, else from the headers."""
         if shard not in self._index:

@@ -92,6 +92,7 @@ class ShardStream(IterableDataset):
                         plan = EpochPlan(self.shards.counts, self.batch_size, self.rank, self.world_size,
                                          seed=self.seed, epoch=epoch, shuffle=self.shuffle,
                                          drop_last=self.drop_last, shard_mix=self.shard_mix)
+                        reader.new_epoch()
                         if prefetcher is not None:
                             prefetcher.forget()
                     batch = self._batch(plan.batch(j % per_epoch), epoch, plan, reader, processor)

@@ -33,6 +33,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from .sharded import saved_keys
+
 SHARDED_DIR = "sharded"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d{8})$")
 TEMP_PREFIX = ".tmp-checkpoint-"
@@ -152,6 +154,8 @@ def read_checkpoint(path: str | Path, rank: int) -> dict[str, Any]:
     try:
         task_file = path / "task.safetensors"
         sharded = (path / SHARDED_DIR).is_dir()  # read later, by all ranks together (engine.sharded)
+        if sharded and not saved_keys(path / SHARDED_DIR):  # a damaged shard file fails here, on its reader
+            raise ValueError(f"{path / SHARDED_DIR} holds no tensors")
         return {
             "model": None if sharded else load_file(str(path / "model.safetensors")),
             "optimizer": None if sharded else torch.load(path / "optimizer.pt", map_location="cpu",

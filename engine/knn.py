@@ -24,6 +24,7 @@ from data import ShardSet
 from .config import ConfigError, RunConfig
 from .gather import gather_rows
 from .loaders import check_failures, eval_loader, media_of
+from .sharded import root_gathered
 from .tblog import TrainLogger
 
 FeatureFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]  # (model, pixels [B, C, (T,) H, W]) -> [B, D]
@@ -126,7 +127,8 @@ class KnnMonitor:
         for role, shards in self.sets.items():
             loader = eval_loader(self.cfg, accelerator.process_index, accelerator.num_processes, self.input_size,
                                  shards=shards, views=(1, 1))
-            found[role] = extract_features(self.features, model, loader, accelerator)
+            with root_gathered(model):  # under FSDP: the features run outside the model's own forward
+                found[role] = extract_features(self.features, model, loader, accelerator)
         model.train(was_training)
         (bank, bank_labels), (queries, labels) = found["train"], found["val"]
         knn, device = self.cfg.eval.knn, accelerator.device

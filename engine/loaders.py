@@ -55,17 +55,18 @@ def check_failures(loader: ShardLoader, accelerator: Accelerator, where: str) ->
     return failed
 
 
-def check_shared_memory(loader: ShardLoader, batch_key: str, shm: str = "/dev/shm") -> None:
-    """Workers hand batches over in shared memory; a container's default /dev/shm (64 MB under Docker) is
-    soon too small for video batches, and running out kills a worker with a bus error hours in. Say so now."""
+def shared_memory_shortfall(loader: ShardLoader, batch_key: str, shm: str = "/dev/shm") -> str | None:
+    """Why this node's /dev/shm is too small for `loader`'s workers, if it is. Workers hand batches over in
+    shared memory; a container's default /dev/shm (64 MB under Docker) is soon too small for video batches,
+    and running out kills a worker with a bus error hours in. The trainer asks at start, on every rank."""
     needed = loader.shared_memory_needed()
     if not needed or not os.path.isdir(shm):
-        return
+        return None
     stat = os.statvfs(shm)
     free = stat.f_bavail * stat.f_frsize
-    if needed > free:
-        raise ConfigError(
-            f"the data workers may need {needed / 2**30:.2f} GiB of shared memory, but {shm} has "
+    if needed <= free:
+        return None
+    return (f"the data workers may need {needed / 2**30:.2f} GiB of shared memory, but {shm} has "
             f"{free / 2**30:.2f} GiB free: lower data.num_workers={loader.num_workers} or {batch_key}="
             f"{loader.batch_size * loader.sample.num_views} (or data.num_frames / data.crop_size), or give the "
             f"container more (docker run --shm-size=16g)")
@@ -95,7 +96,6 @@ def train_loader(cfg: RunConfig, rank: int, world_size: int, input_size: tuple[i
                          max_fail_fraction=d.max_fail_fraction, pin_memory=PIN_MEMORY, persistent=True,
                          check_failures=False,  # the trainer decides, on the counts of all ranks
                          shard_mix=d.shard_mix, cache=shard_cache(cfg))
-    check_shared_memory(loader, "train.batch_size")
     return loader
 
 
@@ -113,5 +113,4 @@ def eval_loader(cfg: RunConfig, rank: int, world_size: int, input_size: tuple[in
                          world_size=world_size, num_workers=d.num_workers, shuffle=False, drop_last=False,
                          max_fail_fraction=d.max_fail_fraction, pin_memory=PIN_MEMORY, check_failures=False,
                          cache=shard_cache(cfg), shard_mix=1)  # evaluation gains nothing from mixing shards
-    check_shared_memory(loader, "eval.batch_size")
     return loader

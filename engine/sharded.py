@@ -13,6 +13,8 @@ shards onto whatever the receiving state dict holds). The encoder export needs t
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_state_dict,
 )
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 _MODEL, _OPTIM, _TASK = "model.", "optim.", "task."
@@ -64,7 +67,7 @@ def load_sharded(directory: str | Path, model: torch.nn.Module, optimizer: torch
     files."""
     model_state, optim_state = get_state_dict(model, optimizer)  # allocates the optimizer's state
     flat = _flat(model_state, optim_state, extra)
-    missing = sorted(set(flat) - _saved_keys(directory))
+    missing = sorted(set(flat) - saved_keys(directory))
     if missing:
         raise RuntimeError(f"{directory}: the sharded checkpoint lacks {len(missing)} tensors of this model and "
                            f"optimizer, e.g. {', '.join(missing[:5])}")
@@ -74,8 +77,25 @@ def load_sharded(directory: str | Path, model: torch.nn.Module, optimizer: torch
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
 
 
-def _saved_keys(directory: str | Path) -> set[str]:
+def saved_keys(directory: str | Path) -> set[str]:
+    """The tensors a sharded checkpoint holds, from its safetensors headers (every shard file is opened)."""
     return set(HuggingFaceStorageReader(str(directory)).read_metadata().state_dict_metadata)
+
+
+@contextlib.contextmanager
+def root_gathered(model: torch.nn.Module) -> Iterator[None]:
+    """Collective. Lets a caller run parts of a sharded model outside its forward (the k-NN monitor's
+    `encoder.forward_features`): the parameters that belong to the root's shard group (position embeddings,
+    patch embedding, norms) are gathered for the duration; each block gathers its own as it runs. A no-op for
+    a model that is not sharded."""
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
 
 
 def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

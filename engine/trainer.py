@@ -25,7 +25,7 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from . import sharded
 from .config import ConfigError, RunConfig, flatten, to_yaml
-from .loaders import check_failures
+from .loaders import check_failures, shared_memory_shortfall
 from .tblog import TrainLogger
 
 
@@ -45,7 +45,8 @@ class Task(Protocol):
         """The encoder's state dict and its metadata (checkpoint.encoder_metadata), for the export."""
 
     def visualize(self, model: torch.nn.Module, batch: dict, logger: TrainLogger, step: int) -> None:
-        """Main process only, on the unwrapped model."""
+        """Main process only, on the unwrapped model; every rank under FSDP (the logger writes on rank 0 only),
+        where it must run the model's forward on every rank."""
 
     def after_pass(self, model: torch.nn.Module, accelerator: Accelerator, logger: TrainLogger,
                    step: int) -> dict[str, float]:
@@ -128,6 +129,7 @@ class Trainer:
         if cfg.train.activation_checkpointing:
             model.set_grad_checkpointing()  # every block of our models; must precede compilation
         self.loader = task.train_loader(cfg, self.rank, self.world)
+        self._check_shared_memory()
         self.steps_per_pass = len(self.loader) // cfg.train.accum_steps
         if self.steps_per_pass == 0:
             raise ValueError(f"{cfg.data.train}: fewer batches than train.accum_steps={cfg.train.accum_steps}")
@@ -167,9 +169,6 @@ class Trainer:
         if not self.accelerator.is_fsdp2:
             raise ConfigError("FSDP: use fsdp_version: 2 (configs/accelerate/1node_8gpu_fsdp.yaml); checkpoints of "
                               "version 1's flat parameters are not supported")
-        if cfg.eval.knn.train:
-            raise ConfigError("under FSDP, the k-NN monitor (eval.knn) is not supported yet: it runs the encoder "
-                              "alone, outside the sharded model's forward; unset eval.knn.train, or use DDP")
         return True
 
     def _compiled(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -233,7 +232,8 @@ class Trainer:
     def _layout(self) -> dict[str, int]:
         """What the data position and the lr of a checkpoint depend on."""
         return {"num_processes": self.world, "batch_size": self.cfg.train.batch_size,
-                "accum_steps": self.cfg.train.accum_steps, "repeat": self.cfg.data.repeat}
+                "accum_steps": self.cfg.train.accum_steps, "repeat": self.cfg.data.repeat,
+                "shard_mix": self.cfg.data.shard_mix}
 
     def _check_same_layout(self, state: dict, path: Path) -> None:
         """A checkpoint's data position counts batches of its own layout: with another number of processes or
@@ -245,6 +245,14 @@ class Trainer:
                 f"{path} was written with another layout ({', '.join(changed)}); its data position and lr "
                 f"schedule are only valid for the same one. Resume with the saved values, or start a new "
                 f"output_dir that loads these weights with model.pretrained={path}/model.safetensors")
+
+    def _check_shared_memory(self) -> None:
+        """Every rank asks its node; all stop together (a node stopping alone leaves the others waiting)."""
+        short = shared_memory_shortfall(self.loader, "train.batch_size") if hasattr(
+            self.loader, "shared_memory_needed") else None
+        found = [f"rank {rank}: {message}" for rank, message in enumerate(gather_object([short])) if message]
+        if found:
+            raise ConfigError(found[0] if len(found) == 1 else f"{found[0]} (and {len(found) - 1} more ranks)")
 
     def _check_shared_output_dir(self) -> None:
         """Checkpoints are written by rank 0 and read by every rank: fail at start, not at the first resume,
@@ -356,7 +364,9 @@ class Trainer:
                     metrics["final_loss"] = scalars["train/loss"]
                     window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
                 bar.update(1)
-                if self.is_main and cfg.log.visualize_every and progress.step % cfg.log.visualize_every == 0:
+                # A sharded model's forward is a collective: then every rank runs it (only rank 0 writes).
+                visualizes = self.is_main or self.sharded
+                if visualizes and cfg.log.visualize_every and progress.step % cfg.log.visualize_every == 0:
                     self.task.visualize(acc.unwrap_model(self.model), batch, self.logger, progress.step)
                 if progress.step % cfg.train.checkpoint_every == 0 or progress.step == self.total_steps:
                     check_failures(self.loader, acc, f"step {progress.step}")

@@ -46,9 +46,8 @@ class PretrainTask:
     @torch.no_grad()
     def visualize(self, model: MaskedAutoencoder, batch: dict, logger: TrainLogger, step: int) -> None:
         count, valid = self.cfg.log.visualize_samples, batch["valid"]
-        x, mask = media_of(batch, self.loader.sample)[valid][:count], batch["mask"][valid][:count]
-        if len(x) == 0:
-            return
+        rows = valid if valid.any() else torch.ones_like(valid)  # never empty: under FSDP every rank must run
+        x, mask = media_of(batch, self.loader.sample)[rows][:count], batch["mask"][rows][:count]
         model.eval()
         views = model.reconstruct(x, model(x, mask=mask))
         model.train()

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from timm.utils import ModelEmaV3
 from torch.distributed.fsdp import fully_shard
 
-from engine.sharded import all_finite, full_model_state, load_sharded, norm_value, save_sharded
+from engine.sharded import all_finite, full_model_state, load_sharded, norm_value, root_gathered, save_sharded
 from models import create_model
 
 STEPS, SAVE_AT, GLOBAL_BATCH = 4, 2, 4
@@ -83,9 +83,16 @@ if __name__ == "__main__":
                  ema_state(resumed_ema))
     train(resumed, resumed_optimizer, resumed_ema, range(SAVE_AT, STEPS), rows)
     again = full_model_state(resumed) | {f"ema.{k}": v for k, v in full_model_state(resumed_ema.module).items()}
+    probe = global_batch(model, 99)[0]
+    with torch.no_grad(), root_gathered(model):  # as the k-NN monitor runs the encoder alone
+        features = model.encoder.forward_features(probe)
     if rank == 0:
         plain, plain_optimizer, plain_ema = build(shard=False)
         plain_norms = train(plain, plain_optimizer, plain_ema, range(STEPS), slice(None))
+        whole, _, _ = build(shard=False)
+        whole.load_state_dict({k: v for k, v in straight.items() if not k.startswith("ema.")})
+        with torch.no_grad():
+            torch.testing.assert_close(features, whole.encoder.forward_features(probe), rtol=1e-5, atol=1e-5)
         save_file(straight, str(out / "sharded.safetensors"))
         save_file(again, str(out / "resumed.safetensors"))
         save_file({k: v.contiguous() for k, v in (plain.state_dict() | ema_state(plain_ema)).items()},

@@ -18,7 +18,7 @@ from data.loader import ShardLoader
 from data.plan import EpochPlan
 from data.samples import SampleConfig
 from data.serve import ShardServer
-from data.shards import ShardSet, index_tar, open_raw
+from data.shards import SampleError, ShardReader, ShardSet, index_tar, open_raw
 from data.sources import FetchError, ShardCache, gopen_s3
 
 SAMPLE = SampleConfig(num_frames=4, sampling_rate=2, crop_size=16, repeats=1)
@@ -97,6 +97,22 @@ def test_unreachable_shards_are_skipped_and_counted_naming_the_url(demo_shards, 
     assert {name for name, _, _ in failures} == set(lost)
     assert all(f"{server.url}/{name}: failed after 1 attempts" in reason for name, _, reason in failures)
     assert loader.stats["samples_failed"] == len(failures)
+
+
+def test_a_shard_that_could_not_be_fetched_is_tried_again_next_epoch(demo_shards, tmp_path):
+    """Training workers, and their readers, live for the whole run: an outage must not cost every later epoch."""
+    copy = tmp_path / "copy"
+    shutil.copytree(demo_shards["train"], copy)
+    shards = ShardSet.load(f"pipe:cat {copy}/{{name}}")
+    (copy / shards.names[0]).rename(tmp_path / "away.tar")
+    with ShardReader(shards, cache=ShardCache(str(tmp_path / "cache"), retries=0)) as reader:
+        with pytest.raises(SampleError, match="failed after 1 attempts"):
+            reader.read(0, 0)
+        (tmp_path / "away.tar").rename(copy / shards.names[0])  # the server is back
+        with pytest.raises(SampleError):  # within the epoch the shard stays skipped: no retry per sample
+            reader.read(0, 1)
+        reader.new_epoch()
+        assert reader.read(0, 0)[2]
 
 
 def test_batches_mix_shards_and_rank_blocks_barely_overlap():

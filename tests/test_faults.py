@@ -14,8 +14,8 @@ from launch import run, two_gloo_processes
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from engine.config import ConfigError, RunConfig, load_config
-from engine.loaders import train_loader
+from engine.config import ConfigError, load_config
+from engine.trainer import Trainer
 from pretrain.task import PretrainTask
 
 DEMO = "configs/pretrain/demo.yaml"
@@ -101,10 +101,10 @@ def test_an_output_dir_that_is_not_shared_fails_at_start(demo_shards, tmp_path):
     assert not list(tmp_path.glob("node*/checkpoint-*"))
 
 
-def test_shared_memory_is_checked_at_start(demo_shards):
-    cfg = RunConfig()
-    cfg.data.train, cfg.data.num_workers, cfg.train.batch_size = str(demo_shards["train"]), 64, 16
-    cfg.data.num_frames, cfg.data.crop_size = 64, 1024  # 64 workers x 3 batches x 3.2 GB
-    with pytest.raises(ConfigError, match=r"GiB of shared memory, but /dev/shm has .* lower data.num_workers=64 "
-                                          r"or train.batch_size=16"):
-        train_loader(cfg, 0, 1, (64, 1024, 1024))
+def test_shared_memory_is_checked_at_start(demo_shards, tmp_path):
+    cfg = load_config([DEMO], [f"data.train={demo_shards['train']}", f"output_dir={tmp_path}",
+                               "data.num_workers=64", "data.num_frames=16", "data.crop_size=1024",
+                               "model.input_size=[16,1024,1024]"])  # 64 workers x 3 batches x 805 MB
+    with pytest.raises(ConfigError, match=r"rank 0: the data workers may need .* GiB of shared memory, but "
+                                          r"/dev/shm has .* lower data.num_workers=64 or train.batch_size=16"):
+        Trainer(PretrainTask(), cfg)

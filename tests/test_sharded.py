@@ -47,7 +47,7 @@ def test_fsdp_pretraining_killed_and_resumed_is_bit_identical(demo_shards, tmp_p
     launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
               "configs/accelerate/1node_8gpu_fsdp.yaml", "--num_processes", "1", "--mixed_precision", "no",
               "pretrain/main.py", "--config", "configs/pretrain/demo.yaml", f"data.train={demo_shards['train']}",
-              "data.num_workers=1", "log.progress=false", "log.visualize_every=0", "train.max_steps=8",
+              "data.num_workers=1", "log.progress=false", "log.visualize_every=4", "train.max_steps=8",
               "train.checkpoint_every=2", "model.drop_path_rate=0.2"]
     straight = run([*launch, f"output_dir={tmp_path / 'straight'}"])
     assert straight.returncode == 0, straight.stderr[-3000:]
