@@ -128,8 +128,7 @@ class ShardLoader:
         # samples fail and are counted like bad samples.
         stream = ShardStream(self.shards, self.sample, self.batch_size, self.seed, self.epoch, self.consumed,
                              self.rank, self.world_size, self.shuffle, self.drop_last, endless=self.persistent,
-                             shard_mix=self.shard_mix, cache=self.cache,
-                             fetch_errors_fatal=self.max_fail_fraction == 0)
+                             shard_mix=self.shard_mix, cache=self.cache)
         if self.num_workers:
             # Garbage must not cross the fork: a PyAV object that owns threads (a filter graph, a threaded
             # codec) freed by the garbage collector of a forked worker waits forever for threads it lost.
@@ -152,7 +151,8 @@ class ShardLoader:
         """Why the run must stop, if more than ``max_fail_fraction`` of ``tried`` samples failed; ``failed``
         counts failures by shard (this loader's, or all ranks' summed)."""
         total = sum(failed.values())
-        if tried < self.min_samples_checked or total <= self.max_fail_fraction * tried:
+        at_once = self.max_fail_fraction == 0  # no failure allowed: no need to wait for a fair sample either
+        if total <= self.max_fail_fraction * tried or (tried < self.min_samples_checked and not at_once):
             return None
         worst = ", ".join(f"{name} ({n})" for name, n in failed.most_common())
         return (f"{total} of {tried} samples failed to load (more than {self.max_fail_fraction:.0%}); "
@@ -173,7 +173,7 @@ class ShardLoader:
     def stats(self) -> dict:
         """Counts for logging: samples tried and failed since construction (or the restored state)."""
         return {"samples_tried": self.tried, "samples_failed": sum(self.failed.values()),
-                "failed_by_shard": dict(self.failed)}
+                "failed_by_shard": dict(self.failed), "last_failure": self.last_failure}
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed, "tried": self.tried,

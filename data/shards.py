@@ -235,16 +235,14 @@ class ShardReader:
 
     Each shard's index is read once per reader (once per worker) and kept; remote shards come through
     ``cache`` (default: a ``ShardCache`` in the temp dir) and stay pinned there while open. A shard that cannot
-    be fetched is remembered, and its samples fail at once with the fetch error (no retry per sample);
-    with ``fetch_errors_fatal`` the ``FetchError`` itself is raised instead (the run stops).
+    be fetched is remembered, and its samples fail at once with the fetch error (no retry per sample) until
+    ``new_epoch``.
     Call ``close()`` (or use as a context manager) so no file is left for the garbage collector.
     """
 
-    def __init__(self, shards: ShardSet, max_open: int = 4, cache: ShardCache | None = None,
-                 fetch_errors_fatal: bool = False):
+    def __init__(self, shards: ShardSet, max_open: int = 4, cache: ShardCache | None = None):
         self.shards, self.max_open = shards, max_open
         self.cache = cache or ShardCache()
-        self.fetch_errors_fatal = fetch_errors_fatal
         self._open: OrderedDict[int, tuple[BinaryIO, int | None]] = OrderedDict()  # shard -> (file, lock fd)
         self._index: OrderedDict[int, list[IndexEntry]] = OrderedDict()  # LRU, bounded by INDEXES_KEPT
         self._unreachable: dict[int, str] = {}
@@ -263,8 +261,6 @@ class ShardReader:
                 path = local_path(url)
             f = self.shards.opener(str(path))
         except FetchError as e:
-            if self.fetch_errors_fatal:
-                raise
             self._unreachable[shard] = str(e)
             raise SampleError(str(e)) from e
         except OSError as e:

@@ -42,8 +42,8 @@ __all__ = ["PlannedBatch", "ShardStream", "epoch_order", "rank_batches"]
 class ShardStream(IterableDataset):
     """Yields finished batches (see ``ShardLoader`` for the dict format) of one rank, from batch ``start`` of
     ``epoch`` to the end of that epoch, or on through the following epochs without end if ``endless``.
-    Use with ``DataLoader(batch_size=None)``. Remote shards come through ``cache``; with
-    ``fetch_errors_fatal`` a shard that cannot be fetched stops the stream instead of failing its samples."""
+    Use with ``DataLoader(batch_size=None)``. Remote shards come through ``cache``; the samples of a shard
+    that cannot be fetched fail like any other (``ShardLoader`` and the trainer decide when to stop)."""
 
     def __init__(
         self,
@@ -60,13 +60,12 @@ class ShardStream(IterableDataset):
         endless: bool = False,
         shard_mix: int = 8,
         cache: ShardCache | None = None,
-        fetch_errors_fatal: bool = False,
     ):
         self.shards, self.sample, self.seed, self.epoch, self.start = shards, sample, seed, epoch, start
         self.batch_size, self.rank, self.world_size, self.drop_last = batch_size, rank, world_size, drop_last
         self.num_batches = num_batches(shards.num_samples, batch_size, world_size, drop_last)
         self.shuffle, self.endless, self.shard_mix = shuffle, endless, shard_mix
-        self.cache, self.fetch_errors_fatal = cache, fetch_errors_fatal
+        self.cache = cache
         self.is_image = shards.media == "image"
 
     @staticmethod
@@ -81,8 +80,7 @@ class ShardStream(IterableDataset):
         processor = SampleProcessor(self.sample)
         plan = None
         prefetcher = Prefetcher(self.cache or ShardCache()) if self.shards.remote else None
-        with ShardReader(self.shards, max_open=self.open_shards(self.shard_mix), cache=self.cache,
-                         fetch_errors_fatal=self.fetch_errors_fatal) as reader:
+        with ShardReader(self.shards, max_open=self.open_shards(self.shard_mix), cache=self.cache) as reader:
             try:
                 for j in itertools.count(self.start + worker_id, num_workers):
                     if per_epoch == 0 or (j >= per_epoch and not self.endless):

@@ -47,11 +47,14 @@ def check_failures(loader: ShardLoader, accelerator: Accelerator, where: str) ->
         reduction="sum").tolist()
     if failed:
         by_shard: Counter[str] = Counter()
-        for counts in gather_object([stats["failed_by_shard"]]):
+        reports = gather_object([(stats["failed_by_shard"], stats.get("last_failure"))])
+        for counts, _ in reports:
             by_shard.update(counts)
         message = loader.failure_message(tried, by_shard)
         if message:
-            raise DataFailureError(f"{message} (all {accelerator.num_processes} ranks, {where})")
+            last = next((f"; the last (rank {rank}): {report}" for rank, (_, report) in reversed(
+                list(enumerate(reports))) if report), "")
+            raise DataFailureError(f"{message} (all {accelerator.num_processes} ranks, {where}){last}")
     return failed
 
 
