@@ -150,6 +150,17 @@ def _gopen_capturing_stderr(url: str, stderr):
             os.close(saved)
 
 
+def _process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this node still runs (the cache is node-local)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _with_retries(url: str, retries: int, attempt, backoff: float = 1.0):
     """``attempt(stderr_file)`` up to ``retries + 1`` times, sleeping backoff x 1, 2, 4, ... s in between."""
     for n in range(retries + 1):
@@ -240,8 +251,10 @@ class ShardCache:
         return target.is_file() and (size is None or target.stat().st_size == size)
 
     def _download(self, url: str, target: Path, size: int | None) -> None:
-        for stale in target.parent.glob(f"{target.name}.part-*"):  # from a killed download: we hold the download lock
-            stale.unlink(missing_ok=True)
+        for stale in target.parent.glob("*.part-*"):  # a killed download's (a worker terminated mid-way)
+            pid = int(stale.name.rpartition("-")[2])
+            if stale.name.startswith(f"{target.name}.part-") or not _process_alive(pid):  # ours: we hold the lock
+                stale.unlink(missing_ok=True)
         if self.max_bytes:
             self._evict(need=size or 0, keep=target)
         part = target.with_name(f"{target.name}.part-{os.getpid()}")

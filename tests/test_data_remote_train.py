@@ -32,8 +32,8 @@ def test_server_killed_mid_epoch_stops_naming_the_url_and_resume_matches_a_local
     assert killed.returncode != 0
     assert f"{server.url}/shard-" in killed.stderr and "failed after 2 attempts" in killed.stderr
     assert checkpoint.latest_checkpoint(out).name == "checkpoint-00000001"
-    # Never half a shard under its real name (a worker stopped mid-download leaves at most a `.part-<pid>`
-    # file, removed by the next download of that shard).
+    # Never half a shard under its real name: a worker terminated mid-download when the run stopped may leave a
+    # `.part-<pid>` file, which the next download removes (below, after the resume: none is left).
     sizes = dict(zip(ShardSet.load(shards).names, ShardSet.load(shards).sizes))
     cached = [p for p in (tmp_path / "cache").iterdir() if p.suffix not in (".lock", ".download") and
               ".part-" not in p.name]
@@ -43,6 +43,7 @@ def test_server_killed_mid_epoch_stops_naming_the_url_and_resume_matches_a_local
         resumed = run(pretrain_command(again.url, out, *ARGS, cache, "resume=auto"))
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         assert sum(again.tar_requests().values()) == 8  # the other 8 were in the cache
+    assert not list((tmp_path / "cache").glob("*.part-*"))
 
     expected = load_file(tmp_path / "local" / "checkpoint-00000004" / "model.safetensors")
     got = load_file(out / "checkpoint-00000004" / "model.safetensors")
