@@ -65,7 +65,7 @@ class ShardStream(IterableDataset):
         self.batch_size, self.rank, self.world_size, self.drop_last = batch_size, rank, world_size, drop_last
         self.num_batches = num_batches(shards.num_samples, batch_size, world_size, drop_last)
         self.shuffle, self.endless, self.shard_mix = shuffle, endless, shard_mix
-        self.cache = cache
+        self.cache = cache or ShardCache()
         self.is_image = shards.media == "image"
 
     @staticmethod
@@ -79,7 +79,7 @@ class ShardStream(IterableDataset):
         per_epoch = self.num_batches
         processor = SampleProcessor(self.sample)
         plan = None
-        prefetcher = Prefetcher(self.cache or ShardCache()) if self.shards.remote else None
+        prefetcher = Prefetcher(self.cache) if self.shards.remote else None
         with ShardReader(self.shards, max_open=self.open_shards(self.shard_mix), cache=self.cache) as reader:
             try:
                 for j in itertools.count(self.start + worker_id, num_workers):

@@ -104,7 +104,11 @@ def write_rank_state(temp: Path, rank: int, state: dict[str, Any]) -> None:
 def check_finite(model_state: dict[str, torch.Tensor]) -> None:
     """Refuse to save non-finite weights. Every rank calls it (their weights are equal), so all of them stop
     together instead of the others waiting for the main process at the next barrier."""
-    bad = [k for k, v in model_state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    refuse_nonfinite([k for k, v in model_state.items() if v.is_floating_point() and not torch.isfinite(v).all()])
+
+
+def refuse_nonfinite(bad: list[str]) -> None:
+    """Stop before a save when the named weights are not finite."""
     if bad:
         raise FloatingPointError(f"refusing to save non-finite weights ({', '.join(bad[:5])})")
 

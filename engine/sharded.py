@@ -103,7 +103,7 @@ def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def all_finite(model: torch.nn.Module) -> list[str]:
+def nonfinite(model: torch.nn.Module) -> list[str]:
     """Collective: names of the parameters and buffers with a non-finite value on any rank's shard."""
     names, flags = [], []
     for name, value in model.state_dict().items():

@@ -144,7 +144,7 @@ class Trainer:
         self.scheduler = CosineLRScheduler(optimizer, t_initial=max(self.total_steps - warmup, 1),
                                            lr_min=cfg.train.min_lr, warmup_t=warmup, warmup_lr_init=0.0,
                                            warmup_prefix=True, t_in_epochs=False)
-        self.sharded = self._check_sharding(cfg)
+        self.sharded = self._check_sharding()
         # A sharded model has no whole copy anywhere: the export fills this one on the main process.
         self.export_model = copy.deepcopy(model) if self.sharded and self.is_main else None
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
@@ -161,7 +161,7 @@ class Trainer:
         self.logger = TrainLogger(self.output_dir / "tb", enabled=self.is_main,
                                   purge_step=self.progress.step + 1 if self.progress.step else None)
 
-    def _check_sharding(self, cfg: RunConfig) -> bool:
+    def _check_sharding(self) -> bool:
         """Whether accelerate shards the model (FSDP2, from `accelerate launch --use_fsdp` or a config file in
         configs/accelerate/), and whether this run can be sharded."""
         if self.accelerator.distributed_type != DistributedType.FSDP:
@@ -273,9 +273,7 @@ class Trainer:
         step = self.progress.step
         model = self.accelerator.unwrap_model(self.model)
         if self.sharded:  # each rank checks its shards; the verdict is shared, so all stop together
-            bad = sharded.all_finite(model)
-            if bad:
-                raise FloatingPointError(f"refusing to save non-finite weights ({', '.join(bad[:5])})")
+            ckpt.refuse_nonfinite(sharded.nonfinite(model))
         else:
             ckpt.check_finite(model.state_dict())
         temp = self.output_dir / f"{ckpt.TEMP_PREFIX}{step:08d}"
@@ -321,7 +319,7 @@ class Trainer:
         window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
         means = WindowMeans()
         self.model.train()
-        evaluated_at = -1
+        evaluated_at = checked_at = -1
         while progress.step < self.total_steps:
             fetched = time.perf_counter()
             for batch in self.loader:
@@ -351,6 +349,7 @@ class Trainer:
                 if progress.step % cfg.log.every == 0 or progress.step == self.total_steps:
                     elapsed = time.perf_counter() - window_start
                     failed = check_failures(self.loader, acc, f"step {progress.step}")
+                    checked_at = progress.step
                     scalars = {f"train/{k}": v for k, v in means.read(acc).items()}
                     # The largest lr: with layer decay, the head's group (group 0 is the most decayed).
                     top_lr = max(g["lr"] for g in self.optimizer.param_groups)
@@ -369,7 +368,8 @@ class Trainer:
                 if visualizes and cfg.log.visualize_every and progress.step % cfg.log.visualize_every == 0:
                     self.task.visualize(acc.unwrap_model(self.model), batch, self.logger, progress.step)
                 if progress.step % cfg.train.checkpoint_every == 0 or progress.step == self.total_steps:
-                    check_failures(self.loader, acc, f"step {progress.step}")
+                    if checked_at != progress.step:  # not already at this step's log
+                        check_failures(self.loader, acc, f"step {progress.step}")
                     self.save_checkpoint()
                 if progress.step >= self.total_steps:
                     break

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from timm.utils import ModelEmaV3
 from torch.distributed.fsdp import fully_shard
 
-from engine.sharded import all_finite, full_model_state, load_sharded, norm_value, root_gathered, save_sharded
+from engine.sharded import full_model_state, load_sharded, nonfinite, norm_value, root_gathered, save_sharded
 from models import create_model
 
 STEPS, SAVE_AT, GLOBAL_BATCH = 4, 2, 4
@@ -76,7 +76,7 @@ if __name__ == "__main__":
     groups = save_sharded(out / "checkpoint" / "sharded", model, optimizer, ema_state(ema))
     norms += train(model, optimizer, ema, range(SAVE_AT, STEPS), rows)
     straight = full_model_state(model) | {f"ema.{k}": v for k, v in full_model_state(ema.module).items()}
-    assert not all_finite(model)
+    assert not nonfinite(model)
 
     resumed, resumed_optimizer, resumed_ema = build(shard=True)
     load_sharded(out / "checkpoint" / "sharded", resumed, resumed_optimizer, json.loads(json.dumps(groups)),
