@@ -91,6 +91,11 @@ def root_gathered(model: torch.nn.Module) -> Iterator[None]:
     if not isinstance(model, FSDPModule):
         yield
         return
+    # FSDP2 makes the first sharded module whose forward runs the root (its lazy init). Before any step (the
+    # k-NN monitor's step-0 measurement) that would be the first block, and the model's first forward would then
+    # fail ("FSDP state has already been lazily initialized for encoder.blocks.0"); so initialise from the
+    # root, as its own first forward does (idempotent; torch has no public call for it).
+    model._get_fsdp_state()._lazy_init()
     model.unshard()
     try:
         yield

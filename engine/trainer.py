@@ -169,6 +169,10 @@ class Trainer:
         if not self.accelerator.is_fsdp2:
             raise ConfigError("FSDP: use fsdp_version: 2 (configs/accelerate/1node_8gpu_fsdp.yaml); checkpoints of "
                               "version 1's flat parameters are not supported")
+        if self.accelerator.state.fsdp_plugin.cpu_ram_efficient_loading:  # `--use_fsdp` alone turns it on
+            raise ConfigError("FSDP: set fsdp_cpu_ram_efficient_loading: false (configs/accelerate/1node_8gpu_fsdp.yaml"
+                              "); accelerate loads that way only Hugging Face Transformers models (it calls their "
+                              "get_parameter_or_buffer), and every rank builds the same initial weights here anyway")
         return True
 
     def _compiled(self, model: torch.nn.Module) -> torch.nn.Module:

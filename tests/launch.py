@@ -1,5 +1,6 @@
 """How the end-to-end tests start runs: as users do, in subprocesses, one process or two gloo processes."""
 
+import contextlib
 import os
 import random
 import signal
@@ -7,6 +8,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,11 +28,19 @@ def two_gloo_processes(script: str, *args: str, timeout: float = 600) -> subproc
 
 def kill_after(command: list[str], marker: Path, **kwargs) -> None:
     """Start `command` and SIGKILL it at a random moment within a second after `marker` appears (mid-step,
-    mid-save, ...)."""
+    mid-save, ...), with every process it started, as a crashed machine stops: the ranks that `accelerate
+    launch` starts (torchrun gives each its own session) would otherwise outlive it and finish the run."""
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kwargs)
     deadline = time.time() + 300
     while not marker.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     time.sleep(random.uniform(0, 1.0))
-    process.send_signal(signal.SIGKILL)
+    try:
+        tree = psutil.Process(process.pid)
+        members = [tree, *tree.children(recursive=True)]
+    except psutil.NoSuchProcess:  # it finished first
+        members = []
+    for member in members:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.send_signal(signal.SIGKILL)
     process.wait()

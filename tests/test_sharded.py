@@ -1,6 +1,10 @@
-"""Sharded (FSDP2) checkpoints on two CPU processes: save, resume bit-identical, agree with unsharded training,
-and export an encoder that a plain model loads. accelerate 1.15 turns FSDP off on CPUs (`MULTI_CPU` is DDP),
-so the trainer's FSDP path itself runs only on GPUs: the `cuda` test (tools/gpu_check.sh runs it)."""
+"""Sharded (FSDP2) checkpoints on two CPU processes: first the sharding code alone (tests/dist_sharded.py: save,
+resume bit-identical, agree with unsharded training, export an encoder that a plain model loads), then the
+trainer's FSDP path through the apps (sharded checkpoints, kill and resume, the sharded EMA, the k-NN monitor,
+the viewer on every rank, the export gathered on rank 0). accelerate 1.15 turns FSDP off on CPUs (`MULTI_CPU` is
+DDP), so on CPUs the apps run under tests/fsdp_cpu.py, which changes only that device check; the same tests run
+on a GPU without it (marked `cuda`: tools/gpu_check.sh). Left to the GPU run: NCCL, parameters on a CUDA device,
+the CUDA RNG states in checkpoints."""
 
 import json
 import os
@@ -9,9 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from launch import kill_after, run
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.distributed.checkpoint import HuggingFaceStorageReader
 
+from engine import checkpoint
 from models import create_model, load_pretrained
 
 
@@ -40,24 +48,110 @@ def test_sharded_checkpoint_resumes_exactly_and_matches_unsharded_training(tmp_p
     assert not report.unexpected and not report.mismatched and report.loaded
 
 
+# The trainer's own FSDP path: on CPUs through tests/fsdp_cpu.py (accelerate 1.15 gives CPUs no FSDP), on a GPU
+# as users launch it. Both use the shipped config (fp32 here, for bit-identical resumes): cpu_ram_efficient_loading
+# off, and sync_module_states unset, as FSDP2 has no use for it (its setup code is CUDA-only).
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device")])]
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="accelerate runs FSDP on GPUs only")
-def test_fsdp_pretraining_killed_and_resumed_is_bit_identical(demo_shards, tmp_path):
+
+def fsdp_launch(device: str, app: str, *overrides: str, options: tuple[str, ...] = ()) -> tuple[list[str], dict]:
+    """(command, environment) of `app` under FSDP2: two gloo processes on CPU, one process on a GPU; `options`
+    go to `accelerate launch`."""
     launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
-              "configs/accelerate/1node_8gpu_fsdp.yaml", "--num_processes", "1", "--mixed_precision", "no",
-              "pretrain/main.py", "--config", "configs/pretrain/demo.yaml", f"data.train={demo_shards['train']}",
-              "data.num_workers=1", "log.progress=false", "log.visualize_every=4", "train.max_steps=8",
-              "train.checkpoint_every=2", "model.drop_path_rate=0.2"]
-    straight = run([*launch, f"output_dir={tmp_path / 'straight'}"])
+              "configs/accelerate/1node_8gpu_fsdp.yaml", "--mixed_precision", "no", *options]
+    if device == "cpu":
+        launch += ["--num_processes", "2", "tests/fsdp_cpu.py"]
+        env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    else:
+        launch += ["--num_processes", "1"]
+        env = dict(os.environ)
+    return [*launch, app, *overrides, "data.num_workers=0", "log.progress=false"], env
+
+
+def whole(sharded: Path) -> dict[str, torch.Tensor]:
+    """A sharded checkpoint's tensors put together (model.*, optim.*, task.*), read in this one process."""
+    meta = HuggingFaceStorageReader(str(sharded)).read_metadata().state_dict_metadata
+    state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()}
+    dcp.load(state, storage_reader=HuggingFaceStorageReader(str(sharded)), no_dist=True)
+    return state
+
+
+def assert_same_checkpoints(first: Path, second: Path) -> None:
+    """Sharded, and every tensor of every rank's shard file equal."""
+    assert not (first / "model.safetensors").exists() and not (second / "model.safetensors").exists()
+    files = sorted(p.name for p in (first / "sharded").glob("*.safetensors"))
+    assert files and files == sorted(p.name for p in (second / "sharded").glob("*.safetensors"))
+    for name in files:
+        expected, got = load_file(first / "sharded" / name), load_file(second / "sharded" / name)
+        assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fsdp_pretraining_killed_and_resumed_is_bit_identical(device, demo_shards, tmp_path):
+    """Through the trainer: sharded checkpoints, resume=auto after a SIGKILL, the viewer on every rank, the
+    k-NN monitor on the sharded encoder, and the encoder export gathered on rank 0."""
+    knn = [f"eval.knn.{role}={demo_shards[role]}" for role in ("train", "val")]
+    launch, env = fsdp_launch(device, "pretrain/main.py", "--config", "configs/pretrain/demo.yaml",
+                              f"data.train={demo_shards['train']}", "train.batch_size=4", "train.max_steps=6",
+                              "train.checkpoint_every=2", "log.visualize_every=3", "model.drop_path_rate=0.2",
+                              *knn, "eval.knn.every=3", "eval.knn.max_samples=8", "eval.knn.k=4",
+                              "eval.batch_size=4")
+    straight = run([*launch, f"output_dir={tmp_path / 'straight'}"], env=env)
     assert straight.returncode == 0, straight.stderr[-3000:]
-    kill_after([*launch, f"output_dir={tmp_path / 'killed'}"], tmp_path / "killed" / "checkpoint-00000004")
-    resumed = run([*launch, f"output_dir={tmp_path / 'killed'}", "resume=auto"])
+    kill_after([*launch, f"output_dir={tmp_path / 'killed'}"], tmp_path / "killed" / "checkpoint-00000002", env=env)
+    resumed = run([*launch, f"output_dir={tmp_path / 'killed'}", "resume=auto"], env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    runs = ("straight", "killed")
-    assert not any((tmp_path / d / "checkpoint-00000008" / "model.safetensors").exists() for d in runs)  # sharded
-    shards = {d: sorted((tmp_path / d / "checkpoint-00000008" / "sharded").glob("*.safetensors")) for d in runs}
-    expected, got = ({k: v for f in shards[d] for k, v in load_file(f).items()} for d in runs)
-    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
-    encoder = load_file(tmp_path / "killed" / "encoder.safetensors")
-    assert all(torch.equal(encoder[k], got[f"model.encoder.{k}"]) for k in encoder)
+    assert "resumed from" in resumed.stdout
+    assert_same_checkpoints(tmp_path / "straight" / "checkpoint-00000006", tmp_path / "killed" / "checkpoint-00000006")
+    curves = [json.loads((tmp_path / d / "metrics.json").read_text())["knn_history"] for d in ("straight", "killed")]
+    straight_knn, resumed_knn = ([(h["step"], h["top1"], h["top5"]) for h in curve] for curve in curves)
+    assert straight_knn == resumed_knn and [step for step, _, _ in straight_knn] == [0, 3, 6]
+    events = EventAccumulator(str(tmp_path / "straight" / "tb"), size_guidance={"images": 0})
+    events.Reload()
+    assert [e.step for e in events.Images("reconstruction/frames_0")] == [3, 6]
+
+    # The export is one whole file, the sharded model's encoder, and a plain encoder loads it.
+    saved = whole(tmp_path / "killed" / "checkpoint-00000006" / "sharded")
+    encoder_file = tmp_path / "killed" / "encoder.safetensors"
+    exported = load_file(encoder_file)
+    assert exported.keys() and all(torch.equal(v, saved[f"model.encoder.{k}"]) for k, v in exported.items())
+    name, overrides = checkpoint.read_encoder_metadata(encoder_file)
+    report = load_pretrained(create_model(name, **overrides, num_classes=4), str(encoder_file), strict=False)
+    assert report.loaded and not report.unexpected and not report.mismatched
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fsdp_finetuning_resumes_its_sharded_ema_bit_identically(device, demo_shards, mae_encoder, tmp_path):
+    """FinetuneTask shards its EMA (shard_copies): saved with the model's shards, resumed, and exported."""
+    launch, env = fsdp_launch(device, "finetune/main.py", "--config", "configs/finetune/demo.yaml",
+                              f"data.train={demo_shards['train']}", f"data.val={demo_shards['val']}",
+                              f"model.pretrained={mae_encoder}", "model.input_size=[8,32,32]", "data.crop_size=32",
+                              "train.batch_size=4", "train.max_steps=4", "train.checkpoint_every=2",
+                              "train.ema_decay=0.9", "eval.temporal_views=1", "eval.batch_size=4")
+    straight = run([*launch, f"output_dir={tmp_path / 'straight'}"], env=env)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    # The same run again from its step-2 checkpoint, into another directory.
+    resumed = run([*launch, f"output_dir={tmp_path / 'resumed'}",
+                   f"resume={tmp_path / 'straight' / 'checkpoint-00000002'}"], env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {tmp_path / 'straight' / 'checkpoint-00000002'} at step 2" in resumed.stdout
+    assert_same_checkpoints(tmp_path / "straight" / "checkpoint-00000004",
+                            tmp_path / "resumed" / "checkpoint-00000004")
+    saved = whole(tmp_path / "resumed" / "checkpoint-00000004" / "sharded")
+    exported = load_file(tmp_path / "resumed" / "encoder.safetensors")  # the EMA, not the trained weights
+    assert exported.keys() and all(torch.equal(v, saved[f"task.ema.{k}"]) for k, v in exported.items())
+    assert not torch.equal(exported["head.projection.weight"], saved["model.head.projection.weight"])
+    metrics = [json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("straight", "resumed")]
+    assert metrics[0]["top1"] == metrics[1]["top1"]  # evaluated on the sharded EMA, every rank
+
+
+def test_fsdp_refuses_cpu_ram_efficient_loading(demo_shards, tmp_path):
+    """accelerate's cpu_ram_efficient_loading (on by default under a bare `accelerate launch --use_fsdp`) loads only
+    Hugging Face Transformers models; ours would fail inside accelerate's loader (`_infer_parameter_dtype`), so the
+    trainer stops first and says what to set."""
+    launch, env = fsdp_launch("cpu", "pretrain/main.py", "--config", "configs/pretrain/demo.yaml",
+                              f"data.train={demo_shards['train']}", f"output_dir={tmp_path}",
+                              options=("--fsdp_cpu_ram_efficient_loading", "true"))
+    result = run(launch, env=env)
+    assert result.returncode != 0 and "error: FSDP: set fsdp_cpu_ram_efficient_loading: false" in result.stderr
