@@ -1,6 +1,6 @@
 """Reconstruct one video or image with a pretraining checkpoint and write the pictures.
 
-    python -m pretrain.visualize --checkpoint runs/demo/pretrain/checkpoint-00000300 --input clip.mp4 --out viz/
+    python -m pretrain.visualize --checkpoint runs/demo/pretrain/checkpoint-00000600 --input clip.mp4 --out viz/
 
 Writes `<stem>.png` (images: original | masked | reconstruction | pasted; video: the same as frame strips,
 one frame per temporal token) and, for video, `<stem>.gif` with the four panels side by side. The input is

@@ -15,20 +15,25 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = dict(input_size=[8, 32, 32], embed_dim=16, num_heads=1, stages=[1, 1, 2, 1])
 
 
-@pytest.fixture(scope="session")
-def demo_shards(tmp_path_factory) -> dict[str, Path]:
-    """{"train": dir, "val": dir}: 4 motion classes x 4 videos per split, 64x64, 32 frames, in shards of 4."""
-    root = tmp_path_factory.mktemp("demo")
+def write_demo_shards(root: Path, per_class: int, per_shard: int) -> dict[str, Path]:
+    """{"train": dir, "val": dir}: `per_class` synthetic videos (64x64, 32 frames) of each of the 4 motion classes
+    per split, made by the same commands as `make demo`."""
     run = [sys.executable, "-m"]
-    subprocess.run([*run, "data.synthetic", "--out", str(root / "raw"), "--per-class", "4", "--size", "64x64",
-                    "--frames", "32"], check=True, cwd=REPO, capture_output=True)
+    subprocess.run([*run, "data.synthetic", "--out", str(root / "raw"), "--per-class", str(per_class), "--size",
+                    "64x64", "--frames", "32"], check=True, cwd=REPO, capture_output=True)
     shards = {}
     for split in ("train", "val"):
         shards[split] = root / "shards" / split
         subprocess.run([*run, "data.make_shards", "kinetics", "--csv", str(root / "raw" / f"{split}.csv"),
-                        "--videos", str(root / "raw" / "videos"), "--out", str(shards[split]), "--per-shard", "4"],
-                       check=True, cwd=REPO, capture_output=True)
+                        "--videos", str(root / "raw" / "videos"), "--out", str(shards[split]), "--per-shard",
+                        str(per_shard)], check=True, cwd=REPO, capture_output=True)
     return shards
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory) -> dict[str, Path]:
+    """4 videos per class and split, in shards of 4."""
+    return write_demo_shards(tmp_path_factory.mktemp("demo"), per_class=4, per_shard=4)
 
 
 @pytest.fixture(scope="session")
