@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,10 +23,7 @@ from data import ShardSet
 from .config import ConfigError, RunConfig
 from .gather import gather_rows
 from .loaders import check_failures, eval_loader, media_of
-from .sharded import root_gathered
 from .tblog import TrainLogger
-
-FeatureFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]  # (model, pixels [B, C, (T,) H, W]) -> [B, D]
 
 
 def knn_scores(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, num_classes: int,
@@ -72,9 +68,8 @@ def first_samples(shards: ShardSet, count: int | None) -> ShardSet:
 
 
 @torch.no_grad()
-def extract_features(features: FeatureFn, model: nn.Module, loader,
-                     accelerator: Accelerator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features [N, D], labels [N]) of every sample of a one-view, non-shuffled `loader`
+def extract_features(model: nn.Module, loader, accelerator: Accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`model.forward_features` [N, D], labels [N]) of every sample of a one-view, non-shuffled `loader`
     (engine.loaders.eval_loader), gathered from all ranks in sample order, on the CPU. Samples that fail to
     decode are left out (too many stop every rank: engine.loaders.check_failures). The model is used as it
     is: put it in eval mode first."""
@@ -82,7 +77,7 @@ def extract_features(features: FeatureFn, model: nn.Module, loader,
     for batch in loader:
         valid = batch["valid"].to(accelerator.device)  # False: padding, or a stand-in for a failed sample
         with accelerator.autocast():
-            rows.append(features(model, media_of(batch, loader.sample, accelerator.device)).float()[valid])
+            rows.append(model.forward_features(media_of(batch, loader.sample, accelerator.device)).float()[valid])
         index.append(batch["index"].to(accelerator.device)[valid])
         labels.append(batch["label"].to(accelerator.device)[valid])
     check_failures(loader, accelerator, "k-NN features")
@@ -90,14 +85,15 @@ def extract_features(features: FeatureFn, model: nn.Module, loader,
 
 
 class KnnMonitor:
-    """Pretraining's online k-NN: at step 0 and every `eval.knn.every` steps, the encoder's pooled features of
-    the `eval.knn.train` and `eval.knn.val` samples (one centre view each; eval mode, no grad, no mask), from
-    all ranks, classify the val samples. Every rank computes the same top-1 / top-5, which go to TensorBoard
-    (`knn/top1`, `knn/top5`, `perf/knn_seconds`) and `output_dir/metrics.json` (with the whole curve)."""
+    """Pretraining's online k-NN: at step 0 and every `eval.knn.every` steps, the MAE's `forward_features` (the
+    encoder's pooled last stage) of the `eval.knn.train` and `eval.knn.val` samples (one centre view each; eval
+    mode, no grad, no mask), from all ranks, classify the val samples. Every rank computes the same top-1 /
+    top-5, which go to TensorBoard (`knn/top1`, `knn/top5`, `perf/knn_seconds`) and `output_dir/metrics.json`
+    (with the whole curve). Under FSDP the trainer registers `forward_features` as a forward method."""
 
-    def __init__(self, cfg: RunConfig, input_size: tuple[int, ...], features: FeatureFn):
+    def __init__(self, cfg: RunConfig, input_size: tuple[int, ...]):
         knn = cfg.eval.knn
-        self.cfg, self.input_size, self.features = cfg, input_size, features
+        self.cfg, self.input_size = cfg, input_size
         self.sets = {}
         for role in ("train", "val"):
             path = getattr(knn, role)
@@ -127,8 +123,7 @@ class KnnMonitor:
         for role, shards in self.sets.items():
             loader = eval_loader(self.cfg, accelerator.process_index, accelerator.num_processes, self.input_size,
                                  shards=shards, views=(1, 1))
-            with root_gathered(model):  # under FSDP: the features run outside the model's own forward
-                found[role] = extract_features(self.features, model, loader, accelerator)
+            found[role] = extract_features(model, loader, accelerator)
         model.train(was_training)
         (bank, bank_labels), (queries, labels) = found["train"], found["val"]
         knn, device = self.cfg.eval.knn, accelerator.device

@@ -13,8 +13,6 @@ shards onto whatever the receiving state dict holds). The encoder export needs t
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +26,6 @@ from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_state_dict,
 )
-from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 _MODEL, _OPTIM, _TASK = "model.", "optim.", "task."
@@ -80,27 +77,6 @@ def load_sharded(directory: str | Path, model: torch.nn.Module, optimizer: torch
 def saved_keys(directory: str | Path) -> set[str]:
     """The tensors a sharded checkpoint holds, from its safetensors headers (every shard file is opened)."""
     return set(HuggingFaceStorageReader(str(directory)).read_metadata().state_dict_metadata)
-
-
-@contextlib.contextmanager
-def root_gathered(model: torch.nn.Module) -> Iterator[None]:
-    """Collective. Lets a caller run parts of a sharded model outside its forward (the k-NN monitor's
-    `encoder.forward_features`): the parameters that belong to the root's shard group (position embeddings,
-    patch embedding, norms) are gathered for the duration; each block gathers its own as it runs. A no-op for
-    a model that is not sharded."""
-    if not isinstance(model, FSDPModule):
-        yield
-        return
-    # FSDP2 makes the first sharded module whose forward runs the root (its lazy init). Before any step (the
-    # k-NN monitor's step-0 measurement) that would be the first block, and the model's first forward would then
-    # fail ("FSDP state has already been lazily initialized for encoder.blocks.0"); so initialise from the
-    # root, as its own first forward does (idempotent; torch has no public call for it).
-    model._get_fsdp_state()._lazy_init()
-    model.unshard()
-    try:
-        yield
-    finally:
-        model.reshard()
 
 
 def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

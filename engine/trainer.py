@@ -20,6 +20,7 @@ from accelerate.utils import DistributedType, broadcast_object_list, gather_obje
 from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
+from torch.distributed.fsdp import register_fsdp_forward_method
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
@@ -148,6 +149,10 @@ class Trainer:
         # A sharded model has no whole copy anywhere: the export fills this one on the main process.
         self.export_model = copy.deepcopy(model) if self.sharded and self.is_main else None
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        if self.sharded:
+            # Called outside forward (the k-NN monitor): FSDP must gather the root's shards around it as around
+            # forward, and initialise from the root if it runs first (at step 0), not from the first block.
+            register_fsdp_forward_method(self.model, "forward_features")
         if self.sharded and hasattr(task, "shard_copies"):  # e.g. an EMA: sharded like the model
             task.shard_copies(lambda module: fsdp2_prepare_model(self.accelerator, module))
         self.forward_model = self._compiled(self.model) if cfg.model.compile else self.model

@@ -180,6 +180,11 @@ class MaskedAutoencoder(nn.Module):
             x = run_block(block, x, checkpointed=self.grad_checkpointing)
         return self.decoder_pred(self.decoder_norm(x))
 
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's pooled last stage on unmasked input [B, C, (T,) H, W] -> [B, C_enc]: what fine-tuning
+        starts from (the MAE replaces the classifier norm by an identity), and what the k-NN monitor measures."""
+        return self.encoder.forward_features(x)
+
     def targets(self, x: torch.Tensor) -> torch.Tensor:
         """Reconstruction targets [B, N_tokens, D_pred] (computed without gradient, in fp32 also under
         autocast: HOG's orientation bins and norm-pix's statistics need the precision)."""

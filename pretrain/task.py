@@ -30,7 +30,7 @@ class PretrainTask:
         self.loader = train_loader(cfg, rank, world_size, input_size, self.model.mask_unit_grid,
                                    self.model.mask_ratio)
         knn = cfg.eval.knn
-        self.knn = KnnMonitor(cfg, input_size, encoder_features) if knn.train and knn.val else None
+        self.knn = KnnMonitor(cfg, input_size) if knn.train and knn.val else None
         return self.loader
 
     def step(self, model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
@@ -55,12 +55,6 @@ class PretrainTask:
 
     def after_pass(self, model, accelerator, logger, step) -> dict[str, float]:
         return {}
-
-
-def encoder_features(model: MaskedAutoencoder, x: torch.Tensor) -> torch.Tensor:
-    """The encoder's pooled last stage on unmasked input [B, C, (T,) H, W] -> [B, C_enc]: what fine-tuning
-    starts from (the MAE replaces the classifier norm by an identity; k-NN normalises anyway)."""
-    return model.encoder.forward_features(x)
 
 
 def encoder_metadata(cfg: RunConfig) -> dict[str, str]:

@@ -13,9 +13,9 @@ import torch.distributed as dist
 from accelerate.utils import FullyShardedDataParallelPlugin
 from safetensors.torch import save_file
 from timm.utils import ModelEmaV3
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-from engine.sharded import full_model_state, load_sharded, nonfinite, norm_value, root_gathered, save_sharded
+from engine.sharded import full_model_state, load_sharded, nonfinite, norm_value, save_sharded
 from models import create_model
 
 STEPS, SAVE_AT, GLOBAL_BATCH = 4, 2, 4
@@ -84,8 +84,9 @@ if __name__ == "__main__":
     train(resumed, resumed_optimizer, resumed_ema, range(SAVE_AT, STEPS), rows)
     again = full_model_state(resumed) | {f"ema.{k}": v for k, v in full_model_state(resumed_ema.module).items()}
     probe = global_batch(model, 99)[0]
-    with torch.no_grad(), root_gathered(model):  # as the k-NN monitor runs the encoder alone
-        features = model.encoder.forward_features(probe)
+    register_fsdp_forward_method(model, "forward_features")  # as the trainer does for the k-NN monitor
+    with torch.no_grad():
+        features = model.forward_features(probe)
     if rank == 0:
         plain, plain_optimizer, plain_ema = build(shard=False)
         plain_norms = train(plain, plain_optimizer, plain_ema, range(STEPS), slice(None))
