@@ -32,7 +32,9 @@ demo: $(STAMP) $(DEMO)/shards/train/info.json $(DEMO)/shards/val/info.json
 	$(ACCELERATE) finetune/main.py --config configs/finetune/demo.yaml
 	$(PY) -m finetune.predict --checkpoint $(DEMO)/finetune $$(ls $(DEMO)/raw/videos/moving_left/va*.mp4 | head -1)
 
-$(DEMO)/raw/train.csv: | $(STAMP)
+# Made again when the generator changes; the old videos and shards go, as their names change with the data.
+$(DEMO)/raw/train.csv: data/synthetic.py | $(STAMP)
+	rm -rf $(DEMO)/raw $(DEMO)/shards
 	$(PY) -m data.synthetic --out $(DEMO)/raw --per-class 16 --size 64x64 --frames 32
 
 $(DEMO)/shards/%/info.json: $(DEMO)/raw/train.csv

@@ -61,7 +61,8 @@ class Task(Protocol):
     #   monitor(model, accelerator, logger, step) -> metrics
     #                                  before the first step of a fresh run and after every optimizer step (all
     #                                  ranks, unwrapped model): e.g. the k-NN monitor; its time is left out of
-    #                                  the throughput figures;
+    #                                  the throughput figures. Under FSDP it may call the model's forward and
+    #                                  `forward_features` (registered with FSDP), not its submodules;
     #   state_dict() -> {name: tensor} extra state kept in each checkpoint (task.safetensors), and
     #   load_state_dict(state)         its restoration on resume.
 
@@ -149,7 +150,7 @@ class Trainer:
         # A sharded model has no whole copy anywhere: the export fills this one on the main process.
         self.export_model = copy.deepcopy(model) if self.sharded and self.is_main else None
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        if self.sharded:
+        if self.sharded and hasattr(model, "forward_features"):
             # Called outside forward (the k-NN monitor): FSDP must gather the root's shards around it as around
             # forward, and initialise from the root if it runs first (at step 0), not from the first block.
             register_fsdp_forward_method(self.model, "forward_features")

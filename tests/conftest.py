@@ -1,11 +1,10 @@
 """Shared fixtures: a small real dataset (synthetic mp4 videos -> tar shards), made once per session."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch import write_demo_shards
 
 from engine import checkpoint
 from models import create_model
@@ -13,21 +12,6 @@ from models import create_model
 REPO = Path(__file__).resolve().parents[1]
 # A tiny video Hiera on 8 x 32 x 32 clips: 4 x 8 x 8 tokens, one mask unit per frame pair.
 TINY = dict(input_size=[8, 32, 32], embed_dim=16, num_heads=1, stages=[1, 1, 2, 1])
-
-
-def write_demo_shards(root: Path, per_class: int, per_shard: int) -> dict[str, Path]:
-    """{"train": dir, "val": dir}: `per_class` synthetic videos (64x64, 32 frames) of each of the 4 motion classes
-    per split, made by the same commands as `make demo`."""
-    run = [sys.executable, "-m"]
-    subprocess.run([*run, "data.synthetic", "--out", str(root / "raw"), "--per-class", str(per_class), "--size",
-                    "64x64", "--frames", "32"], check=True, cwd=REPO, capture_output=True)
-    shards = {}
-    for split in ("train", "val"):
-        shards[split] = root / "shards" / split
-        subprocess.run([*run, "data.make_shards", "kinetics", "--csv", str(root / "raw" / f"{split}.csv"),
-                        "--videos", str(root / "raw" / "videos"), "--out", str(shards[split]), "--per-shard",
-                        str(per_shard)], check=True, cwd=REPO, capture_output=True)
-    return shards
 
 
 @pytest.fixture(scope="session")

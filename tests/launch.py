@@ -12,6 +12,30 @@ from pathlib import Path
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
+ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+
+
+def cpu_launch(processes: int) -> tuple[list[str], dict[str, str]]:
+    """(`accelerate launch` options, environment) for `processes` CPU processes (gloo between them); the
+    script and its arguments follow."""
+    command = [ACCELERATE, "launch", "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision",
+               "no", "--dynamo_backend", "no", *(["--multi_gpu"] if processes > 1 else [])]
+    return command, dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+
+
+def write_demo_shards(root: Path, per_class: int, per_shard: int) -> dict[str, Path]:
+    """{"train": dir, "val": dir}: `per_class` synthetic videos (64x64, 32 frames) of each of the 4 motion classes
+    per split, made by the same commands as `make demo`."""
+    module = [sys.executable, "-m"]
+    subprocess.run([*module, "data.synthetic", "--out", str(root / "raw"), "--per-class", str(per_class), "--size",
+                    "64x64", "--frames", "32"], check=True, cwd=REPO, capture_output=True)
+    shards = {}
+    for split in ("train", "val"):
+        shards[split] = root / "shards" / split
+        subprocess.run([*module, "data.make_shards", "kinetics", "--csv", str(root / "raw" / f"{split}.csv"),
+                        "--videos", str(root / "raw" / "videos"), "--out", str(shards[split]), "--per-shard",
+                        str(per_shard)], check=True, cwd=REPO, capture_output=True)
+    return shards
 
 
 def run(command: list[str], timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
@@ -20,16 +44,15 @@ def run(command: list[str], timeout: float = 600, **kwargs) -> subprocess.Comple
 
 def two_gloo_processes(script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """`accelerate launch` of `script` on two CPU processes that talk through gloo."""
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
-    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", script, *args]
-    return run(command, timeout=timeout, env=env)
+    launch, env = cpu_launch(2)
+    return run([*launch, script, *args], timeout=timeout, env=env)
 
 
-def kill_after(command: list[str], marker: Path, **kwargs) -> None:
+def kill_after(command: list[str], marker: Path, **kwargs) -> bool:
     """Start `command` and SIGKILL it at a random moment within a second after `marker` appears (mid-step,
     mid-save, ...), with every process it started, as a crashed machine stops: the ranks that `accelerate
-    launch` starts (torchrun gives each its own session) would otherwise outlive it and finish the run."""
+    launch` starts (torchrun gives each its own session) would otherwise outlive it and finish the run.
+    Returns whether it was killed (False: it had finished first, and a resume would test nothing)."""
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kwargs)
     deadline = time.time() + 300
     while not marker.exists() and process.poll() is None and time.time() < deadline:
@@ -37,10 +60,10 @@ def kill_after(command: list[str], marker: Path, **kwargs) -> None:
     time.sleep(random.uniform(0, 1.0))
     try:
         tree = psutil.Process(process.pid)
-        members = [tree, *tree.children(recursive=True)]
-    except psutil.NoSuchProcess:  # it finished first
+        members = [*tree.children(recursive=True), tree]  # the ranks first: none steps on after its launcher
+    except psutil.NoSuchProcess:
         members = []
     for member in members:
         with contextlib.suppress(psutil.NoSuchProcess):
             member.send_signal(signal.SIGKILL)
-    process.wait()
+    return process.wait() == -signal.SIGKILL

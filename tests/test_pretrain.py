@@ -24,7 +24,7 @@ def pretrain_command(shards: Path, out: Path, *overrides: str) -> list[str]:
 
 def test_pretraining_end_to_end(demo_shards, tmp_path):
     out = tmp_path / "run"
-    result = run(pretrain_command(demo_shards["train"], out, "train.max_steps=24", "train.base_lr=4e-3",
+    result = run(pretrain_command(demo_shards["train"], out, "train.max_steps=24",
                                   "train.checkpoint_every=12", "log.every=4", "log.visualize_every=12"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"TensorBoard logs in {out}/tb" in result.stdout
@@ -66,8 +66,8 @@ def test_kill_and_resume_gives_identical_weights(demo_shards, tmp_path):
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     out = tmp_path / "killed"
-    kill_after(pretrain_command(demo_shards["train"], out, *args), out / "checkpoint-00000004")
-    assert checkpoint.latest_checkpoint(out) is not None
+    assert kill_after(pretrain_command(demo_shards["train"], out, *args), out / "checkpoint-00000004")
+    assert checkpoint.latest_checkpoint(out) is not None and not (out / "checkpoint-00000010").exists()
     resumed = run(pretrain_command(demo_shards["train"], out, *args, "resume=auto"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
