@@ -27,6 +27,7 @@ test: lint
 # motion classes, evaluated with 2 views per video and with shuffled frames (printed with chance) -> the
 # fine-tuned model's top classes for one validation video.
 demo: $(STAMP) $(DEMO)/shards/train/info.json $(DEMO)/shards/val/info.json
+	rm -rf $(DEMO)/pretrain $(DEMO)/finetune  # a fresh run each time: no earlier run's events in its TensorBoard logs
 	$(ACCELERATE) pretrain/main.py --config configs/pretrain/demo.yaml \
 		eval.knn.train=$(DEMO)/shards/train eval.knn.val=$(DEMO)/shards/val eval.knn.every=100
 	$(ACCELERATE) finetune/main.py --config configs/finetune/demo.yaml
