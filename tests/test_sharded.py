@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from launch import ACCELERATE, kill_after, run
+from launch import ACCELERATE, cpu_launch, kill_after, run
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.distributed.checkpoint import HuggingFaceStorageReader
@@ -56,18 +56,20 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skip
 RANKS = {"cpu": 2, "cuda": 1}
 
 
-def fsdp_launch(device: str, app: str, *overrides: str, options: tuple[str, ...] = ()) -> tuple[list[str], dict]:
-    """(command, environment) of `app` under FSDP2: two gloo processes on CPU, one process on a GPU; `options`
-    go to `accelerate launch`."""
-    launch = [ACCELERATE, "launch", "--config_file",
-              "configs/accelerate/1node_8gpu_fsdp.yaml", "--mixed_precision", "no", *options]
-    if device == "cpu":
-        launch += ["--num_processes", str(RANKS[device]), "tests/fsdp_cpu.py"]
-        env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+def fsdp_launch(device: str, app: str, *overrides: str, options: tuple[str, ...] = (),
+                sharded: bool = True) -> tuple[list[str], dict]:
+    """(command, environment) of `app` under FSDP2 (or, with `sharded=False`, plain data parallel on the same
+    ranks): two gloo processes on CPU, one process on a GPU; `options` go to `accelerate launch`."""
+    if device == "cpu" and not sharded:
+        launch, env = cpu_launch(RANKS[device])
     else:
-        launch += ["--num_processes", str(RANKS[device])]
+        config = ["--config_file", "configs/accelerate/1node_8gpu_fsdp.yaml"] if sharded else []
+        launch = [ACCELERATE, "launch", *config, "--mixed_precision", "no", "--num_processes", str(RANKS[device])]
         env = dict(os.environ)
-    return [*launch, app, *overrides, "data.num_workers=0", "log.progress=false"], env
+    script = [app]
+    if device == "cpu" and sharded:
+        script, env = ["tests/fsdp_cpu.py", app], env | {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    return [*launch, *options, *script, *overrides, "data.num_workers=0", "log.progress=false"], env
 
 
 def whole(sharded: Path) -> dict[str, torch.Tensor]:
@@ -91,13 +93,13 @@ def assert_same_checkpoints(first: Path, second: Path, ranks: int) -> None:
 @pytest.mark.parametrize("device", DEVICES)
 def test_fsdp_pretraining_killed_and_resumed_is_bit_identical(device, demo_shards, tmp_path):
     """Through the trainer: sharded checkpoints, resume=auto after a SIGKILL, the viewer on every rank, the
-    k-NN monitor on the sharded encoder, and the encoder export gathered on rank 0."""
+    k-NN monitor on the sharded encoder, the encoder export gathered on rank 0, and agreement with DDP."""
     knn = [f"eval.knn.{role}={demo_shards[role]}" for role in ("train", "val")]
-    launch, env = fsdp_launch(device, "pretrain/main.py", "--config", "configs/pretrain/demo.yaml",
-                              f"data.train={demo_shards['train']}", "train.batch_size=4", "train.max_steps=6",
-                              "train.checkpoint_every=2", "log.visualize_every=3", "model.drop_path_rate=0.2",
-                              *knn, "eval.knn.every=3", "eval.knn.max_samples=8", "eval.knn.k=4",
-                              "eval.batch_size=4")
+    app = ("pretrain/main.py", "--config", "configs/pretrain/demo.yaml", f"data.train={demo_shards['train']}",
+           "train.batch_size=4", "train.max_steps=6", "train.checkpoint_every=2", "log.visualize_every=3",
+           "model.drop_path_rate=0.2", *knn, "eval.knn.every=3", "eval.knn.max_samples=8", "eval.knn.k=4",
+           "eval.batch_size=4")
+    launch, env = fsdp_launch(device, *app)
     straight = run([*launch, f"output_dir={tmp_path / 'straight'}"], env=env)
     assert straight.returncode == 0, straight.stderr[-3000:]
     killed = tmp_path / "killed"
@@ -114,6 +116,16 @@ def test_fsdp_pretraining_killed_and_resumed_is_bit_identical(device, demo_shard
     events = EventAccumulator(str(tmp_path / "straight" / "tb"), size_guidance={"images": 0})
     events.Reload()
     assert [e.step for e in events.Images("reconstruction/frames_0")] == [3, 6]
+
+    # Data parallel on the same ranks trains the same model, up to fp32 round-off.
+    launch, env = fsdp_launch(device, *app, sharded=False)
+    ddp = run([*launch, f"output_dir={tmp_path / 'ddp'}"], env=env)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    plain = load_file(tmp_path / "ddp" / "checkpoint-00000006" / "model.safetensors")
+    sharded = whole(tmp_path / "straight" / "checkpoint-00000006" / "sharded")
+    assert plain.keys() == {k.removeprefix("model.") for k in sharded if k.startswith("model.")}
+    for key, value in plain.items():
+        torch.testing.assert_close(sharded[f"model.{key}"], value, rtol=1e-4, atol=1e-4)
 
     # The export is one whole file, the sharded model's encoder, and a plain encoder loads it.
     saved = whole(tmp_path / "killed" / "checkpoint-00000006" / "sharded")
