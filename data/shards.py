@@ -31,7 +31,7 @@ import json
 import tarfile
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import BinaryIO
 
 from .decode import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
@@ -116,6 +116,21 @@ class ShardSet:
     @property
     def num_samples(self) -> int:
         return sum(self.counts)
+
+    def head(self, count: int | None) -> ShardSet:
+        """The first `count` samples in shard order (what a non-shuffled loader visits first), the last shard cut
+        short; all of them for None. Shards made by data.make_shards mix the classes, so this is a random subset."""
+        if count is None or count >= self.num_samples:
+            return self
+        counts, left = [], count
+        for n in self.counts:
+            if left == 0:
+                break
+            counts.append(min(n, left))
+            left -= counts[-1]
+        kept = len(counts)
+        return replace(self, names=self.names[:kept], urls=self.urls[:kept], counts=tuple(counts),
+                       sizes=self.sizes[:kept], indexes=self.indexes[:kept])
 
     @property
     def fingerprint(self) -> str:

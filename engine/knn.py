@@ -8,7 +8,6 @@ are worth while the MAE loss alone says little about them.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -51,22 +50,6 @@ def topk_percent(scores: torch.Tensor, labels: torch.Tensor, k: int) -> float:
     return float((top == labels[:, None]).any(1).float().mean() * 100)
 
 
-def first_samples(shards: ShardSet, count: int | None) -> ShardSet:
-    """The first `count` samples in shard order (what a non-shuffled loader visits first). Shards made by
-    data.make_shards mix the classes, so this is a random subset of them."""
-    if count is None or count >= shards.num_samples:
-        return shards
-    counts, left = [], count
-    for n in shards.counts:
-        if left == 0:
-            break
-        counts.append(min(n, left))
-        left -= counts[-1]
-    kept = len(counts)
-    return dataclasses.replace(shards, names=shards.names[:kept], urls=shards.urls[:kept], counts=tuple(counts),
-                               sizes=shards.sizes[:kept], indexes=shards.indexes[:kept])
-
-
 @torch.no_grad()
 def extract_features(model: nn.Module, loader, accelerator: Accelerator) -> tuple[torch.Tensor, torch.Tensor]:
     """(`model.forward_features` [N, D], labels [N]) of every sample of a one-view, non-shuffled `loader`
@@ -104,7 +87,7 @@ class KnnMonitor:
             if not shards.classes:
                 raise ConfigError(f"eval.knn.{role}={path}: its info.json names no classes; the k-NN monitor "
                                   f"needs labelled shards")
-            self.sets[role] = first_samples(shards, knn.max_samples)
+            self.sets[role] = shards.head(knn.max_samples)
         if self.sets["train"].classes != self.sets["val"].classes:
             raise ConfigError("eval.knn.train and eval.knn.val have different classes: make both shard sets from "
                               "one class list")

@@ -119,3 +119,11 @@ def test_list_and_folder_commands_with_images(tmp_path):
     assert info["num_samples"] == 2 and info["classes"] == ["0", "1"]
     assert info["skipped"][0]["reason"] == "missing"
     assert len(index_tar(tmp_path / "l" / "shard-000000.tar")) == 2 and info["media"] == "image"
+
+
+def test_head_keeps_the_first_samples_in_shard_order(demo_shards):
+    shards = ShardSet.load(demo_shards["train"])  # 4 shards of 4
+    cut = shards.head(6)
+    assert cut.num_samples == 6 and cut.names == shards.names[:2] and cut.counts == (4, 2)
+    assert cut.urls == shards.urls[:2] and cut.classes == shards.classes
+    assert shards.head(None) is shards and shards.head(99) is shards

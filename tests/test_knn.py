@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from data import ShardSet
 from engine.config import load_config
-from engine.knn import first_samples, knn_scores, topk_percent
+from engine.knn import knn_scores, topk_percent
 from engine.loaders import eval_loader, media_of
 from models import create_model
 
@@ -48,13 +48,6 @@ def test_knn_matches_brute_force(k, temperature):
     hits1 = sum(row.index(max(row)) == y for row, y in zip(expected.tolist(), labels.tolist()))
     assert topk_percent(scores, labels, 1) == pytest.approx(100 * hits1 / 30)
     assert topk_percent(scores, labels, 5) == 100.0  # 5 classes
-
-
-def test_first_samples_cuts_in_shard_order(demo_shards):
-    shards = ShardSet.load(demo_shards["train"])  # 4 shards of 4
-    cut = first_samples(shards, 6)
-    assert cut.num_samples == 6 and cut.names == shards.names[:2] and cut.counts == (4, 2)
-    assert first_samples(shards, None) is shards and first_samples(shards, 99) is shards
 
 
 def pretrain(shards: dict, out: Path, processes: int, *overrides: str) -> subprocess.CompletedProcess:
@@ -94,7 +87,7 @@ def test_monitor_is_the_same_on_one_and_two_ranks_and_matches_brute_force(demo_s
     model = create_model(cfg.model.name, **cfg.model.overrides()).eval()
     found = {}
     for role in ("train", "val"):
-        loader = eval_loader(cfg, 0, 1, (8, 64, 64), shards=first_samples(ShardSet.load(demo_shards[role]), 13),
+        loader = eval_loader(cfg, 0, 1, (8, 64, 64), shards=ShardSet.load(demo_shards[role]).head(13),
                              views=(1, 1))
         rows, labels = [], []
         with torch.no_grad():
