@@ -45,8 +45,8 @@ def num_batches(num_samples: int, batch_size: int, world_size: int, drop_last: b
 
 
 class EpochPlan:
-    """One epoch of one rank: ``batch(j)`` gives its planned batches; ``plan[p]`` the (shard, member) of any
-    epoch position p (the stream's lookup for each sample)."""
+    """One epoch of one rank: ``batch(j)`` gives its planned batches; ``resolve(positions)`` the (shard, member)
+    of epoch positions (the stream's lookup, a batch at a time), ``shards(positions)`` their shards alone."""
 
     def __init__(self, counts: tuple[int, ...], batch_size: int, rank: int = 0, world_size: int = 1, *,
                  seed: int, epoch: int, shuffle: bool = True, drop_last: bool = True, shard_mix: int = 8):
@@ -79,6 +79,10 @@ class EpochPlan:
         positions = self.start + self.lane_starts[q % self.lanes] + q // self.lanes
         return PlannedBatch(positions, np.ones(len(q), dtype=bool))
 
+    def shards(self, positions: np.ndarray) -> np.ndarray:
+        """[n] int64 shard of each epoch position."""
+        return self.shard_order[np.searchsorted(self.ends, positions, side="right")].astype(np.int64)
+
     def resolve(self, positions: np.ndarray) -> np.ndarray:
         """[n, 2] int64 (shard, member) of epoch positions."""
         k = np.searchsorted(self.ends, positions, side="right")
@@ -87,10 +91,6 @@ class EpochPlan:
         members = np.array([self._permutation(s)[o] for s, o in zip(shards.tolist(), offsets.tolist())],
                            dtype=np.int64).reshape(len(offsets))
         return np.stack([shards.astype(np.int64), members], axis=1)
-
-    def __getitem__(self, position: int) -> tuple[int, int]:
-        shard, member = self.resolve(np.array([position]))[0].tolist()
-        return shard, member
 
     def _permutation(self, shard: int) -> np.ndarray:
         if shard not in self._members:

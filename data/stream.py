@@ -110,7 +110,7 @@ class ShardStream(IterableDataset):
         if not later:
             return []
         positions = np.concatenate([plan.batch(k).positions for k in later])
-        shards = dict.fromkeys(plan.resolve(positions)[:, 0].tolist())  # in order of need, once each
+        shards = dict.fromkeys(plan.shards(positions).tolist())  # in order of need, once each
         return [(self.shards.urls[s], self.shards.sizes[s]) for s in shards]
 
     def _batch(self, planned: PlannedBatch, epoch: int, order: EpochPlan, reader: ShardReader, processor) -> dict:
@@ -127,9 +127,10 @@ class ShardStream(IterableDataset):
         label, index, view = (np.zeros(num_rows, dtype=np.int64) for _ in range(3))
         valid, keys = np.zeros(num_rows, dtype=bool), []
         failures, failed_slots, donor = [], [], None
+        resolved = order.resolve(planned.positions).tolist()
         for slot, (position, planned_valid) in enumerate(zip(planned.positions.tolist(), planned.valid.tolist())):
             rows = slice(slot * per_sample, (slot + 1) * per_sample)
-            shard, member = order[position]
+            shard, member = resolved[slot]
             key = f"#{member}"
             index[rows], view[rows] = position, np.arange(per_sample)
             try:

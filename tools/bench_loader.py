@@ -110,7 +110,7 @@ def bench_loader(shards: ShardSet | str, cfg: SampleConfig, workers: int, batch_
 def distinct_shards_per_batch(shards: ShardSet, batch_size: int, shard_mix: int) -> float:
     """Mean number of shards a batch of epoch 0 draws from (from the plan: the same batches the loader makes)."""
     plan = EpochPlan(shards.counts, batch_size, seed=0, epoch=0, drop_last=False, shard_mix=shard_mix)
-    return float(np.mean([len(set(plan.resolve(plan.batch(j).positions)[:, 0].tolist()))
+    return float(np.mean([len(set(plan.shards(plan.batch(j).positions).tolist()))
                           for j in range(plan.num_batches)]))
 
 
