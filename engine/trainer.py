@@ -329,7 +329,7 @@ class Trainer:
         window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
         means = WindowMeans()
         self.model.train()
-        evaluated_at = checked_at = -1
+        evaluated_at = -1
         while progress.step < self.total_steps:
             fetched = time.perf_counter()
             for batch in self.loader:
@@ -356,10 +356,10 @@ class Trainer:
                     began = time.perf_counter()
                     metrics |= self.task.monitor(acc.unwrap_model(self.model), acc, self.logger, progress.step)
                     window_start += time.perf_counter() - began
-                if progress.step % cfg.log.every == 0 or progress.step == self.total_steps:
+                logs = progress.step % cfg.log.every == 0 or progress.step == self.total_steps
+                if logs:
                     elapsed = time.perf_counter() - window_start
                     failed = check_failures(self.loader, acc, f"step {progress.step}")
-                    checked_at = progress.step
                     scalars = {f"train/{k}": v for k, v in means.read(acc).items()}
                     # The largest lr: with layer decay, the head's group (group 0 is the most decayed).
                     top_lr = max(g["lr"] for g in self.optimizer.param_groups)
@@ -378,7 +378,7 @@ class Trainer:
                 if visualizes and cfg.log.visualize_every and progress.step % cfg.log.visualize_every == 0:
                     self.task.visualize(acc.unwrap_model(self.model), batch, self.logger, progress.step)
                 if progress.step % cfg.train.checkpoint_every == 0 or progress.step == self.total_steps:
-                    if checked_at != progress.step:  # not already at this step's log
+                    if not logs:  # a logging step has checked already
                         check_failures(self.loader, acc, f"step {progress.step}")
                     self.save_checkpoint()
                 if progress.step >= self.total_steps:

@@ -108,6 +108,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
     the softmax over the materialised scores costs more than flash's overhead saves.
     """
     bias = None if bias is None else bias.to(q.dtype)  # SDPA outside autocast wants the dtype of q
+    if q.is_cuda:  # callers pass strided views (pooled or windowed q/k/v); CUDA's fused kernels want them contiguous
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if (q.dtype == torch.bfloat16 and q.device.type == "cpu" and torch.is_grad_enabled()
             and k.shape[-2] <= MATMUL_ATTENTION_MAX_KEYS):
         scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
@@ -191,8 +193,6 @@ class MaskUnitAttention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         if self.q_stride > 1:
             q = q.unflatten(2, (self.q_stride, -1)).amax(dim=2)
-        if x.is_cuda:
-            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         x = attention(q, k, v)
         x = x.view(B, windows, self.heads, -1, self.head_dim).permute(0, 3, 1, 2, 4).reshape(B, -1, self.dim_out)
         return self.proj(x)

@@ -279,8 +279,6 @@ class PoolingAttention(nn.Module):
         if visible is not None and self.window is None:
             hidden = self.hidden_key_bias(visible, k_grid, q.dtype)
             bias = hidden if bias is None else bias + hidden
-        if q.is_cuda:  # pooled q/k/v are strided views; CUDA's fused kernels need a unit last-dim stride
-            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         out = attention(q, k, v, bias)
         if self.residual_pooling:
             # The cls token is not a pooled token: SlowFast leaves its row without the residual.

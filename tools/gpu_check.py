@@ -32,9 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 # accelerate five times. Quick CPU runs get QUICK_LIMIT each.
 LIMITS = {"tests": 140, "bench": 110, "pretrain": 80, "memory": 30}
 QUICK_LIMIT = 120
-# configs/pretrain/demo.yaml's model: what --quick measures memory of.
-QUICK_MODEL = dict(input_size=(8, 64, 64), mask_ratio=0.75, decoder_depth=2, decoder_embed_dim=128,
-                   decoder_num_heads=4, embed_dim=32, num_heads=1, stages=(1, 1, 2, 1))
+QUICK_MODEL_CONFIG = REPO / "configs" / "pretrain" / "demo.yaml"  # what --quick measures the memory of
 
 
 def run_limited(command: list[str], limit: float, log: Path) -> int | None:
@@ -121,11 +119,13 @@ def section_pretrain(args: argparse.Namespace, out: Path) -> dict:
 def section_memory(args: argparse.Namespace, out: Path) -> dict:
     import torch
 
+    from engine.config import load_config
     from tools.peak_memory import checkpointing_rows
 
     device = torch.device(args.device)
     if args.quick:  # the demo's toy video MAE in fp32: on the CPU, MemTracker makes a step of L take minutes
-        names, batch, bf16, overrides = ["mae_hiera_base_16x224"], 8, False, QUICK_MODEL
+        quick = load_config([str(QUICK_MODEL_CONFIG)], []).model
+        names, batch, bf16, overrides = [quick.name], 8, False, quick.overrides()
     else:
         names, batch, bf16, overrides = ["mae_hiera_base_16x224", "mae_hiera_large_16x224"], 16, True, {}
     rows = [checkpointing_rows(name, batch, device, bf16, **overrides) for name in names]
