@@ -223,6 +223,14 @@ def write_shards(
     return _write_info(out, len(chunks), classes, args)
 
 
+def shard_inputs(inputs: list[Input], classes: list[str], out: Path, *, per_shard: int = 256, seed: int = 0,
+                 workers: int = 1, short_side: int | None = None) -> dict:
+    """`write_shards` for callers that already hold their inputs (e.g. a split of a `folder_inputs` list)."""
+    args = argparse.Namespace(per_shard=per_shard, seed=seed, workers=workers, short_side=short_side,
+                              media=_media_of(inputs))
+    return write_shards(inputs, classes, out, args)
+
+
 def _write_shard(out: Path, shard: int, encoded: list) -> None:
     """Tar + sidecar json under temporary names; the tar is renamed last and marks the shard finished."""
     name = f"shard-{shard:06d}"

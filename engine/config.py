@@ -32,7 +32,8 @@ class ModelConfig:
     norm_pix_loss: bool | None = None
     num_classes: int | None = None  # fine-tuning: None = the training data's class count
     head_dropout: float | None = None
-    pretrained: str | None = None  # fine-tuning: MAE checkpoint dir, exported encoder, official/timm/SlowFast file
+    pretrained: str | None = None  # fine-tuning: MAE checkpoint dir, exported encoder, official/timm/SlowFast file,
+    # or "random" (the random initialisation, e.g. a linear-probe baseline)
     extra: dict[str, Any] = field(default_factory=dict)  # any other field of the registered model config
     compile: bool = False  # torch.compile the model (one graph for the MAE)
 

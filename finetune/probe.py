@@ -6,6 +6,8 @@ evaluation, `finetune.predict` and `finetune.features` load like any fine-tuned 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -65,3 +67,30 @@ class LinearProbe(nn.Module):
         folded = self.head.folded()
         return {**self.encoder.state_dict(), "head.projection.weight": folded["weight"].detach(),
                 "head.projection.bias": folded["bias"].detach()}
+
+
+def fit_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, lr: float, weight_decay: float,
+              epochs: int, batch_size: int = 256, seed: int = 0) -> ProbeHead:
+    """The fast path of a linear probe without augmentation: a `ProbeHead` trained on features [N, D]
+    computed once by the frozen encoder, with labels [N] (0..num_classes-1). AdamW, linear warmup over the
+    first epoch then cosine to 0, shuffled mini-batches drawn from `seed`. Returns the head in eval mode."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    head = ProbeHead(features.shape[1], num_classes)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = -(-len(features) // batch_size)
+    total, warmup = epochs * steps_per_epoch, steps_per_epoch
+    decay = max(1, total - warmup)
+    schedule = lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / decay))  # noqa: E731
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    head.train()
+    for _ in range(epochs):
+        for rows in torch.randperm(len(features), generator=generator).split(batch_size):
+            if len(rows) < 2:  # BatchNorm needs two rows
+                continue
+            loss = nn.functional.cross_entropy(head(features[rows]), labels[rows])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    return head.eval()

@@ -28,6 +28,7 @@ from .probe import LinearProbe
 # Keys a pretrained encoder may lack and that start fresh: the classifier, and the final norm (an MAE fuses
 # its stages and normalises them with its own `encoder_norm` instead).
 FRESH_OK = ("head.", "norm.")
+RANDOM = "random"  # model.pretrained=random: say explicitly that the encoder starts from its random initialisation
 
 
 def encoder_file(source: str | Path) -> Path | None:
@@ -99,13 +100,15 @@ class FinetuneTask:
         if not hasattr(model, "head"):
             raise ConfigError(f"model.name={cfg.model.name}: fine-tuning needs a classifier encoder")
         self.num_classes, self.input_size = model.config.num_classes, model.config.input_size
-        if cfg.model.pretrained:
-            self.report = initialise(model, cfg.model.pretrained, need_head=cfg.eval_only)
-        elif cfg.eval_only:
+        random_init = cfg.model.pretrained == RANDOM
+        if cfg.eval_only and (random_init or not cfg.model.pretrained):
             raise ConfigError("eval_only=true needs model.pretrained (a fine-tuned checkpoint)")
+        if cfg.model.pretrained and not random_init:
+            self.report = initialise(model, cfg.model.pretrained, need_head=cfg.eval_only)
         if cfg.train.mode == "linear_probe" and not cfg.eval_only:
             if not cfg.model.pretrained:
-                raise ConfigError("train.mode=linear_probe needs model.pretrained (the encoder to probe)")
+                raise ConfigError(f"train.mode=linear_probe needs model.pretrained: the encoder to probe, or "
+                                  f"{RANDOM} for the architecture's random initialisation (a baseline)")
             if cfg.train.layer_decay is not None:
                 raise ConfigError("train.layer_decay does not apply to train.mode=linear_probe (one layer trains)")
             model = LinearProbe(model)

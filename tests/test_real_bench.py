@@ -1,0 +1,137 @@
+"""The real-data benchmark (tools/real_bench.py) end to end at --quick size on a class-folder tree made here,
+its resume, its errors, and the parts it is built from. Accuracy is not checked: that is the benchmark's job."""
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data.fashion_mnist import CLASSES, read_idx, write_class_folders
+from data.make_shards import Input
+from finetune.probe import fit_probe
+from tools.real_bench import FRACTIONS, class_balanced
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def bench(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tools.real_bench", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=600, env=env)
+
+
+def image_tree(root: Path, per_class: dict[str, int]) -> Path:
+    """train/ and test/ with three classes of shapes at sizes from 20 to 47 px, grey and colour."""
+    rng = np.random.default_rng(0)
+    for split, count in per_class.items():
+        for c, name in enumerate(("square", "bar", "cross")):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                s = int(rng.integers(20, 48))
+                pixels = rng.integers(0, 60, (s, s, 3), dtype=np.uint8)
+                if c == 0:
+                    pixels[s // 4 : 3 * s // 4, s // 4 : 3 * s // 4] = 220
+                if c in (1, 2):
+                    pixels[:, s // 2 - 2 : s // 2 + 2] = 220
+                if c == 2:
+                    pixels[s // 2 - 2 : s // 2 + 2, :] = 220
+                image = Image.fromarray(pixels)
+                (image.convert("L") if i % 2 else image).save(folder / f"{i}.{'png' if i % 3 else 'jpg'}")
+    return root
+
+
+def test_quick_run_writes_results_in_shape_and_resumes(tmp_path):
+    data = image_tree(tmp_path / "shapes", {"train": 22, "test": 6})
+    out = tmp_path / "bench"
+    first = bench("--data", str(data), "--out", str(out), "--quick")
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    lines = first.stdout.strip().splitlines()
+    # One line per phase: data, then per seed pixels, pretrain, and per init frozen + 3 fine-tunings.
+    assert len(lines) == 1 + 2 + 2 * (1 + len(FRACTIONS)) + 1, first.stdout
+    assert lines[0].startswith("data: ") and lines[-1].startswith("done in ")
+    results = json.loads((out / "results.json").read_text())
+    assert results["counts"] == {"train": 60, "val": 6, "test": 18}  # 10% of each class's 22 is validation
+    assert results["classes"] == ["bar", "cross", "square"] and results["seeds"] == 1
+    evals = {"knn", "linear", "finetune_1", "finetune_10", "finetune_100"}
+    for key in ("top1", "val_top1"):
+        assert set(results[key]) == {"pretrained", "random", "pixels"}
+        assert set(results[key]["pretrained"]) == set(results[key]["random"]) == evals
+        assert set(results[key]["pixels"]) == {"knn", "linear"}
+        for by_eval in results[key].values():
+            for entry in by_eval.values():
+                assert set(entry) == {"mean", "std", "runs"} and len(entry["runs"]) == 1
+                assert 0 <= entry["mean"] <= 100 and entry["std"] == 0
+    assert results["seconds"] > 0 and results["knn_history"]["seed0"][0]["step"] == 0
+    rows = [line for line in (out / "table.md").read_text().splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + 5  # the header, then k-NN, linear probe and three label fractions
+    assert Image.open(out / "plot.png").size[0] > 0
+    # The labelled subsets are class-balanced: 1% of 20 per class is one image each.
+    assert json.loads((out / "shards/train_1pct_seed0/info.json").read_text())["num_samples"] == 3
+
+    again = bench("--data", str(data), "--out", str(out), "--quick")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("done before") == len(lines) - 1, again.stdout
+    assert json.loads((out / "results.json").read_text())["top1"] == results["top1"]
+
+
+def test_bad_inputs_stop_with_one_line(tmp_path):
+    empty = tmp_path / "no_idx"
+    empty.mkdir()
+    env = {**os.environ, "FASHION_MNIST_DIR": str(empty)}
+    missing = bench("--data", "fashion-mnist", "--out", str(tmp_path / "a"), "--quick", env=env)
+    assert missing.returncode == 2 and "apt-get install -y dataset-fashion-mnist" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+    only_train = image_tree(tmp_path / "half", {"train": 3})
+    result = bench("--data", str(only_train), "--out", str(tmp_path / "b"), "--quick")
+    assert result.returncode == 2 and f"no {only_train / 'test'}/" in result.stderr
+
+    broken = image_tree(tmp_path / "broken", {"train": 10, "test": 3})
+    (broken / "train" / "bar" / "0.png").write_bytes(b"not a png")
+    result = bench("--data", str(broken), "--out", str(tmp_path / "c"), "--quick")
+    assert result.returncode == 2 and "0.png" in result.stderr and "remove or replace" in result.stderr
+
+
+def test_fashion_mnist_idx_files_become_class_folders(tmp_path):
+    """The idx format (big-endian magic, dimensions, uint8 payload), written here for three images."""
+    source = tmp_path / "idx"
+    source.mkdir()
+    images = np.arange(3 * 28 * 28, dtype=np.uint32).reshape(3, 28, 28).astype(np.uint8)
+    labels = np.array([9, 0, 9], dtype=np.uint8)
+    for prefix in ("train", "t10k"):
+        with gzip.open(source / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(bytes([0, 0, 8, 3]) + b"".join(n.to_bytes(4, "big") for n in (3, 28, 28)) + images.tobytes())
+        with gzip.open(source / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(bytes([0, 0, 8, 1]) + (3).to_bytes(4, "big") + labels.tobytes())
+    assert (read_idx(source / "train-labels-idx1-ubyte.gz", 8) == labels).all()
+    out = write_class_folders(tmp_path / "tree", source)
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+    assert written == sorted(f"{s}/{c}/{i:05d}.png" for s in ("test", "train")
+                             for c, i in ((CLASSES[0], 1), (CLASSES[9], 0), (CLASSES[9], 2)))
+    assert (np.array(Image.open(out / "train" / CLASSES[9] / "00002.png")) == images[2]).all()
+    with pytest.raises(ValueError, match="not an idx file"):
+        read_idx(source / "train-labels-idx1-ubyte.gz", 16)
+
+
+def test_class_balanced_subsets_and_the_feature_probe():
+    inputs = [Input(f"{i}.png", i % 4, str(i)) for i in range(400)]
+    chosen = class_balanced(inputs, 0.1, np.random.default_rng(1))
+    assert sorted(np.bincount([inputs[i].label for i in chosen])) == [10, 10, 10, 10]
+    assert chosen == class_balanced(inputs, 0.1, np.random.default_rng(1))  # a function of the seed
+    assert chosen != class_balanced(inputs, 0.1, np.random.default_rng(2))
+    # Four separable blobs in 16 dims with a large shared offset (what the BatchNorm is for): the probe
+    # trained on the features separates held-out points.
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 16, generator=generator) * 3 + 50
+    labels = torch.arange(400) % 4
+    features = centres[labels] + torch.randn(400, 16, generator=generator)
+    head = fit_probe(features[:300], labels[:300], 4, lr=1e-2, weight_decay=0.0, epochs=20, batch_size=32)
+    with torch.no_grad():
+        assert (head(features[300:]).argmax(1) == labels[300:]).float().mean() == 1.0

@@ -1,0 +1,420 @@
+"""Proof on real images: what MAE pretraining buys over random initialisation and over raw pixels.
+
+    python -m tools.real_bench --data fashion-mnist --out runs/bench/fmnist [--seeds 2]
+    python -m tools.real_bench --data my_images/ --out runs/bench/mine [--quick]
+
+`--data` is `fashion-mnist` (the offline system package, data/fashion_mnist.py) or a folder with `train/` and
+`test/`, each holding one sub-folder of images per class, of any size (the loader resizes them to the
+configs' 32 px). 10% of train, drawn per class with a fixed seed, is the validation split.
+
+For each seed, the encoder is pretrained (configs/pretrain/fmnist_<model>.yaml, with the online k-NN monitor)
+and then, for the pretrained encoder and for the same architecture at its random initialisation:
+- `knn`: weighted k-NN of frozen features (the monitor's: k 20, T 0.07, cosine);
+- `linear`: a linear probe (BatchNorm + linear layer, finetune.probe.fit_probe) on frozen features computed
+  once (no augmentation: the fast path of `train.mode=linear_probe`);
+- `finetune_1`, `finetune_10`, `finetune_100`: fine-tuning (configs/finetune/fmnist_<model>.yaml) on 1%, 10%
+  and 100% of the train labels (class-balanced subsets drawn from the seed).
+Raw pixels (the eval view, flattened) get the same `knn` and `linear`. Settings of the frozen protocols
+(features: pooled last stage or all stages; centring; probe lr and weight decay) are chosen on validation.
+Test is scored once per measurement, with the chosen settings. Every part writes its result when done,
+so a rerun after an interruption skips the finished parts (pretraining and fine-tuning resume from their
+checkpoints). Writes OUT/results.json, OUT/table.md and OUT/plot.png; logs of each run go to OUT/logs/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from safetensors import safe_open
+
+from data import SampleConfig, ShardLoader, ShardSet
+from data.fashion_mnist import MissingDataError, write_class_folders
+from data.make_shards import Input, folder_inputs, shard_inputs
+from engine import checkpoint
+from engine.config import load_config
+from engine.knn import knn_scores, topk_percent
+from finetune.evaluate import evaluate
+from finetune.features import chunk_name, export
+from finetune.inference import Loaded, load_model
+from finetune.probe import fit_probe
+from models import create_model
+from tools.real_bench_report import write_report
+
+REPO = Path(__file__).resolve().parents[1]
+INITS = ("pretrained", "random")
+FRACTIONS = (1, 10, 100)
+VAL_FRACTION, SPLIT_SEED = 0.1, 0
+
+
+class BenchError(RuntimeError):
+    """A problem with the input or a run, said in one line."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much each phase runs. Fine-tuning epochs are passes over the labelled subset."""
+
+    images_per_class: int | None = None  # cap on train and test images per class (None: all)
+    pretrain: tuple[str, ...] = ()  # overrides of the pretraining config
+    finetune: tuple[str, ...] = ()  # overrides of the fine-tuning config
+    finetune_epochs: dict[int, float] = field(default_factory=lambda: {1: 60, 10: 12, 100: 3})
+    probe_epochs: int = 30
+    probe_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
+    probe_weight_decays: tuple[float, ...] = (0.0, 1e-3)
+    feature_batch: int = 256
+
+
+FULL = Budget()
+QUICK = Budget(images_per_class=24,
+               pretrain=("train.max_steps=12", "train.batch_size=16", "eval.knn.every=6", "log.every=4",
+                         "log.visualize_every=6", "train.checkpoint_every=6", "data.num_workers=1"),
+               finetune=("train.max_steps=6", "train.batch_size=16", "log.every=2", "data.num_workers=1"),
+               finetune_epochs={1: 4, 10: 2, 100: 1}, probe_epochs=3, probe_lrs=(1e-2,), probe_weight_decays=(0.0,),
+               feature_batch=32)
+
+
+class Pixels(torch.nn.Module):
+    """The raw-pixel baseline as an 'encoder': the normalised eval view, flattened."""
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)
+
+
+class Bench:
+    def __init__(self, data: str, out: Path, model: str, budget: Budget, seeds: int):
+        self.data, self.out, self.budget, self.seeds = data, out, budget, seeds
+        self.pretrain_config = REPO / f"configs/pretrain/fmnist_{model}.yaml"
+        self.finetune_config = REPO / f"configs/finetune/fmnist_{model}.yaml"
+        self.accelerator = Accelerator(mixed_precision="bf16")  # as the configs train: AMX on CPUs
+        self.crop_size = 32
+
+    # ---------------------------------------------------------------- bookkeeping
+
+    def phase(self, name: str, result_path: Path, work) -> dict:
+        """Run `work()` -> result dict unless `result_path` holds its result; print one line with the time."""
+        if result_path.is_file():
+            result = json.loads(result_path.read_text())
+            print(f"{name}: done before ({result['seconds']:.0f} s)", flush=True)
+            return result
+        began = time.perf_counter()
+        self.log = self.out / "logs" / f"{result_path.parent.name}_{result_path.stem}.log"
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+            result = work()
+        result["seconds"] = time.perf_counter() - began
+        result_path.parent.mkdir(parents=True, exist_ok=True)
+        temp = result_path.with_name(result_path.name + ".tmp")
+        temp.write_text(json.dumps(result, indent=1))
+        temp.replace(result_path)
+        print(f"{name}: {result['seconds']:.0f} s{' - ' + result['summary'] if 'summary' in result else ''}",
+              flush=True)
+        return result
+
+    def launch(self, app: str, config: Path, overrides: list[str]) -> None:
+        """`python -m <app> --config ... overrides`, its output into the current phase's log."""
+        sys.stdout.flush()
+        code = subprocess.call([sys.executable, "-m", app, "--config", str(config), "log.progress=false",
+                                "resume=auto", *overrides], cwd=REPO, stdout=sys.stdout, stderr=subprocess.STDOUT)
+        if code:
+            tail = self.log.read_text().strip().splitlines()[-1:] or ["(no output)"]
+            raise BenchError(f"{app} failed (exit {code}); see {self.log}: {tail[0]}")
+
+    # ---------------------------------------------------------------- data
+
+    def split_inputs(self) -> tuple[dict[str, list[Input]], list[str]]:
+        """({"train", "val", "test": inputs}, class names): val is 10% of each class of train, drawn with a
+        fixed seed, so every call (and every rerun) makes the same split."""
+        root = Path(self.data)
+        if self.data == "fashion-mnist":
+            root = write_class_folders(self.out / "images")
+        for split in ("train", "test"):
+            if not (root / split).is_dir():
+                raise BenchError(f"--data {self.data}: no {root / split}/ (give a folder with train/ and test/, "
+                                 f"each holding one sub-folder of images per class)")
+        train, classes = folder_inputs(root / "train")
+        test, test_classes = folder_inputs(root / "test")
+        if classes != test_classes:
+            raise BenchError(f"--data {self.data}: train/ and test/ have different class folders "
+                             f"({len(classes)} vs {len(test_classes)})")
+        if not train or not test:
+            raise BenchError(f"--data {self.data}: no images under {root}/train or {root}/test")
+        cap = self.budget.images_per_class
+        if cap:
+            train, test = per_class(train, cap), per_class(test, cap)
+        val_rows = class_balanced(train, VAL_FRACTION, np.random.default_rng(SPLIT_SEED))
+        return {"train": [x for i, x in enumerate(train) if i not in val_rows],
+                "val": [train[i] for i in sorted(val_rows)], "test": test}, classes
+
+    def prepare_data(self) -> dict:
+        """Shards of the three splits; an unreadable image stops the benchmark."""
+        counts = {}
+        for name, inputs in self.splits.items():
+            info = shard_inputs(inputs, self.classes, self.out / "shards" / name, per_shard=256,
+                                workers=max(1, (os.cpu_count() or 1) - 1))
+            if info["skipped"]:
+                s = info["skipped"][0]
+                raise BenchError(f"{s['input']}: {s['reason']} ({len(info['skipped'])} unreadable images in "
+                                 f"{name}): remove or replace them")
+            counts[name] = info["num_samples"]
+        return {"counts": counts,
+                "summary": ", ".join(f"{n} {c}" for n, c in counts.items()) + f" images, {len(self.classes)} classes"}
+
+    def labelled_subset(self, seed: int, fraction: int) -> Path:
+        """Shards of a class-balanced `fraction`% of train (all of it at 100), drawn from `seed`."""
+        if fraction == 100:
+            return self.out / "shards" / "train"
+        out = self.out / "shards" / f"train_{fraction}pct_seed{seed}"
+        train = self.splits["train"]
+        rows = class_balanced(train, fraction / 100, np.random.default_rng([seed, fraction]))
+        shard_inputs([train[i] for i in sorted(rows)], self.classes, out, per_shard=256)
+        return out
+
+    # ---------------------------------------------------------------- features and frozen protocols
+
+    def features(self, model: torch.nn.Module, name: str, directory: Path, stages: bool) -> dict[str, dict]:
+        """{split: {"labels": [N], "last": [N, D] (, "stages": [N, sum C_s])}} of the frozen `model`."""
+        sample = SampleConfig(train=False, num_frames=1, crop_size=self.crop_size)
+        found = {}
+        for split in ("train", "val", "test"):
+            out = directory / split
+            if not (out / "info.json").is_file():
+                loader = ShardLoader(str(self.out / "shards" / split), sample, self.budget.feature_batch,
+                                     num_workers=1, shuffle=False, drop_last=False, shard_mix=1)
+                loaded = Loaded(model.eval(), name, (), None, (1, 1))
+                job = {"model": name, "split": split, "stages": stages, "batch_size": self.budget.feature_batch,
+                       "batches_per_chunk": 64, "views": [1, 1], "shards": loader.shards.fingerprint}
+                out.mkdir(parents=True, exist_ok=True)
+                with self.accelerator.autocast():
+                    export(loaded, loader, out, job, self.accelerator.device)
+            found[split] = read_features(out)
+        return found
+
+    def frozen(self, found: dict[str, dict], seed: int) -> dict:
+        """k-NN and linear-probe top-1 on test with the settings that do best on val."""
+        num_classes = len(self.classes)
+        labels = {split: f["labels"] for split, f in found.items()}
+        kinds = [k for k in ("last", "stages") if k in found["train"]]
+        knn_options = [(kind, centre) for kind in kinds for centre in (False, True)]
+
+        def knn_top1(kind: str, centre: bool, query: str) -> float:
+            bank, queries = found["train"][kind], found[query][kind]
+            if centre:
+                mean = bank.mean(0)
+                bank, queries = bank - mean, queries - mean
+            if kind == "stages":  # each stage counts alike, whatever its width and scale
+                bank, queries = normalize_stages(bank, found["train"]["widths"]), \
+                    normalize_stages(queries, found["train"]["widths"])
+            scores = knn_scores(bank, labels["train"], queries, num_classes)
+            return topk_percent(scores, labels[query], 1)
+
+        knn_val = {f"{kind}, {'centred' if centre else 'raw'}": knn_top1(kind, centre, "val")
+                   for kind, centre in knn_options}
+        kind, centre = knn_options[int(np.argmax(list(knn_val.values())))]
+        knn = {"top1": knn_top1(kind, centre, "test"), "val_top1": max(knn_val.values()),
+               "choice": f"{kind}, {'centred' if centre else 'raw'}", "val_grid": knn_val}
+
+        b = self.budget
+        grid = [(kind, lr, wd) for kind in kinds for lr in b.probe_lrs for wd in b.probe_weight_decays]
+
+        def probe_top1(kind: str, lr: float, wd: float, query: str) -> float:
+            head = fit_probe(found["train"][kind], labels["train"], num_classes, lr, wd, b.probe_epochs, seed=seed)
+            with torch.no_grad():
+                return topk_percent(head(found[query][kind]), labels[query], 1)
+
+        probe_val = {f"{kind}, lr {lr:g}, wd {wd:g}": probe_top1(kind, lr, wd, "val") for kind, lr, wd in grid}
+        kind, lr, wd = grid[int(np.argmax(list(probe_val.values())))]
+        linear = {"top1": probe_top1(kind, lr, wd, "test"), "val_top1": max(probe_val.values()),
+                  "choice": f"{kind}, lr {lr:g}, wd {wd:g}", "val_grid": probe_val}
+        return {"knn": knn, "linear": linear}
+
+    # ---------------------------------------------------------------- the phases of one seed
+
+    def pretrain(self, seed: int) -> dict:
+        run = self.out / f"seed{seed}" / "pretrain"
+        train, val = self.out / "shards" / "train", self.out / "shards" / "val"
+        self.launch("pretrain.main", self.pretrain_config,
+                    [f"data.train={train}", f"eval.knn.train={train}", f"eval.knn.val={val}", f"output_dir={run}",
+                     f"seed={seed}", *self.budget.pretrain])
+        history = json.loads((run / "metrics.json").read_text())["knn_history"]
+        return {"knn_history": history, "summary": f"k-NN on val {history[0]['top1']:.1f}% at step 0, "
+                f"{history[-1]['top1']:.1f}% at step {history[-1]['step']}"}
+
+    def encoders(self, seed: int) -> dict[str, Loaded]:
+        run = self.out / f"seed{seed}" / "pretrain"
+        pretrained = load_model(run, need_head=False)
+        name, overrides = checkpoint.read_encoder_metadata(run / "encoder.safetensors")
+        torch.manual_seed(seed)
+        random = create_model(name.removeprefix("mae_"), **overrides)
+        random.norm = torch.nn.Identity()  # as the MAE encoder's features: the pooled last stage
+        return {"pretrained": pretrained.model, "random": random}
+
+    def frozen_phase(self, init: str, seed: int, model: torch.nn.Module | None) -> dict:
+        directory = self.out / "features" / "pixels" if model is None else self.out / f"seed{seed}" / "features" / init
+        found = self.features(model or Pixels(), init, directory, stages=model is not None)
+        result = self.frozen(found, seed)
+        return {**result, "summary": f"{init}: k-NN {result['knn']['top1']:.1f}%, linear "
+                f"{result['linear']['top1']:.1f}% on test"}
+
+    def finetune(self, init: str, fraction: int, seed: int) -> dict:
+        run = self.out / f"seed{seed}" / "finetune" / f"{init}_{fraction}"
+        train = self.labelled_subset(seed, fraction)
+        size = ShardSet.load(str(train)).num_samples
+        epochs = self.budget.finetune_epochs[fraction]
+        batch = load_config([str(self.finetune_config)], list(self.budget.finetune)).train.batch_size
+        start = ([f"model.pretrained={self.out / f'seed{seed}' / 'pretrain' / 'encoder.safetensors'}"]
+                 if init == "pretrained" else ["model.pretrained=null", "train.layer_decay=null"])
+        self.launch("finetune.main", self.finetune_config,
+                    [f"data.train={train}", f"data.val={self.out / 'shards' / 'val'}", f"output_dir={run}",
+                     f"seed={seed}", f"train.epochs={epochs}", f"train.warmup_epochs={epochs / 10}", *start,
+                     *self.budget.finetune, f"train.batch_size={min(size, batch)}"])  # a subset may be smaller
+        val_top1 = json.loads((run / "metrics.json").read_text())["top1"]
+        loaded = load_model(run)
+        sample = SampleConfig(train=False, num_frames=1, crop_size=self.crop_size)
+        loader = ShardLoader(str(self.out / "shards" / "test"), sample, self.budget.feature_batch, num_workers=1,
+                             shuffle=False, drop_last=False, shard_mix=1)
+        test = evaluate(loaded.model, loader, self.accelerator, len(self.classes))["plain"]
+        return {"top1": test["top1"], "val_top1": val_top1, "labelled": size, "epochs": epochs,
+                "summary": f"{init} {fraction}% labels ({size} images): {test['top1']:.1f}% on test"}
+
+    def run(self) -> dict:
+        began = time.perf_counter()
+        self.splits, self.classes = self.split_inputs()
+        data = self.phase("data", self.out / "parts" / "data.json", self.prepare_data)
+        parts = {}
+        for seed in range(self.seeds):
+            where = self.out / "parts" / f"seed{seed}"
+            parts[(seed, "pixels")] = self.phase(f"[seed {seed}] pixels", where / "pixels.json",
+                                                 partial(self.frozen_phase, "pixels", seed, None))
+            parts[(seed, "pretrain")] = self.phase(f"[seed {seed}] pretrain", where / "pretrain.json",
+                                                   partial(self.pretrain, seed))
+            encoders = None
+            for init in INITS:
+                if not (where / f"frozen_{init}.json").is_file():
+                    encoders = encoders or self.encoders(seed)
+                parts[(seed, init)] = self.phase(f"[seed {seed}] frozen {init}", where / f"frozen_{init}.json",
+                                                 partial(self.frozen_phase, init, seed, encoders and encoders[init]))
+                for fraction in FRACTIONS:
+                    parts[(seed, init, fraction)] = self.phase(
+                        f"[seed {seed}] finetune {init} {fraction}%", where / f"finetune_{init}_{fraction}.json",
+                        partial(self.finetune, init, fraction, seed))
+        results = collect(parts, self.seeds, dataset=self.data, data=data, classes=self.classes)
+        results["wall_seconds_this_call"] = time.perf_counter() - began
+        write_report(results, self.out)
+        return results
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def per_class(inputs: list[Input], cap: int) -> list[Input]:
+    """The first `cap` inputs of each class (folder order)."""
+    taken: dict[int, int] = {}
+    kept = []
+    for item in inputs:
+        if taken.get(item.label, 0) < cap:
+            taken[item.label] = taken.get(item.label, 0) + 1
+            kept.append(item)
+    return kept
+
+
+def class_balanced(inputs: list[Input], fraction: float, rng: np.random.Generator) -> set[int]:
+    """Positions of `fraction` of each class's inputs (at least one each), drawn with `rng`."""
+    chosen = set()
+    by_class: dict[int, list[int]] = {}
+    for i, item in enumerate(inputs):
+        by_class.setdefault(item.label, []).append(i)
+    for label in sorted(by_class):
+        rows = by_class[label]
+        count = max(1, round(len(rows) * fraction))
+        chosen.update(rows[j] for j in rng.permutation(len(rows))[:count])
+    return chosen
+
+
+def read_features(directory: Path) -> dict[str, torch.Tensor]:
+    """The chunks of finetune.features in `directory` -> {"labels", "last", and with stages "stages" (the
+    pooled stages side by side) and "widths" (their widths)}."""
+    info = json.loads((directory / "info.json").read_text())
+    parts: dict[str, list[torch.Tensor]] = {}
+    for c in range(info["chunks"]):
+        with safe_open(str(directory / chunk_name(c)), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                parts.setdefault(key, []).append(f.get_tensor(key))
+    tensors = {k: torch.cat(v) for k, v in parts.items()}
+    found = {"labels": tensors["labels"], "last": tensors["features"]}
+    stages = sorted(k for k in tensors if k.startswith("stage"))
+    if stages:
+        found["stages"] = torch.cat([tensors[s] for s in stages], dim=1)
+        found["widths"] = [tensors[s].shape[1] for s in stages]
+    return found
+
+
+def normalize_stages(x: torch.Tensor, widths: list[int]) -> torch.Tensor:
+    return torch.cat([F.normalize(part, dim=1) for part in x.split(widths, dim=1)], dim=1)
+
+
+def collect(parts: dict, seeds: int, dataset: str, data: dict, classes: list[str]) -> dict:
+    """The results.json content: top-1 (test) and val_top1 as {INIT: {EVAL: {mean, std, runs}}}."""
+
+    def stats(values: list[float]) -> dict:
+        return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+                "runs": values}
+
+    found: dict[str, dict[str, dict[str, list[float]]]] = {}
+
+    def add(init: str, evaluation: str, part: dict) -> None:
+        for key in ("top1", "val_top1"):
+            found.setdefault(key, {}).setdefault(init, {}).setdefault(evaluation, []).append(part[key])
+
+    for seed in range(seeds):
+        for init in ("pixels", *INITS):
+            for evaluation in ("knn", "linear"):
+                add(init, evaluation, parts[(seed, init)][evaluation])
+        for init in INITS:
+            for fraction in FRACTIONS:
+                add(init, f"finetune_{fraction}", parts[(seed, init, fraction)])
+    summary = {key: {init: {e: stats(v) for e, v in evals.items()} for init, evals in table.items()}
+               for key, table in found.items()}
+    return {**summary, "dataset": dataset, "seeds": seeds, "counts": data["counts"], "classes": classes,
+            "seconds": sum(p["seconds"] for p in parts.values()) + data["seconds"],
+            "phase_seconds": {" ".join(map(str, k)): p["seconds"] for k, p in parts.items()},
+            "choices": {" ".join(map(str, k)): {e: p[e]["choice"] for e in ("knn", "linear")}
+                        for k, p in parts.items() if len(k) == 2 and "knn" in p},
+            "knn_history": {f"seed{s}": parts[(s, "pretrain")]["knn_history"] for s in range(seeds)}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="fashion-mnist, or a folder with train/ and test/ class folders")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--model", choices=("hiera", "mvitv2"), default="hiera",
+                        help="configs/{pretrain,finetune}/fmnist_<model>.yaml")
+    parser.add_argument("--seeds", type=int, default=1, help="repeat every measurement with seeds 0..N-1")
+    parser.add_argument("--quick", action="store_true", help="a smoke-sized run (minutes)")
+    args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
+    bench = Bench(args.data, args.out, args.model, QUICK if args.quick else FULL, args.seeds)
+    try:
+        results = bench.run()
+    except (BenchError, MissingDataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"done in {results['seconds']:.0f} s of measured work: {args.out}/results.json, table.md, plot.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
