@@ -18,6 +18,7 @@ from accelerate import Accelerator
 from engine.config import ConfigError, RunConfig, parse_args, to_yaml
 from engine.tblog import TrainLogger
 from engine.trainer import Trainer
+from finetune.probe import features_suffice, probe_on_features
 from finetune.task import FinetuneTask, describe
 from models import CheckpointError
 
@@ -30,15 +31,22 @@ def announce(task: FinetuneTask, logger: TrainLogger, is_main: bool) -> None:
     logger.text("setup/initialisation", f"```\n{text}\n```")
 
 
-def evaluate_only(task: FinetuneTask, model, accelerator: Accelerator, cfg: RunConfig) -> dict[str, float]:
-    """Multi-view evaluation of `model.pretrained` on `data.val`, without the training machinery."""
+def run_without_trainer(task: FinetuneTask, model, accelerator: Accelerator, cfg: RunConfig) -> dict[str, float]:
+    """`eval_only=true`: multi-view evaluation of `model.pretrained` on `data.val`; or a linear probe that
+    asked for no augmentation, fitted on features computed once (finetune.probe.probe_on_features). Neither
+    needs the training loop."""
     output_dir = Path(cfg.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(to_yaml(cfg))
     logger = TrainLogger(output_dir / "tb", enabled=accelerator.is_main_process)
     announce(task, logger, accelerator.is_main_process)
-    metrics = task.evaluate(model.to(accelerator.device), accelerator, logger, step=0)
+    if cfg.eval_only:
+        metrics = task.evaluate(model.to(accelerator.device), accelerator, logger, step=0)
+    else:
+        if accelerator.is_main_process:
+            print("linear probe without augmentation: the frozen encoder's features are computed once")
+        metrics = probe_on_features(task, model, cfg, accelerator, logger)
     logger.close()
     accelerator.end_training()
     return metrics
@@ -48,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     cfg = parse_args(__doc__, argv)
     task = FinetuneTask()
     try:  # bad keys, model overrides or checkpoints stop here, before any work
-        if cfg.eval_only:
+        if cfg.eval_only or features_suffice(cfg):
             accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
             model = task.build_model(cfg)
         else:
@@ -57,8 +65,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     except (ConfigError, CheckpointError, FileNotFoundError, TypeError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
-    if cfg.eval_only:
-        metrics = evaluate_only(task, model, accelerator, cfg)
+    if cfg.eval_only or features_suffice(cfg):
+        metrics = run_without_trainer(task, model, accelerator, cfg)
     else:
         if not cfg.data.val and trainer.is_main:
             print("note: data.val is not set: training without evaluation")

@@ -7,9 +7,18 @@ evaluation, `finetune.predict` and `finetune.features` load like any fine-tuned 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from timm.optim import create_optimizer_v2
 from torch import nn
+
+from engine import checkpoint
+from engine.config import RunConfig
+from engine.knn import extract_features
+from engine.loaders import eval_loader
+from engine.tblog import TrainLogger
 
 
 class ProbeHead(nn.Module):
@@ -70,27 +79,71 @@ class LinearProbe(nn.Module):
 
 
 def fit_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, lr: float, weight_decay: float,
-              epochs: int, batch_size: int = 256, seed: int = 0) -> ProbeHead:
-    """The fast path of a linear probe without augmentation: a `ProbeHead` trained on features [N, D]
-    computed once by the frozen encoder, with labels [N] (0..num_classes-1). AdamW, linear warmup over the
-    first epoch then cosine to 0, shuffled mini-batches drawn from `seed`. Returns the head in eval mode."""
+              epochs: float, batch_size: int = 256, seed: int = 0, warmup_epochs: float = 1.0,
+              optimizer: str = "adamw", optimizer_args: dict | None = None, max_steps: int | None = None) -> ProbeHead:
+    """The fast path of a linear probe without augmentation: a `ProbeHead` trained on features [N, D] that the
+    frozen encoder computed once, with labels [N] (0..num_classes-1). Any timm optimizer, linear warmup then
+    cosine to 0 (the trainer's schedule), mini-batches shuffled from `seed`. Returns the head in eval mode."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     head = ProbeHead(features.shape[1], num_classes)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = create_optimizer_v2(head, opt=optimizer, lr=lr, weight_decay=weight_decay, **(optimizer_args or {}))
     steps_per_epoch = -(-len(features) // batch_size)
-    total, warmup = epochs * steps_per_epoch, steps_per_epoch
-    decay = max(1, total - warmup)
-    schedule = lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / decay))  # noqa: E731
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    total = max(1, math.ceil(epochs * steps_per_epoch))
+    total = min(total, max_steps) if max_steps else total
+    warmup = round(warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     head.train()
-    for _ in range(epochs):
+    step = 0
+    while step < total:
         for rows in torch.randperm(len(features), generator=generator).split(batch_size):
+            if step == total:
+                break
+            step += 1
             if len(rows) < 2:  # BatchNorm needs two rows
                 continue
             loss = nn.functional.cross_entropy(head(features[rows]), labels[rows])
-            optimizer.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            opt.step()
             scheduler.step()
     return head.eval()
+
+
+def features_suffice(cfg: RunConfig) -> bool:
+    """A linear probe asked for no augmentation (crop scale [1, 1], no flip, RandAugment, mixup, cutmix or
+    repeats): the frozen encoder's features of each training image are then fixed, and computing them once
+    (one centre view, as evaluation cuts it) gives the same probe for a fraction of the cost."""
+    d, t = cfg.data, cfg.train
+    return (t.mode == "linear_probe" and not cfg.eval_only and list(d.scale) == [1.0, 1.0] and d.hflip == 0
+            and not d.rand_augment and t.mixup == 0 and t.cutmix == 0 and d.repeat == 1)
+
+
+def probe_on_features(task, model: LinearProbe, cfg: RunConfig, accelerator: Accelerator,
+                      logger: TrainLogger) -> dict[str, float]:
+    """`train.mode=linear_probe` without augmentation: the features of `data.train` (gathered from all ranks;
+    every rank then fits the same head), `fit_probe` with the run's optimizer, lr (base_lr x batch x ranks /
+    256), weight decay, epochs, warmup and batch size, then fine-tuning's evaluation on `data.val` and the
+    export of the plain classifier. No checkpoints: the fit takes seconds to minutes."""
+    model = model.to(accelerator.device).eval()
+    loader = eval_loader(cfg, accelerator.process_index, accelerator.num_processes, task.input_size,
+                         shards=cfg.data.train, views=(1, 1))
+    features, labels = extract_features(model, loader, accelerator)
+    keep = labels >= 0
+    t = cfg.train
+    total_batch = t.batch_size * accelerator.num_processes * t.accum_steps
+    head = fit_probe(features[keep], labels[keep], task.num_classes, t.base_lr * total_batch / 256, t.weight_decay,
+                     t.epochs, total_batch, cfg.seed, t.warmup_epochs, t.optimizer, dict(t.optimizer_args),
+                     t.max_steps)
+    model.head.load_state_dict(head.state_dict())
+    steps = min(math.ceil(t.epochs * -(-int(keep.sum()) // total_batch)), t.max_steps or math.inf)
+    metrics = task.evaluate(model, accelerator, logger, steps) if cfg.data.val else {}
+    if accelerator.is_main_process:
+        checkpoint.export_encoder(Path(cfg.output_dir) / "encoder.safetensors", *task.encoder(model))
+    return metrics

@@ -20,8 +20,10 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from data import SampleConfig, SampleProcessor, ShardLoader, normalize
 from data.synthetic import CLASSES, kinetics_name, write_corrupt
 from engine import checkpoint
+from engine.config import ConfigError, load_config
 from engine.loaders import media_of
 from finetune.probe import LinearProbe
+from finetune.task import FinetuneTask
 from models import create_model, load_pretrained
 
 REPO = Path(__file__).resolve().parents[1]
@@ -223,6 +225,43 @@ def test_linear_probe_keeps_the_encoder_in_eval_mode():
                                                                            "head.projection.bias"]
     clips = torch.randn(2, 3, 8, 32, 32)
     torch.testing.assert_close(probe.forward_features(clips), probe.forward_features(clips))  # no drop path
+
+
+def test_linear_probe_without_augmentation_fits_on_features_computed_once(demo_shards, mae_encoder, tmp_path):
+    """The fast path: no Trainer (no checkpoints), the head fitted on the frozen features of one centre view
+    per video; the export is the plain classifier, with the encoder's weights untouched, and its evaluation
+    on the validation videos equals the one the run wrote."""
+    out = tmp_path / "fast"
+    result = finetune(demo_shards, out, f"model.pretrained={mae_encoder}", "train.mode=linear_probe",
+                      "train.layer_decay=null", "train.label_smoothing=0", "train.epochs=20", "train.base_lr=0.1",
+                      "data.scale=[1.0,1.0]", "data.hflip=0", "data.repeat=1", "eval.shuffled=false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "features are computed once" in result.stdout and not list(out.glob("checkpoint-*"))
+    exported = load_file(out / "encoder.safetensors")
+    assert all(torch.equal(exported[k], v) for k, v in load_file(mae_encoder).items())
+    again = finetune(demo_shards, tmp_path / "eval", f"model.pretrained={out}", "eval_only=true",
+                     "eval.shuffled=false")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((tmp_path / "eval/metrics.json").read_text())["top1"] == \
+        json.loads((out / "metrics.json").read_text())["top1"]
+
+
+def test_linear_probe_of_a_random_encoder_is_asked_for_by_name(demo_shards):
+    """The baseline of a probe: `model.pretrained=random` probes the architecture's random initialisation;
+    leaving model.pretrained unset is still an error (a probe of nothing trained, by accident)."""
+    size = [f"data.train={demo_shards['train']}", "train.mode=linear_probe", "train.layer_decay=null",
+            "model.name=hiera_base_16x224", *(f"model.extra.{k}={v}" for k, v in TINY.items() if k != "input_size"),
+            "model.input_size=[8,32,32]"]
+    torch.manual_seed(0)
+    probe = FinetuneTask().build_model(load_config([], [*size, "model.pretrained=random"]))
+    torch.manual_seed(0)
+    fresh = create_model("hiera_base_16x224", **TINY, num_classes=4)
+    assert isinstance(probe, LinearProbe) and probe.head.projection.out_features == 4
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in probe.encoder.state_dict().items())
+    with pytest.raises(ConfigError, match="or random for the architecture's random initialisation"):
+        FinetuneTask().build_model(load_config([], size))
+    with pytest.raises(ConfigError, match="eval_only=true needs model.pretrained"):
+        FinetuneTask().build_model(load_config([], [*size, "model.pretrained=random", "eval_only=true"]))
 
 
 def test_feature_export_resumes_after_a_kill_and_equals_forward_features(demo_shards, finetuned, tmp_path):

@@ -70,8 +70,8 @@ class Budget:
     images_per_class: int | None = None  # cap on train and test images per class (None: all)
     pretrain: tuple[str, ...] = ()  # overrides of the pretraining config
     finetune: tuple[str, ...] = ()  # overrides of the fine-tuning config
-    finetune_epochs: dict[int, float] = field(default_factory=lambda: {1: 60, 10: 12, 100: 3})
-    probe_epochs: int = 30
+    finetune_epochs: dict[int, float] = field(default_factory=lambda: {1: 40, 10: 8, 100: 2})
+    probe_epochs: int = 15
     probe_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
     probe_weight_decays: tuple[float, ...] = (0.0, 1e-3)
     feature_batch: int = 256
