@@ -27,8 +27,8 @@ FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
          "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 
 
-class MissingDataError(FileNotFoundError):
-    """The idx files are not installed; the message gives the install command."""
+class FashionMnistError(ValueError):
+    """The idx files are missing (the message gives the install command) or are not idx files."""
 
 
 def idx_files(source: Path | None = None) -> dict[str, tuple[Path, Path]]:
@@ -37,19 +37,24 @@ def idx_files(source: Path | None = None) -> dict[str, tuple[Path, Path]]:
     paths = {split: (source / images, source / labels) for split, (images, labels) in FILES.items()}
     missing = [str(p) for pair in paths.values() for p in pair if not p.is_file()]
     if missing:
-        raise MissingDataError(f"Fashion-MNIST is not installed ({missing[0]} is missing): run `{INSTALL}` "
+        raise FashionMnistError(f"Fashion-MNIST is not installed ({missing[0]} is missing): run `{INSTALL}` "
                                f"(offline), or set FASHION_MNIST_DIR to a folder with the four *-ubyte.gz files")
     return paths
 
 
 def read_idx(path: Path, header: int) -> np.ndarray:
     """The uint8 payload after the idx header, shaped by the header's dimensions."""
-    with gzip.open(path, "rb") as f:
-        data = f.read()
+    try:
+        with gzip.open(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as err:
+        raise FashionMnistError(f"{path}: not a gzip file ({err}); reinstall dataset-fashion-mnist") from err
+    if len(data) < header:
+        raise FashionMnistError(f"{path}: not an idx file of uint8 with {header}-byte header")
     dims = data[3]
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims))
     if data[2] != 0x08 or 4 + 4 * dims != header or len(data) != header + int(np.prod(shape)):
-        raise ValueError(f"{path}: not an idx file of uint8 with {header}-byte header")
+        raise FashionMnistError(f"{path}: not an idx file of uint8 with {header}-byte header")
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 
@@ -75,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         write_class_folders(args.out, args.source)
-    except (MissingDataError, ValueError) as err:
+    except FashionMnistError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}/train and {args.out}/test")

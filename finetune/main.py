@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 
 from engine.config import ConfigError, RunConfig, parse_args, to_yaml
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     try:  # bad keys, model overrides or checkpoints stop here, before any work
         if cfg.eval_only or features_suffice(cfg):
             accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+            torch.manual_seed(cfg.seed)  # as the Trainer seeds: a random-init encoder is the same every run
             model = task.build_model(cfg)
         else:
             trainer = Trainer(task, cfg)

@@ -14,6 +14,7 @@ from accelerate import Accelerator
 from timm.optim import create_optimizer_v2
 from torch import nn
 
+from data import ShardSet
 from engine import checkpoint
 from engine.config import RunConfig
 from engine.knn import extract_features
@@ -80,23 +81,29 @@ class LinearProbe(nn.Module):
 
 def fit_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, lr: float, weight_decay: float,
               epochs: float, batch_size: int = 256, seed: int = 0, warmup_epochs: float = 1.0,
-              optimizer: str = "adamw", optimizer_args: dict | None = None, max_steps: int | None = None) -> ProbeHead:
+              optimizer: str = "adamw", optimizer_args: dict | None = None, max_steps: int | None = None,
+              betas: tuple[float, float] = (0.9, 0.999), min_lr: float = 0.0) -> tuple[ProbeHead, int]:
     """The fast path of a linear probe without augmentation: a `ProbeHead` trained on features [N, D] that the
-    frozen encoder computed once, with labels [N] (0..num_classes-1). Any timm optimizer, linear warmup then
-    cosine to 0 (the trainer's schedule), mini-batches shuffled from `seed`. Returns the head in eval mode."""
+    frozen encoder computed once, with labels [N] (0..num_classes-1). Any timm optimizer (`betas` are dropped
+    for those without), linear warmup then cosine to `min_lr` (the trainer's schedule), mini-batches shuffled
+    from `seed`. Returns (the head in eval mode, the optimizer steps taken)."""
+    if len(features) < 2:
+        raise ValueError(f"a linear probe needs at least two labelled samples, got {len(features)}")
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     head = ProbeHead(features.shape[1], num_classes)
-    opt = create_optimizer_v2(head, opt=optimizer, lr=lr, weight_decay=weight_decay, **(optimizer_args or {}))
+    opt = create_optimizer_v2(head, opt=optimizer, lr=lr, weight_decay=weight_decay, betas=betas,
+                              **(optimizer_args or {}))
     steps_per_epoch = -(-len(features) // batch_size)
     total = max(1, math.ceil(epochs * steps_per_epoch))
     total = min(total, max_steps) if max_steps else total
     warmup = round(warmup_epochs * steps_per_epoch)
+    floor = min_lr / lr if lr else 0.0
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     head.train()
@@ -105,32 +112,37 @@ def fit_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, lr
         for rows in torch.randperm(len(features), generator=generator).split(batch_size):
             if step == total:
                 break
-            step += 1
-            if len(rows) < 2:  # BatchNorm needs two rows
+            if len(rows) < 2:  # BatchNorm needs two rows: the epoch's last, single row waits for the next
                 continue
-            loss = nn.functional.cross_entropy(head(features[rows]), labels[rows])
+            loss = nn.functional.cross_entropy(head(features[rows].float()), labels[rows])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             scheduler.step()
-    return head.eval()
+            step += 1
+    return head.eval(), total
 
 
 def features_suffice(cfg: RunConfig) -> bool:
-    """A linear probe asked for no augmentation (crop scale [1, 1], no flip, RandAugment, mixup, cutmix or
-    repeats): the frozen encoder's features of each training image are then fixed, and computing them once
-    (one centre view, as evaluation cuts it) gives the same probe for a fraction of the cost."""
+    """A linear probe of images that asked for no augmentation (crop scale [1, 1], no flip, RandAugment,
+    mixup, cutmix or repeats) and nothing that `fit_probe` leaves out (label smoothing, clipping, EMA): each
+    training image then has one set of frozen features, computed once from its centre view as evaluation cuts
+    it. (Video is left to the training loop: its clips start at random times.)"""
     d, t = cfg.data, cfg.train
-    return (t.mode == "linear_probe" and not cfg.eval_only and list(d.scale) == [1.0, 1.0] and d.hflip == 0
-            and not d.rand_augment and t.mixup == 0 and t.cutmix == 0 and d.repeat == 1)
+    if t.mode != "linear_probe" or cfg.eval_only or not d.train:
+        return False
+    plain = (list(d.scale) == [1.0, 1.0] and d.hflip == 0 and not d.rand_augment and t.mixup == 0 and t.cutmix == 0
+             and d.repeat == 1 and t.label_smoothing == 0 and t.clip_grad is None and t.ema_decay is None)
+    return plain and ShardSet.load(d.train).media == "image"
 
 
 def probe_on_features(task, model: LinearProbe, cfg: RunConfig, accelerator: Accelerator,
                       logger: TrainLogger) -> dict[str, float]:
-    """`train.mode=linear_probe` without augmentation: the features of `data.train` (gathered from all ranks;
-    every rank then fits the same head), `fit_probe` with the run's optimizer, lr (base_lr x batch x ranks /
-    256), weight decay, epochs, warmup and batch size, then fine-tuning's evaluation on `data.val` and the
-    export of the plain classifier. No checkpoints: the fit takes seconds to minutes."""
+    """`train.mode=linear_probe` when `features_suffice`: the features of `data.train` (gathered from all ranks;
+    every rank then fits the same head), `fit_probe` with the run's optimizer, lr (base_lr x batch x ranks x
+    accum_steps / 256, as the trainer scales it), betas, weight decay, min lr, epochs, warmup and batch size,
+    then fine-tuning's evaluation on `data.val` and the export of the plain classifier. No checkpoints: the
+    fit takes seconds to minutes."""
     model = model.to(accelerator.device).eval()
     loader = eval_loader(cfg, accelerator.process_index, accelerator.num_processes, task.input_size,
                          shards=cfg.data.train, views=(1, 1))
@@ -138,11 +150,10 @@ def probe_on_features(task, model: LinearProbe, cfg: RunConfig, accelerator: Acc
     keep = labels >= 0
     t = cfg.train
     total_batch = t.batch_size * accelerator.num_processes * t.accum_steps
-    head = fit_probe(features[keep], labels[keep], task.num_classes, t.base_lr * total_batch / 256, t.weight_decay,
-                     t.epochs, total_batch, cfg.seed, t.warmup_epochs, t.optimizer, dict(t.optimizer_args),
-                     t.max_steps)
+    head, steps = fit_probe(features[keep], labels[keep], task.num_classes, t.base_lr * total_batch / 256,
+                            t.weight_decay, t.epochs, total_batch, cfg.seed, t.warmup_epochs, t.optimizer,
+                            dict(t.optimizer_args), t.max_steps, tuple(t.betas), t.min_lr)
     model.head.load_state_dict(head.state_dict())
-    steps = min(math.ceil(t.epochs * -(-int(keep.sum()) // total_batch)), t.max_steps or math.inf)
     metrics = task.evaluate(model, accelerator, logger, steps) if cfg.data.val else {}
     if accelerator.is_main_process:
         checkpoint.export_encoder(Path(cfg.output_dir) / "encoder.safetensors", *task.encoder(model))

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data.fashion_mnist import CLASSES, read_idx, write_class_folders
+from data.fashion_mnist import CLASSES, FashionMnistError, read_idx, write_class_folders
 from data.make_shards import Input
 from finetune.probe import fit_probe
 from tools.real_bench import FRACTIONS, class_balanced
@@ -79,6 +79,9 @@ def test_quick_run_writes_results_in_shape_and_resumes(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("done before") == len(lines) - 1, again.stdout
     assert json.loads((out / "results.json").read_text())["top1"] == results["top1"]
+    # Parts measured with other settings are never mixed in: another model into the same --out stops.
+    other = bench("--data", str(data), "--out", str(out), "--quick", "--model", "mvitv2")
+    assert other.returncode == 2 and "holds a benchmark with other model" in other.stderr, other.stderr
 
 
 def test_bad_inputs_stop_with_one_line(tmp_path):
@@ -116,8 +119,11 @@ def test_fashion_mnist_idx_files_become_class_folders(tmp_path):
     assert written == sorted(f"{s}/{c}/{i:05d}.png" for s in ("test", "train")
                              for c, i in ((CLASSES[0], 1), (CLASSES[9], 0), (CLASSES[9], 2)))
     assert (np.array(Image.open(out / "train" / CLASSES[9] / "00002.png")) == images[2]).all()
-    with pytest.raises(ValueError, match="not an idx file"):
+    with pytest.raises(FashionMnistError, match="not an idx file"):
         read_idx(source / "train-labels-idx1-ubyte.gz", 16)
+    (source / "t10k-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b cut")
+    with pytest.raises(FashionMnistError, match="not a gzip file"):
+        read_idx(source / "t10k-images-idx3-ubyte.gz", 16)
 
 
 def test_class_balanced_subsets_and_the_feature_probe():
@@ -132,6 +138,7 @@ def test_class_balanced_subsets_and_the_feature_probe():
     centres = torch.randn(4, 16, generator=generator) * 3 + 50
     labels = torch.arange(400) % 4
     features = centres[labels] + torch.randn(400, 16, generator=generator)
-    head = fit_probe(features[:300], labels[:300], 4, lr=1e-2, weight_decay=0.0, epochs=20, batch_size=32)
+    head, steps = fit_probe(features[:300], labels[:300], 4, lr=1e-2, weight_decay=0.0, epochs=20, batch_size=32)
+    assert steps == 20 * 10  # 300 rows in batches of 32: ten a pass
     with torch.no_grad():
         assert (head(features[300:]).argmax(1) == labels[300:]).float().mean() == 1.0

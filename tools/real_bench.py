@@ -25,12 +25,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -40,22 +43,20 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from safetensors import safe_open
 
-from data import SampleConfig, ShardLoader, ShardSet
-from data.fashion_mnist import MissingDataError, write_class_folders
+from data import DataFailureError, SampleConfig, ShardLoader, ShardSet
+from data.fashion_mnist import FashionMnistError, write_class_folders
 from data.make_shards import Input, folder_inputs, shard_inputs
 from engine import checkpoint
-from engine.config import load_config
+from engine.config import ConfigError, load_config
 from engine.knn import knn_scores, topk_percent
 from finetune.evaluate import evaluate
 from finetune.features import chunk_name, export
 from finetune.inference import Loaded, load_model
 from finetune.probe import fit_probe
-from models import create_model
-from tools.real_bench_report import write_report
+from models import CheckpointError, create_model
+from tools.real_bench_report import FRACTIONS, INITS, write_report
 
 REPO = Path(__file__).resolve().parents[1]
-INITS = ("pretrained", "random")
-FRACTIONS = (1, 10, 100)
 VAL_FRACTION, SPLIT_SEED = 0.1, 0
 
 
@@ -90,6 +91,7 @@ class Pixels(torch.nn.Module):
     """The raw-pixel baseline as an 'encoder': the normalised eval view, flattened."""
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, 3, S, S] -> [B, 3 S^2]."""
         return x.flatten(1)
 
 
@@ -98,8 +100,9 @@ class Bench:
         self.data, self.out, self.budget, self.seeds = data, out, budget, seeds
         self.pretrain_config = REPO / f"configs/pretrain/fmnist_{model}.yaml"
         self.finetune_config = REPO / f"configs/finetune/fmnist_{model}.yaml"
+        self.model = model
         self.accelerator = Accelerator(mixed_precision="bf16")  # as the configs train: AMX on CPUs
-        self.crop_size = 32
+        self.crop_size = load_config([str(self.finetune_config)], []).data.crop_size
 
     # ---------------------------------------------------------------- bookkeeping
 
@@ -119,9 +122,25 @@ class Bench:
         temp = result_path.with_name(result_path.name + ".tmp")
         temp.write_text(json.dumps(result, indent=1))
         temp.replace(result_path)
-        print(f"{name}: {result['seconds']:.0f} s{' - ' + result['summary'] if 'summary' in result else ''}",
-              flush=True)
+        print(f"{name}: {result['seconds']:.0f} s - {result['summary']}", flush=True)
         return result
+
+    def check_settings(self) -> None:
+        """OUT/settings.json: what every part in OUT was measured with. A rerun with another model, budget or
+        input list would mix its parts with the old ones, so it stops instead."""
+        inputs = [(i.path, i.label) for split in self.splits.values() for i in split]
+        settings = {"data": self.data, "model": self.model,
+                    "budget": {k: str(v) for k, v in asdict(self.budget).items()},
+                    "inputs": hashlib.sha256(json.dumps(inputs).encode()).hexdigest()}
+        path = self.out / "settings.json"
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            changed = [k for k in settings if saved.get(k) != settings[k]]
+            if changed:
+                raise BenchError(f"{self.out} holds a benchmark with other {', '.join(changed)} ({path}): use "
+                                 f"another --out, or delete it to start over")
+        self.out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings, indent=1))
 
     def launch(self, app: str, config: Path, overrides: list[str]) -> None:
         """`python -m <app> --config ... overrides`, its output into the current phase's log."""
@@ -166,8 +185,9 @@ class Bench:
                                 workers=max(1, (os.cpu_count() or 1) - 1))
             if info["skipped"]:
                 s = info["skipped"][0]
+                shutil.rmtree(self.out / "shards" / name)  # a rerun shards the repaired folder afresh
                 raise BenchError(f"{s['input']}: {s['reason']} ({len(info['skipped'])} unreadable images in "
-                                 f"{name}): remove or replace them")
+                                 f"{name}): remove or replace them, then run again")
             counts[name] = info["num_samples"]
         return {"counts": counts,
                 "summary": ", ".join(f"{n} {c}" for n, c in counts.items()) + f" images, {len(self.classes)} classes"}
@@ -184,16 +204,22 @@ class Bench:
 
     # ---------------------------------------------------------------- features and frozen protocols
 
-    def features(self, model: torch.nn.Module, name: str, directory: Path, stages: bool) -> dict[str, dict]:
-        """{split: {"labels": [N], "last": [N, D] (, "stages": [N, sum C_s])}} of the frozen `model`."""
+    def eval_loader(self, split: str) -> ShardLoader:
+        """Every image of a split once, in shard order, as its one centre view (what evaluation sees)."""
         sample = SampleConfig(train=False, num_frames=1, crop_size=self.crop_size)
+        return ShardLoader(str(self.out / "shards" / split), sample, self.budget.feature_batch, num_workers=1,
+                           shuffle=False, drop_last=False, shard_mix=1)
+
+    def features(self, model: torch.nn.Module, name: str, directory: Path, stages: bool) -> dict[str, dict]:
+        """{split: {"labels": [N], "last": [N, D] (, "stages": [N, sum C_s], "widths")}} of the frozen
+        `model`, computed once into `directory` (chunks of finetune.features)."""
+        model.to(self.accelerator.device).eval()
         found = {}
         for split in ("train", "val", "test"):
             out = directory / split
             if not (out / "info.json").is_file():
-                loader = ShardLoader(str(self.out / "shards" / split), sample, self.budget.feature_batch,
-                                     num_workers=1, shuffle=False, drop_last=False, shard_mix=1)
-                loaded = Loaded(model.eval(), name, (), None, (1, 1))
+                loader = self.eval_loader(split)
+                loaded = Loaded(model, name, (), None, (1, 1))
                 job = {"model": name, "split": split, "stages": stages, "batch_size": self.budget.feature_batch,
                        "batches_per_chunk": 64, "views": [1, 1], "shards": loader.shards.fingerprint}
                 out.mkdir(parents=True, exist_ok=True)
@@ -207,38 +233,28 @@ class Bench:
         num_classes = len(self.classes)
         labels = {split: f["labels"] for split, f in found.items()}
         kinds = [k for k in ("last", "stages") if k in found["train"]]
-        knn_options = [(kind, centre) for kind in kinds for centre in (False, True)]
 
-        def knn_top1(kind: str, centre: bool, query: str) -> float:
-            bank, queries = found["train"][kind], found[query][kind]
-            if centre:
-                mean = bank.mean(0)
-                bank, queries = bank - mean, queries - mean
-            if kind == "stages":  # each stage counts alike, whatever its width and scale
-                bank, queries = normalize_stages(bank, found["train"]["widths"]), \
-                    normalize_stages(queries, found["train"]["widths"])
-            scores = knn_scores(bank, labels["train"], queries, num_classes)
-            return topk_percent(scores, labels[query], 1)
+        def knn(kind: str, centre: bool) -> Callable:
+            bank = found["train"][kind]
+            shift = bank.mean(0) if centre else torch.zeros(bank.shape[1])
 
-        knn_val = {f"{kind}, {'centred' if centre else 'raw'}": knn_top1(kind, centre, "val")
-                   for kind, centre in knn_options}
-        kind, centre = knn_options[int(np.argmax(list(knn_val.values())))]
-        knn = {"top1": knn_top1(kind, centre, "test"), "val_top1": max(knn_val.values()),
-               "choice": f"{kind}, {'centred' if centre else 'raw'}", "val_grid": knn_val}
+            def prepare(x: torch.Tensor) -> torch.Tensor:  # each stage counts alike, whatever its width
+                x = x - shift
+                return normalize_stages(x, found["train"]["widths"]) if kind == "stages" else x
+
+            return lambda query: knn_scores(prepare(bank), labels["train"], prepare(found[query][kind]), num_classes)
+
+        def probe(kind: str, lr: float, weight_decay: float) -> Callable:
+            head, _ = fit_probe(found["train"][kind], labels["train"], num_classes, lr, weight_decay,
+                                self.budget.probe_epochs, seed=seed)
+            return lambda query: head(found[query][kind].float()).detach()
 
         b = self.budget
-        grid = [(kind, lr, wd) for kind in kinds for lr in b.probe_lrs for wd in b.probe_weight_decays]
-
-        def probe_top1(kind: str, lr: float, wd: float, query: str) -> float:
-            head = fit_probe(found["train"][kind], labels["train"], num_classes, lr, wd, b.probe_epochs, seed=seed)
-            with torch.no_grad():
-                return topk_percent(head(found[query][kind]), labels[query], 1)
-
-        probe_val = {f"{kind}, lr {lr:g}, wd {wd:g}": probe_top1(kind, lr, wd, "val") for kind, lr, wd in grid}
-        kind, lr, wd = grid[int(np.argmax(list(probe_val.values())))]
-        linear = {"top1": probe_top1(kind, lr, wd, "test"), "val_top1": max(probe_val.values()),
-                  "choice": f"{kind}, lr {lr:g}, wd {wd:g}", "val_grid": probe_val}
-        return {"knn": knn, "linear": linear}
+        knn_grid = {f"{kind}, {'centred' if centre else 'raw'}": (kind, centre) for kind in kinds
+                    for centre in (False, True)}
+        probe_grid = {f"{kind}, lr {lr:g}, wd {wd:g}": (kind, lr, wd) for kind in kinds for lr in b.probe_lrs
+                      for wd in b.probe_weight_decays}
+        return {"knn": chosen_on_val(knn_grid, knn, labels), "linear": chosen_on_val(probe_grid, probe, labels)}
 
     # ---------------------------------------------------------------- the phases of one seed
 
@@ -252,7 +268,7 @@ class Bench:
         return {"knn_history": history, "summary": f"k-NN on val {history[0]['top1']:.1f}% at step 0, "
                 f"{history[-1]['top1']:.1f}% at step {history[-1]['step']}"}
 
-    def encoders(self, seed: int) -> dict[str, Loaded]:
+    def encoders(self, seed: int) -> dict[str, torch.nn.Module]:
         run = self.out / f"seed{seed}" / "pretrain"
         pretrained = load_model(run, need_head=False)
         name, overrides = checkpoint.read_encoder_metadata(run / "encoder.safetensors")
@@ -261,9 +277,12 @@ class Bench:
         random.norm = torch.nn.Identity()  # as the MAE encoder's features: the pooled last stage
         return {"pretrained": pretrained.model, "random": random}
 
-    def frozen_phase(self, init: str, seed: int, model: torch.nn.Module | None) -> dict:
-        directory = self.out / "features" / "pixels" if model is None else self.out / f"seed{seed}" / "features" / init
-        found = self.features(model or Pixels(), init, directory, stages=model is not None)
+    def frozen_phase(self, init: str, seed: int) -> dict:
+        if init == "pixels":
+            found = self.features(Pixels(), init, self.out / "features" / "pixels", stages=False)
+        else:
+            found = self.features(self.encoders(seed)[init], init, self.out / f"seed{seed}" / "features" / init,
+                                  stages=True)
         result = self.frozen(found, seed)
         return {**result, "summary": f"{init}: k-NN {result['knn']['top1']:.1f}%, linear "
                 f"{result['linear']['top1']:.1f}% on test"}
@@ -281,31 +300,26 @@ class Bench:
                      f"seed={seed}", f"train.epochs={epochs}", f"train.warmup_epochs={epochs / 10}", *start,
                      *self.budget.finetune, f"train.batch_size={min(size, batch)}"])  # a subset may be smaller
         val_top1 = json.loads((run / "metrics.json").read_text())["top1"]
-        loaded = load_model(run)
-        sample = SampleConfig(train=False, num_frames=1, crop_size=self.crop_size)
-        loader = ShardLoader(str(self.out / "shards" / "test"), sample, self.budget.feature_batch, num_workers=1,
-                             shuffle=False, drop_last=False, shard_mix=1)
-        test = evaluate(loaded.model, loader, self.accelerator, len(self.classes))["plain"]
+        model = load_model(run).model.to(self.accelerator.device)
+        test = evaluate(model, self.eval_loader("test"), self.accelerator, len(self.classes))["plain"]
         return {"top1": test["top1"], "val_top1": val_top1, "labelled": size, "epochs": epochs,
                 "summary": f"{init} {fraction}% labels ({size} images): {test['top1']:.1f}% on test"}
 
     def run(self) -> dict:
         began = time.perf_counter()
         self.splits, self.classes = self.split_inputs()
+        self.check_settings()
         data = self.phase("data", self.out / "parts" / "data.json", self.prepare_data)
         parts = {}
         for seed in range(self.seeds):
             where = self.out / "parts" / f"seed{seed}"
             parts[(seed, "pixels")] = self.phase(f"[seed {seed}] pixels", where / "pixels.json",
-                                                 partial(self.frozen_phase, "pixels", seed, None))
+                                                 partial(self.frozen_phase, "pixels", seed))
             parts[(seed, "pretrain")] = self.phase(f"[seed {seed}] pretrain", where / "pretrain.json",
                                                    partial(self.pretrain, seed))
-            encoders = None
             for init in INITS:
-                if not (where / f"frozen_{init}.json").is_file():
-                    encoders = encoders or self.encoders(seed)
                 parts[(seed, init)] = self.phase(f"[seed {seed}] frozen {init}", where / f"frozen_{init}.json",
-                                                 partial(self.frozen_phase, init, seed, encoders and encoders[init]))
+                                                 partial(self.frozen_phase, init, seed))
                 for fraction in FRACTIONS:
                     parts[(seed, init, fraction)] = self.phase(
                         f"[seed {seed}] finetune {init} {fraction}%", where / f"finetune_{init}_{fraction}.json",
@@ -361,7 +375,18 @@ def read_features(directory: Path) -> dict[str, torch.Tensor]:
     return found
 
 
+def chosen_on_val(grid: dict[str, tuple], build, labels: dict[str, torch.Tensor]) -> dict:
+    """Each setting of `grid` ({name: args}) becomes a scorer `build(*args)` (split -> scores [N, K]); the one
+    with the best val top-1 scores test, once."""
+    scorers = {name: build(*args) for name, args in grid.items()}
+    val = {name: topk_percent(score("val"), labels["val"], 1) for name, score in scorers.items()}
+    best = max(val, key=val.get)
+    return {"top1": topk_percent(scorers[best]("test"), labels["test"], 1), "val_top1": val[best], "choice": best,
+            "val_grid": val}
+
+
 def normalize_stages(x: torch.Tensor, widths: list[int]) -> torch.Tensor:
+    """[N, sum C_s] pooled stages side by side -> each stage's part L2-normalised."""
     return torch.cat([F.normalize(part, dim=1) for part in x.split(widths, dim=1)], dim=1)
 
 
@@ -409,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(args.data, args.out, args.model, QUICK if args.quick else FULL, args.seeds)
     try:
         results = bench.run()
-    except (BenchError, MissingDataError) as err:
+    except (BenchError, FashionMnistError, ConfigError, CheckpointError, DataFailureError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"done in {results['seconds']:.0f} s of measured work: {args.out}/results.json, table.md, plot.png")

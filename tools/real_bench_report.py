@@ -11,19 +11,18 @@ from PIL import Image, ImageDraw
 
 from engine.tblog import font
 
-EVALS = ("knn", "linear", "finetune_1", "finetune_10", "finetune_100")
+INITS = ("pretrained", "random")  # the encoders; "pixels" is the baseline without one
+FRACTIONS = (1, 10, 100)  # percent of the train labels that fine-tuning sees
+EVALS = ("knn", "linear", *(f"finetune_{f}" for f in FRACTIONS))
 EVAL_NAMES = {"knn": "k-NN", "linear": "linear probe", "finetune_1": "fine-tune, 1% labels",
               "finetune_10": "fine-tune, 10% labels", "finetune_100": "fine-tune, 100% labels"}
-INITS = ("pretrained", "random", "pixels")
 WIDTH, HEIGHT, LEFT, RIGHT, TOP, BOTTOM = 560, 360, 56, 150, 40, 44
 INK, GRID = (30, 30, 30), (225, 225, 225)
 COLORS = {"pretrained": (31, 119, 180), "random": (214, 39, 40), "pixels knn": (120, 120, 120),
           "pixels linear": (44, 160, 44)}
 
 
-def cell(entry: dict | None) -> str:
-    if entry is None:
-        return "–"
+def cell(entry: dict) -> str:
     spread = f" ± {entry['std']:.1f}" if len(entry["runs"]) > 1 else ""
     return f"{entry['mean']:.1f}{spread}"
 
@@ -39,7 +38,7 @@ def write_table(results: dict) -> str:
              "| evaluation | pretrained (MAE) | random init | raw pixels | pretrained − random |",
              "|---|---:|---:|---:|---:|"]
     for e in EVALS:
-        row = [f"{cell(top1[i].get(e))} ({cell(val[i].get(e))})" if e in top1[i] else "–" for i in INITS]
+        row = [f"{cell(top1[i][e])} ({cell(val[i][e])})" if e in top1[i] else "–" for i in (*INITS, "pixels")]
         gain = top1["pretrained"][e]["mean"] - top1["random"][e]["mean"]
         lines.append(f"| {EVAL_NAMES[e]} | " + " | ".join(row) + f" | {gain:+.1f} |")
     return "\n".join(lines) + "\n"
@@ -49,7 +48,7 @@ def draw_plot(results: dict) -> Image.Image:
     """Fine-tuning top-1 against the labelled fraction (log scale) for both initialisations, error bars of
     one std; the raw-pixel k-NN and linear probe (all labels) as dashed lines."""
     top1 = results["top1"]
-    points = {init: [top1[init][f"finetune_{f}"] for f in (1, 10, 100)] for init in ("pretrained", "random")}
+    points = {init: [top1[init][f"finetune_{f}"] for f in FRACTIONS] for init in INITS}
     flat = [v for p in points.values() for e in p for v in (e["mean"] - e["std"], e["mean"] + e["std"])]
     flat += [top1["pixels"][e]["mean"] for e in ("knn", "linear")]
     low = max(0.0, math.floor(min(flat) / 10) * 10)
@@ -67,7 +66,7 @@ def draw_plot(results: dict) -> Image.Image:
         y = xy(1, percent)[1]
         draw.line((LEFT, y, LEFT + plot_w, y), fill=GRID)
         draw.text((LEFT - 6, y), f"{percent}%", fill=INK, font=small, anchor="rm")
-    for fraction in (1, 10, 100):
+    for fraction in FRACTIONS:
         draw.text((xy(fraction, low)[0], TOP + plot_h + 6), f"{fraction}%", fill=INK, font=small, anchor="mt")
     draw.text((LEFT + plot_w / 2, HEIGHT - 8), "train labels used for fine-tuning", fill=INK, font=small,
               anchor="mb")
@@ -76,9 +75,9 @@ def draw_plot(results: dict) -> Image.Image:
         for x in range(LEFT, LEFT + plot_w, 8):
             draw.line((x, y, x + 4, y), fill=COLORS[name], width=2)
     for init, entries in points.items():
-        line = [xy(f, e["mean"]) for f, e in zip((1, 10, 100), entries)]
+        line = [xy(f, e["mean"]) for f, e in zip(FRACTIONS, entries)]
         draw.line(line, fill=COLORS[init], width=2)
-        for (x, y), f, e in zip(line, (1, 10, 100), entries):
+        for (x, y), f, e in zip(line, FRACTIONS, entries):
             draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=COLORS[init])
             if e["std"]:
                 draw.line((x, xy(f, e["mean"] - e["std"])[1], x, xy(f, e["mean"] + e["std"])[1]),
