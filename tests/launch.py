@@ -9,7 +9,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
@@ -67,3 +69,24 @@ def kill_after(command: list[str], marker: Path, **kwargs) -> bool:
         with contextlib.suppress(psutil.NoSuchProcess):
             member.send_signal(signal.SIGKILL)
     return process.wait() == -signal.SIGKILL
+
+
+def image_tree(root: Path, per_class: dict[str, int]) -> Path:
+    """train/ and test/ with three classes of shapes at sizes from 20 to 47 px, grey and colour."""
+    rng = np.random.default_rng(0)
+    for split, count in per_class.items():
+        for c, name in enumerate(("square", "bar", "cross")):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                s = int(rng.integers(20, 48))
+                pixels = rng.integers(0, 60, (s, s, 3), dtype=np.uint8)
+                if c == 0:
+                    pixels[s // 4 : 3 * s // 4, s // 4 : 3 * s // 4] = 220
+                if c in (1, 2):
+                    pixels[:, s // 2 - 2 : s // 2 + 2] = 220
+                if c == 2:
+                    pixels[s // 2 - 2 : s // 2 + 2, :] = 220
+                image = Image.fromarray(pixels)
+                (image.convert("L") if i % 2 else image).save(folder / f"{i}.{'png' if i % 3 else 'jpg'}")
+    return root

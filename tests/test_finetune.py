@@ -12,12 +12,14 @@ import hiera as official
 import pytest
 import torch
 from conftest import TINY
+from launch import image_tree
 from PIL import Image
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from data import SampleConfig, SampleProcessor, ShardLoader, normalize
+from data.make_shards import folder_inputs, shard_inputs
 from data.synthetic import CLASSES, kinetics_name, write_corrupt
 from engine import checkpoint
 from engine.config import ConfigError, load_config
@@ -227,20 +229,33 @@ def test_linear_probe_keeps_the_encoder_in_eval_mode():
     torch.testing.assert_close(probe.forward_features(clips), probe.forward_features(clips))  # no drop path
 
 
-def test_linear_probe_without_augmentation_fits_on_features_computed_once(demo_shards, mae_encoder, tmp_path):
-    """The fast path: no Trainer (no checkpoints), the head fitted on the frozen features of one centre view
-    per video; the export is the plain classifier, with the encoder's weights untouched, and its evaluation
-    on the validation videos equals the one the run wrote."""
+def test_linear_probe_without_augmentation_fits_on_features_computed_once(tmp_path):
+    """The fast path, on images: no Trainer (no checkpoints), the head fitted on the frozen features of each
+    image's centre view. `model.pretrained=random` is seeded like the Trainer, so the exported encoder is the
+    architecture's initialisation for `seed`; the export is the plain classifier, and its evaluation on the
+    validation images equals the one the run wrote."""
+    tree = image_tree(tmp_path / "images", {"train": 8, "test": 4})
+    shards = {}
+    for split in ("train", "test"):
+        inputs, classes = folder_inputs(tree / split)
+        shards[split] = tmp_path / split
+        shard_inputs(inputs, classes, shards[split], per_shard=8)
+    size = ["--config", "configs/finetune/fmnist_hiera.yaml", f"data.train={shards['train']}",
+            f"data.val={shards['test']}", "data.num_workers=1", "log.progress=false", "seed=3"]
     out = tmp_path / "fast"
-    result = finetune(demo_shards, out, f"model.pretrained={mae_encoder}", "train.mode=linear_probe",
-                      "train.layer_decay=null", "train.label_smoothing=0", "train.epochs=20", "train.base_lr=0.1",
-                      "data.scale=[1.0,1.0]", "data.hflip=0", "data.repeat=1", "eval.shuffled=false")
+    result = run([sys.executable, "finetune/main.py", *size, "model.pretrained=random", "train.mode=linear_probe",
+                  "train.layer_decay=null", "train.label_smoothing=0", "train.clip_grad=null", "train.epochs=5",
+                  "train.batch_size=8", "train.base_lr=0.1", "data.scale=[1.0,1.0]", "data.hflip=0",
+                  f"output_dir={out}"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "features are computed once" in result.stdout and not list(out.glob("checkpoint-*"))
+    name, overrides = checkpoint.read_encoder_metadata(out / "encoder.safetensors")
+    torch.manual_seed(3)
+    fresh = create_model(name, **overrides).state_dict()
     exported = load_file(out / "encoder.safetensors")
-    assert all(torch.equal(exported[k], v) for k, v in load_file(mae_encoder).items())
-    again = finetune(demo_shards, tmp_path / "eval", f"model.pretrained={out}", "eval_only=true",
-                     "eval.shuffled=false")
+    assert all(torch.equal(exported[k], v) for k, v in fresh.items() if not k.startswith("head."))
+    again = run([sys.executable, "finetune/main.py", *size, f"model.pretrained={out}", "eval_only=true",
+                 f"output_dir={tmp_path / 'eval'}"])
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((tmp_path / "eval/metrics.json").read_text())["top1"] == \
         json.loads((out / "metrics.json").read_text())["top1"]

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from launch import image_tree
 from PIL import Image
 
 from data.fashion_mnist import CLASSES, FashionMnistError, read_idx, write_class_folders
@@ -24,27 +25,6 @@ REPO = Path(__file__).resolve().parents[1]
 def bench(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "tools.real_bench", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=600, env=env)
-
-
-def image_tree(root: Path, per_class: dict[str, int]) -> Path:
-    """train/ and test/ with three classes of shapes at sizes from 20 to 47 px, grey and colour."""
-    rng = np.random.default_rng(0)
-    for split, count in per_class.items():
-        for c, name in enumerate(("square", "bar", "cross")):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(count):
-                s = int(rng.integers(20, 48))
-                pixels = rng.integers(0, 60, (s, s, 3), dtype=np.uint8)
-                if c == 0:
-                    pixels[s // 4 : 3 * s // 4, s // 4 : 3 * s // 4] = 220
-                if c in (1, 2):
-                    pixels[:, s // 2 - 2 : s // 2 + 2] = 220
-                if c == 2:
-                    pixels[s // 2 - 2 : s // 2 + 2, :] = 220
-                image = Image.fromarray(pixels)
-                (image.convert("L") if i % 2 else image).save(folder / f"{i}.{'png' if i % 3 else 'jpg'}")
-    return root
 
 
 def test_quick_run_writes_results_in_shape_and_resumes(tmp_path):
