@@ -68,11 +68,12 @@ def extract_features(model: nn.Module, loader, accelerator: Accelerator) -> tupl
 
 
 class KnnMonitor:
-    """Pretraining's online k-NN: at step 0 and every `eval.knn.every` steps, the MAE's `forward_features` (the
-    encoder's pooled last stage) of the `eval.knn.train` and `eval.knn.val` samples (one centre view each; eval
-    mode, no grad, no mask), from all ranks, classify the val samples. Every rank computes the same top-1 /
-    top-5, which go to TensorBoard (`knn/top1`, `knn/top5`, `perf/knn_seconds`) and `output_dir/metrics.json`
-    (with the whole curve). Under FSDP the trainer registers `forward_features` as a forward method."""
+    """Pretraining's online k-NN: at step 0, every `eval.knn.every` steps and the last step (the task decides
+    when), the MAE's `forward_features` (the encoder's pooled last stage) of the `eval.knn.train` and
+    `eval.knn.val` samples (one centre view each; eval mode, no grad, no mask), from all ranks, classify the val
+    samples. Every rank computes the same top-1 / top-5, which go to TensorBoard (`knn/top1`, `knn/top5`,
+    `perf/knn_seconds`) and `output_dir/metrics.json` (with the whole curve). Under FSDP the trainer registers
+    `forward_features` as a forward method."""
 
     def __init__(self, cfg: RunConfig, input_size: tuple[int, ...]):
         knn = cfg.eval.knn

@@ -9,6 +9,7 @@ from engine.config import ConfigError, RunConfig
 from engine.knn import KnnMonitor
 from engine.loaders import media_of, train_loader
 from engine.tblog import TrainLogger
+from engine.trainer import schedule
 from models import create_model, load_pretrained
 from models.mae import MAEConfig, MaskedAutoencoder
 
@@ -31,14 +32,17 @@ class PretrainTask:
                                    self.model.mask_ratio)
         knn = cfg.eval.knn
         self.knn = KnnMonitor(cfg, input_size) if knn.train and knn.val else None
+        self.last_step = schedule(cfg, len(self.loader) // cfg.train.accum_steps)[0]
         return self.loader
 
     def step(self, model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         return {"loss": model(media_of(batch, self.loader.sample), mask=batch["mask"], valid=batch["valid"])["loss"]}
 
     def monitor(self, model: MaskedAutoencoder, accelerator, logger: TrainLogger, step: int) -> dict[str, float]:
-        """The k-NN top-1 / top-5 of the encoder's features when `eval.knn` is set and it is due."""
-        return self.knn(model, accelerator, logger, step) if self.knn and self.knn.due(step) else {}
+        """The k-NN top-1 / top-5 of the encoder's features when `eval.knn` is set and it is due: every
+        `eval.knn.every` steps from step 0, and at the last step (the encoder that gets exported)."""
+        due = self.knn and (self.knn.due(step) or step == self.last_step)
+        return self.knn(model, accelerator, logger, step) if due else {}
 
     def encoder(self, model: MaskedAutoencoder) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         return model.encoder_state_dict(), encoder_metadata(self.cfg)
