@@ -268,20 +268,23 @@ class Bench:
         return {"knn_history": history, "summary": f"k-NN on val {history[0]['top1']:.1f}% at step 0, "
                 f"{history[-1]['top1']:.1f}% at step {history[-1]['step']}"}
 
-    def encoders(self, seed: int) -> dict[str, torch.nn.Module]:
+    def encoder(self, init: str, seed: int) -> torch.nn.Module:
+        """The pretraining run's encoder, or the same architecture at its random initialisation for `seed`; both
+        give the pooled last stage as features."""
         run = self.out / f"seed{seed}" / "pretrain"
-        pretrained = load_model(run, need_head=False)
+        if init == "pretrained":
+            return load_model(run, need_head=False).model
         name, overrides = checkpoint.read_encoder_metadata(run / "encoder.safetensors")
         torch.manual_seed(seed)
         random = create_model(name.removeprefix("mae_"), **overrides)
         random.norm = torch.nn.Identity()  # as the MAE encoder's features: the pooled last stage
-        return {"pretrained": pretrained.model, "random": random}
+        return random
 
     def frozen_phase(self, init: str, seed: int) -> dict:
         if init == "pixels":
             found = self.features(Pixels(), init, self.out / "features" / "pixels", stages=False)
         else:
-            found = self.features(self.encoders(seed)[init], init, self.out / f"seed{seed}" / "features" / init,
+            found = self.features(self.encoder(init, seed), init, self.out / f"seed{seed}" / "features" / init,
                                   stages=True)
         result = self.frozen(found, seed)
         return {**result, "summary": f"{init}: k-NN {result['knn']['top1']:.1f}%, linear "
