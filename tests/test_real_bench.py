@@ -1,5 +1,6 @@
 """The real-data benchmark (tools/real_bench.py) end to end at --quick size on a class-folder tree made here,
-its resume, its errors, and the parts it is built from. Accuracy is not checked: that is the benchmark's job."""
+and on Moving Fashion-MNIST clips of idx files written here; its resume, its errors, and the parts it is built
+from. Accuracy is not checked: that is the benchmark's job."""
 
 import gzip
 import json
@@ -14,8 +15,10 @@ import torch
 from launch import image_tree
 from PIL import Image
 
+from data.decode import decode_video
 from data.fashion_mnist import CLASSES, FashionMnistError, read_idx, write_class_folders
 from data.make_shards import Input
+from data.moving_fashion_mnist import DIRECTIONS, FRAMES, SIZE, STEPS, moving_clip, write_clips
 from finetune.probe import fit_probe
 from tools.real_bench import FRACTIONS, class_balanced
 
@@ -65,6 +68,65 @@ def test_quick_run_writes_results_in_shape_and_resumes(tmp_path):
     assert other.returncode == 2 and "holds a benchmark with other model" in other.stderr, other.stderr
 
 
+def write_idx(source: Path, images: np.ndarray, labels: np.ndarray) -> Path:
+    """The four idx files of Fashion-MNIST (big-endian magic, dimensions, uint8 payload), train and test alike."""
+    source.mkdir(parents=True, exist_ok=True)
+    for prefix in ("train", "t10k"):
+        with gzip.open(source / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(bytes([0, 0, 8, 3]) + b"".join(n.to_bytes(4, "big") for n in images.shape) + images.tobytes())
+        with gzip.open(source / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(bytes([0, 0, 8, 1]) + len(labels).to_bytes(4, "big") + labels.tobytes())
+    return source
+
+
+def test_moving_fashion_mnist_quick_run(tmp_path):
+    rng = np.random.default_rng(0)
+    source = write_idx(tmp_path / "idx", rng.integers(0, 256, (64, 28, 28), dtype=np.uint8),
+                       np.arange(64, dtype=np.uint8) % 10)
+    out = tmp_path / "bench"
+    run = bench("--data", "moving-fashion-mnist", "--out", str(out), "--quick",
+                env={**os.environ, "FASHION_MNIST_DIR": str(source)})
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    lines = run.stdout.strip().splitlines()
+    # data, pixels, pretrain, and per init the frozen protocols and the fine-tuning on directions
+    assert len(lines) == 1 + 2 + 2 * 2 + 1 and "with frames shuffled" in lines[-2], run.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert results["counts"] == {"train": 50, "val": 10, "test": 20} and len(results["classes"]) == 10
+    evals = {"knn", "linear", "finetune_direction", "finetune_direction_shuffled"}
+    assert set(results["top1"]["pretrained"]) == set(results["top1"]["random"]) == evals
+    assert set(results["top1"]["pixels"]) == {"knn", "linear"}
+    assert json.loads((out / "shards_direction/train/info.json").read_text())["classes"] == list(DIRECTIONS)
+    assert len([r for r in (out / "table.md").read_text().splitlines() if r.startswith("| ")]) == 1 + 4
+    assert not (out / "plot.png").exists()  # the plot is of label fractions, which clips do not have
+
+
+def test_moving_clips_keep_their_direction_until_a_wall_and_bounce(tmp_path):
+    garment = np.zeros((28, 28), np.uint8)
+    garment[4:24, 6:22] = 200
+    for direction, name in enumerate(DIRECTIONS):
+        clip = moving_clip(garment, direction, np.random.default_rng(direction))
+        assert clip.shape == (FRAMES, SIZE, SIZE, 3) and (clip[..., 0] == clip[..., 2]).all()
+        corners = np.array([np.argwhere(frame[..., 0])[0] - (4, 6) for frame in clip])  # the garment's place
+        assert ((corners >= 0) & (corners <= SIZE - 28)).all()
+        steps = np.sign(np.diff(corners, axis=0))
+        assert (steps[0] == STEPS[name]).all()  # it starts along its direction
+        for axis in range(2):  # and each axis turns round only at a wall
+            turns = np.flatnonzero(np.diff(steps[:, axis]) != 0) + 1
+            assert all(corners[t, axis] <= 4 or corners[t, axis] >= SIZE - 28 - 4 for t in turns)
+
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (30, 28, 28), dtype=np.uint8)
+    labels = (np.arange(30) % 10).astype(np.uint8)
+    found = write_clips(tmp_path / "clips", {"train": 12, "test": 4}, source=write_idx(tmp_path / "idx", images,
+                                                                                      labels))
+    assert [r["direction"] for r in found["train"]] == [i % 4 for i in range(12)]
+    assert all(r["class"] == labels[r["source"]] for r in found["train"])
+    frames, info = decode_video((tmp_path / "clips" / found["test"][0]["file"]).read_bytes(),
+                                lambda info: np.arange(FRAMES) / info.fps)
+    assert frames.shape == (FRAMES, SIZE, SIZE, 3) and info.duration * info.fps == pytest.approx(FRAMES)
+    assert write_clips(tmp_path / "clips", {"train": 12}, source=tmp_path / "missing")["train"] == found["train"]
+
+
 def test_bad_inputs_stop_with_one_line(tmp_path):
     empty = tmp_path / "no_idx"
     empty.mkdir()
@@ -84,16 +146,9 @@ def test_bad_inputs_stop_with_one_line(tmp_path):
 
 
 def test_fashion_mnist_idx_files_become_class_folders(tmp_path):
-    """The idx format (big-endian magic, dimensions, uint8 payload), written here for three images."""
-    source = tmp_path / "idx"
-    source.mkdir()
     images = np.arange(3 * 28 * 28, dtype=np.uint32).reshape(3, 28, 28).astype(np.uint8)
     labels = np.array([9, 0, 9], dtype=np.uint8)
-    for prefix in ("train", "t10k"):
-        with gzip.open(source / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
-            f.write(bytes([0, 0, 8, 3]) + b"".join(n.to_bytes(4, "big") for n in (3, 28, 28)) + images.tobytes())
-        with gzip.open(source / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
-            f.write(bytes([0, 0, 8, 1]) + (3).to_bytes(4, "big") + labels.tobytes())
+    source = write_idx(tmp_path / "idx", images, labels)
     assert (read_idx(source / "train-labels-idx1-ubyte.gz", 8) == labels).all()
     out = write_class_folders(tmp_path / "tree", source)
     written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))

@@ -2,10 +2,14 @@
 
     python -m tools.real_bench --data fashion-mnist --out runs/bench/fmnist [--seeds 2]
     python -m tools.real_bench --data my_images/ --out runs/bench/mine [--quick]
+    python -m tools.real_bench --data moving-fashion-mnist --out runs/bench/mfmnist
 
 `--data` is `fashion-mnist` (the offline system package, data/fashion_mnist.py) or a folder with `train/` and
 `test/`, each holding one sub-folder of images per class, of any size (the loader resizes them to the
 configs' 32 px). 10% of train, drawn per class with a fixed seed, is the validation split.
+`moving-fashion-mnist` is the video variant (data/moving_fashion_mnist.py, configs mfmnist_<model>.yaml): the
+frozen protocols use the garment classes; fine-tuning learns the direction of motion from all train labels,
+and its test clips are scored again with their frames shuffled (chance is 25%).
 
 For each seed, the encoder is pretrained (configs/pretrain/fmnist_<model>.yaml, with the online k-NN monitor)
 and then, for the pretrained encoder and for the same architecture at its random initialisation:
@@ -44,8 +48,10 @@ from accelerate import Accelerator
 from safetensors import safe_open
 
 from data import DataFailureError, SampleConfig, ShardLoader, ShardSet
+from data.fashion_mnist import CLASSES as GARMENTS
 from data.fashion_mnist import FashionMnistError, write_class_folders
 from data.make_shards import Input, folder_inputs, shard_inputs
+from data.moving_fashion_mnist import DIRECTIONS, clip_inputs
 from engine import checkpoint
 from engine.config import ConfigError, load_config
 from engine.knn import knn_scores, topk_percent
@@ -58,6 +64,7 @@ from tools.real_bench_report import FRACTIONS, INITS, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 VAL_FRACTION, SPLIT_SEED = 0.1, 0
+MOVING = "moving-fashion-mnist"
 
 
 class BenchError(RuntimeError):
@@ -76,6 +83,8 @@ class Budget:
     probe_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
     probe_weight_decays: tuple[float, ...] = (0.0, 1e-3)
     feature_batch: int = 256
+    clips: tuple[int, int] = (10000, 2000)  # moving-fashion-mnist: train and test clips
+    direction_epochs: float = 3  # moving-fashion-mnist: fine-tuning passes on the direction labels
 
 
 FULL = Budget()
@@ -84,25 +93,31 @@ QUICK = Budget(images_per_class=24,
                          "log.visualize_every=6", "train.checkpoint_every=6", "data.num_workers=1"),
                finetune=("train.max_steps=6", "train.batch_size=16", "log.every=2", "data.num_workers=1"),
                finetune_epochs={1: 4, 10: 2, 100: 1}, probe_epochs=3, probe_lrs=(1e-2,), probe_weight_decays=(0.0,),
-               feature_batch=32)
+               feature_batch=32, clips=(60, 20), direction_epochs=1)
 
 
 class Pixels(torch.nn.Module):
-    """The raw-pixel baseline as an 'encoder': the normalised eval view, flattened."""
+    """The raw-pixel baseline as an 'encoder': the normalised eval view (of a clip, its middle frame), flattened."""
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, 3, S, S] -> [B, 3 S^2]."""
-        return x.flatten(1)
+        """[B, 3, S, S] or [B, 3, T, S, S] -> [B, 3 S^2]."""
+        return (x[:, :, x.shape[2] // 2] if x.ndim == 5 else x).flatten(1)
 
 
 class Bench:
     def __init__(self, data: str, out: Path, model: str, budget: Budget, seeds: int):
         self.data, self.out, self.budget, self.seeds = data, out, budget, seeds
-        self.pretrain_config = REPO / f"configs/pretrain/fmnist_{model}.yaml"
-        self.finetune_config = REPO / f"configs/finetune/fmnist_{model}.yaml"
+        self.video = data == MOVING
+        prefix = "mfmnist" if self.video else "fmnist"
+        self.pretrain_config = REPO / f"configs/pretrain/{prefix}_{model}.yaml"
+        self.finetune_config = REPO / f"configs/finetune/{prefix}_{model}.yaml"
+        for config in (self.pretrain_config, self.finetune_config):
+            if not config.is_file():
+                raise BenchError(f"--data {data} --model {model}: there is no {config.relative_to(REPO)}")
         self.model = model
         self.accelerator = Accelerator(mixed_precision="bf16")  # as the configs train: AMX on CPUs
-        self.crop_size = load_config([str(self.finetune_config)], []).data.crop_size
+        self.clip = load_config([str(self.finetune_config)], []).data  # frames, rate and crop of what is measured
+        self.fractions = () if self.video else FRACTIONS  # of the class labels, for fine-tuning
 
     # ---------------------------------------------------------------- bookkeeping
 
@@ -128,7 +143,7 @@ class Bench:
     def check_settings(self) -> None:
         """OUT/settings.json: what every part in OUT was measured with. A rerun with another model, budget or
         input list would mix its parts with the old ones, so it stops instead."""
-        inputs = [(i.path, i.label) for split in self.splits.values() for i in split]
+        inputs = [(i.path, i.label) for split in self.splits["class"].values() for i in split]
         settings = {"data": self.data, "model": self.model,
                     "budget": {k: str(v) for k, v in asdict(self.budget).items()},
                     "inputs": hashlib.sha256(json.dumps(inputs).encode()).hexdigest()}
@@ -153,9 +168,17 @@ class Bench:
 
     # ---------------------------------------------------------------- data
 
-    def split_inputs(self) -> tuple[dict[str, list[Input]], list[str]]:
-        """({"train", "val", "test": inputs}, class names): val is 10% of each class of train, drawn with a
-        fixed seed, so every call (and every rerun) makes the same split."""
+    def split_inputs(self) -> tuple[dict[str, dict[str, list[Input]]], list[str]]:
+        """({labels: {"train", "val", "test": inputs}}, class names), labels "class" (and for clips
+        "direction"): val is 10% of each class of train, drawn with a fixed seed, so every call (and every
+        rerun) makes the same split."""
+        if self.video:
+            train, test = self.budget.clips
+            found = clip_inputs(self.out / "clips", {"train": train, "test": test},
+                                workers=max(1, os.cpu_count() or 1))
+            val_rows = class_balanced(found["class"]["train"], VAL_FRACTION, np.random.default_rng(SPLIT_SEED))
+            return {labels: split_off(inputs["train"], val_rows, inputs["test"])
+                    for labels, inputs in found.items()}, list(GARMENTS)
         root = Path(self.data)
         if self.data == "fashion-mnist":
             root = write_class_folders(self.out / "images")
@@ -174,21 +197,25 @@ class Bench:
         if cap:
             train, test = per_class(train, cap), per_class(test, cap)
         val_rows = class_balanced(train, VAL_FRACTION, np.random.default_rng(SPLIT_SEED))
-        return {"train": [x for i, x in enumerate(train) if i not in val_rows],
-                "val": [train[i] for i in sorted(val_rows)], "test": test}, classes
+        return {"class": split_off(train, val_rows, test)}, classes
+
+    def shard_root(self, labels: str) -> Path:
+        return self.out / ("shards" if labels == "class" else f"shards_{labels}")
 
     def prepare_data(self) -> dict:
-        """Shards of the three splits; an unreadable image stops the benchmark."""
+        """Shards of the three splits (per label set); an unreadable input stops the benchmark."""
         counts = {}
-        for name, inputs in self.splits.items():
-            info = shard_inputs(inputs, self.classes, self.out / "shards" / name, per_shard=256,
-                                workers=max(1, (os.cpu_count() or 1) - 1))
-            if info["skipped"]:
-                s = info["skipped"][0]
-                shutil.rmtree(self.out / "shards" / name)  # a rerun shards the repaired folder afresh
-                raise BenchError(f"{s['input']}: {s['reason']} ({len(info['skipped'])} unreadable images in "
-                                 f"{name}): remove or replace them, then run again")
-            counts[name] = info["num_samples"]
+        for labels, splits in self.splits.items():
+            classes = self.classes if labels == "class" else list(DIRECTIONS)
+            for name, inputs in splits.items():
+                out = self.shard_root(labels) / name
+                info = shard_inputs(inputs, classes, out, per_shard=256, workers=max(1, (os.cpu_count() or 1) - 1))
+                if info["skipped"]:
+                    s = info["skipped"][0]
+                    shutil.rmtree(out)  # a rerun shards the repaired folder afresh
+                    raise BenchError(f"{s['input']}: {s['reason']} ({len(info['skipped'])} unreadable inputs in "
+                                     f"{name}): remove or replace them, then run again")
+                counts[name] = info["num_samples"]
         return {"counts": counts,
                 "summary": ", ".join(f"{n} {c}" for n, c in counts.items()) + f" images, {len(self.classes)} classes"}
 
@@ -197,17 +224,19 @@ class Bench:
         if fraction == 100:
             return self.out / "shards" / "train"
         out = self.out / "shards" / f"train_{fraction}pct_seed{seed}"
-        train = self.splits["train"]
+        train = self.splits["class"]["train"]
         rows = class_balanced(train, fraction / 100, np.random.default_rng([seed, fraction]))
         shard_inputs([train[i] for i in sorted(rows)], self.classes, out, per_shard=256)
         return out
 
     # ---------------------------------------------------------------- features and frozen protocols
 
-    def eval_loader(self, split: str) -> ShardLoader:
-        """Every image of a split once, in shard order, as its one centre view (what evaluation sees)."""
-        sample = SampleConfig(train=False, num_frames=1, crop_size=self.crop_size)
-        return ShardLoader(str(self.out / "shards" / split), sample, self.budget.feature_batch, num_workers=1,
+    def eval_loader(self, split: str, labels: str = "class") -> ShardLoader:
+        """Every sample of a split once, in shard order, as its one centre view (what evaluation sees)."""
+        c = self.clip
+        sample = SampleConfig(train=False, num_frames=c.num_frames, sampling_rate=c.sampling_rate,
+                              target_fps=c.target_fps, crop_size=c.crop_size)
+        return ShardLoader(str(self.shard_root(labels) / split), sample, self.budget.feature_batch, num_workers=1,
                            shuffle=False, drop_last=False, shard_mix=1)
 
     def features(self, model: torch.nn.Module, name: str, directory: Path, stages: bool) -> dict[str, dict]:
@@ -290,23 +319,33 @@ class Bench:
         return {**result, "summary": f"{init}: k-NN {result['knn']['top1']:.1f}%, linear "
                 f"{result['linear']['top1']:.1f}% on test"}
 
-    def finetune(self, init: str, fraction: int, seed: int) -> dict:
-        run = self.out / f"seed{seed}" / "finetune" / f"{init}_{fraction}"
-        train = self.labelled_subset(seed, fraction)
+    def finetune(self, init: str, fraction: int, seed: int, labels: str = "class") -> dict:
+        """Fine-tune on `fraction`% of the train labels (class), or on all direction labels; score test once
+        (clips: also with their frames shuffled)."""
+        direction = labels == "direction"
+        run = self.out / f"seed{seed}" / "finetune" / (f"{init}_{labels}" if direction else f"{init}_{fraction}")
+        train = self.shard_root(labels) / "train" if direction else self.labelled_subset(seed, fraction)
         size = ShardSet.load(str(train)).num_samples
-        epochs = self.budget.finetune_epochs[fraction]
+        epochs = self.budget.direction_epochs if direction else self.budget.finetune_epochs[fraction]
         batch = load_config([str(self.finetune_config)], list(self.budget.finetune)).train.batch_size
         start = ([f"model.pretrained={self.out / f'seed{seed}' / 'pretrain' / 'encoder.safetensors'}"]
                  if init == "pretrained" else ["model.pretrained=null", "train.layer_decay=null"])
         self.launch("finetune.main", self.finetune_config,
-                    [f"data.train={train}", f"data.val={self.out / 'shards' / 'val'}", f"output_dir={run}",
+                    [f"data.train={train}", f"data.val={self.shard_root(labels) / 'val'}", f"output_dir={run}",
                      f"seed={seed}", f"train.epochs={epochs}", f"train.warmup_epochs={epochs / 10}", *start,
                      *self.budget.finetune, f"train.batch_size={min(size, batch)}"])  # a subset may be smaller
-        val_top1 = json.loads((run / "metrics.json").read_text())["top1"]
+        val = json.loads((run / "metrics.json").read_text())
         model = load_model(run).model.to(self.accelerator.device)
-        test = evaluate(model, self.eval_loader("test"), self.accelerator, len(self.classes))["plain"]
-        return {"top1": test["top1"], "val_top1": val_top1, "labelled": size, "epochs": epochs,
-                "summary": f"{init} {fraction}% labels ({size} images): {test['top1']:.1f}% on test"}
+        classes = len(DIRECTIONS) if direction else len(self.classes)
+        test = evaluate(model, self.eval_loader("test", labels), self.accelerator, classes,
+                        shuffle_seed=seed if self.video else None)
+        result = {"top1": test["plain"]["top1"], "val_top1": val["top1"], "labelled": size, "epochs": epochs,
+                  "summary": f"{init} {labels if direction else f'{fraction}%'} labels ({size} samples): "
+                             f"{test['plain']['top1']:.1f}% on test"}
+        if "shuffled" in test:
+            result |= {"top1_shuffled": test["shuffled"]["top1"], "val_top1_shuffled": val["top1_shuffled"]}
+            result["summary"] += f", {test['shuffled']['top1']:.1f}% with frames shuffled"
+        return result
 
     def run(self) -> dict:
         began = time.perf_counter()
@@ -323,10 +362,14 @@ class Bench:
             for init in INITS:
                 parts[(seed, init)] = self.phase(f"[seed {seed}] frozen {init}", where / f"frozen_{init}.json",
                                                  partial(self.frozen_phase, init, seed))
-                for fraction in FRACTIONS:
+                for fraction in self.fractions:
                     parts[(seed, init, fraction)] = self.phase(
                         f"[seed {seed}] finetune {init} {fraction}%", where / f"finetune_{init}_{fraction}.json",
                         partial(self.finetune, init, fraction, seed))
+                if self.video:
+                    parts[(seed, init, "direction")] = self.phase(
+                        f"[seed {seed}] finetune {init} direction", where / f"finetune_{init}_direction.json",
+                        partial(self.finetune, init, 100, seed, "direction"))
         results = collect(parts, self.seeds, dataset=self.data, data=data, classes=self.classes)
         results["wall_seconds_this_call"] = time.perf_counter() - began
         write_report(results, self.out)
@@ -345,6 +388,12 @@ def per_class(inputs: list[Input], cap: int) -> list[Input]:
             taken[item.label] = taken.get(item.label, 0) + 1
             kept.append(item)
     return kept
+
+
+def split_off(train: list[Input], val_rows: set[int], test: list[Input]) -> dict[str, list[Input]]:
+    """{"train": train without `val_rows`, "val": those rows, "test": test}."""
+    return {"train": [x for i, x in enumerate(train) if i not in val_rows],
+            "val": [train[i] for i in sorted(val_rows)], "test": test}
 
 
 def class_balanced(inputs: list[Input], fraction: float, rng: np.random.Generator) -> set[int]:
@@ -402,17 +451,18 @@ def collect(parts: dict, seeds: int, dataset: str, data: dict, classes: list[str
 
     found: dict[str, dict[str, dict[str, list[float]]]] = {}
 
-    def add(init: str, evaluation: str, part: dict) -> None:
+    def add(init: str, evaluation: str, part: dict, suffix: str = "") -> None:
         for key in ("top1", "val_top1"):
-            found.setdefault(key, {}).setdefault(init, {}).setdefault(evaluation, []).append(part[key])
+            found.setdefault(key, {}).setdefault(init, {}).setdefault(evaluation, []).append(part[key + suffix])
 
-    for seed in range(seeds):
-        for init in ("pixels", *INITS):
+    for key, part in parts.items():
+        if len(key) == 2 and key[1] != "pretrain":  # (seed, init): the frozen protocols
             for evaluation in ("knn", "linear"):
-                add(init, evaluation, parts[(seed, init)][evaluation])
-        for init in INITS:
-            for fraction in FRACTIONS:
-                add(init, f"finetune_{fraction}", parts[(seed, init, fraction)])
+                add(key[1], evaluation, part[evaluation])
+        elif len(key) == 3:  # (seed, init, fraction or "direction")
+            add(key[1], f"finetune_{key[2]}", part)
+            if key[2] == "direction":
+                add(key[1], "finetune_direction_shuffled", part, "_shuffled")
     summary = {key: {init: {e: stats(v) for e, v in evals.items()} for init, evals in table.items()}
                for key, table in found.items()}
     return {**summary, "dataset": dataset, "seeds": seeds, "counts": data["counts"], "classes": classes,
@@ -425,7 +475,8 @@ def collect(parts: dict, seeds: int, dataset: str, data: dict, classes: list[str
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, help="fashion-mnist, or a folder with train/ and test/ class folders")
+    parser.add_argument("--data", required=True,
+                        help=f"fashion-mnist, {MOVING}, or a folder with train/ and test/ class folders")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--model", choices=("hiera", "mvitv2"), default="hiera",
                         help="configs/{pretrain,finetune}/fmnist_<model>.yaml")
@@ -434,13 +485,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
-    bench = Bench(args.data, args.out, args.model, QUICK if args.quick else FULL, args.seeds)
     try:
-        results = bench.run()
+        results = Bench(args.data, args.out, args.model, QUICK if args.quick else FULL, args.seeds).run()
     except (BenchError, FashionMnistError, ConfigError, CheckpointError, DataFailureError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"done in {results['seconds']:.0f} s of measured work: {args.out}/results.json, table.md, plot.png")
+    print(f"done in {results['seconds']:.0f} s of measured work: {args.out}/results.json, table.md"
+          + (", plot.png" if (args.out / "plot.png").is_file() else ""))
     return 0
 
 

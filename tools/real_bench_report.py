@@ -1,5 +1,5 @@
-"""The benchmark's files (tools/real_bench.py): results.json, table.md and plot.png (top-1 against the
-labelled fraction, pretrained vs random, with the raw-pixel baselines as lines)."""
+"""The benchmark's files (tools/real_bench.py): results.json, table.md and, with fine-tuning on label fractions,
+plot.png (top-1 against the labelled fraction, pretrained vs random, with the raw-pixel baselines as lines)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ from engine.tblog import font
 
 INITS = ("pretrained", "random")  # the encoders; "pixels" is the baseline without one
 FRACTIONS = (1, 10, 100)  # percent of the train labels that fine-tuning sees
-EVALS = ("knn", "linear", *(f"finetune_{f}" for f in FRACTIONS))
+EVALS = ("knn", "linear", *(f"finetune_{f}" for f in FRACTIONS), "finetune_direction", "finetune_direction_shuffled")
 EVAL_NAMES = {"knn": "k-NN", "linear": "linear probe", "finetune_1": "fine-tune, 1% labels",
-              "finetune_10": "fine-tune, 10% labels", "finetune_100": "fine-tune, 100% labels"}
+              "finetune_10": "fine-tune, 10% labels", "finetune_100": "fine-tune, 100% labels",
+              "finetune_direction": "direction: fine-tune, 100% labels",
+              "finetune_direction_shuffled": "direction: the same, frames shuffled"}
 WIDTH, HEIGHT, LEFT, RIGHT, TOP, BOTTOM = 560, 360, 56, 150, 40, 44
 INK, GRID = (30, 30, 30), (225, 225, 225)
 COLORS = {"pretrained": (31, 119, 180), "random": (214, 39, 40), "pixels knn": (120, 120, 120),
@@ -32,12 +34,13 @@ def write_table(results: dict) -> str:
     then the validation top-1 the settings were chosen on."""
     top1, val = results["top1"], results["val_top1"]
     seeds = results["seeds"]
-    lines = [f"Test top-1 (%) on {results['dataset']}, mean ± std over {seeds} seed{'s' * (seeds > 1)} "
+    labels = "class labels, except the direction rows" if "finetune_direction" in top1["pretrained"] else "classes"
+    lines = [f"Test top-1 (%) on {results['dataset']} ({labels}), mean ± std over {seeds} seed{'s' * (seeds > 1)} "
              f"({results['counts']['train']} train / {results['counts']['val']} val / "
-             f"{results['counts']['test']} test images); validation top-1 in brackets.", "",
+             f"{results['counts']['test']} test samples); validation top-1 in brackets.", "",
              "| evaluation | pretrained (MAE) | random init | raw pixels | pretrained − random |",
              "|---|---:|---:|---:|---:|"]
-    for e in EVALS:
+    for e in (e for e in EVALS if e in top1["pretrained"]):
         row = [f"{cell(top1[i][e])} ({cell(val[i][e])})" if e in top1[i] else "–" for i in (*INITS, "pixels")]
         gain = top1["pretrained"][e]["mean"] - top1["random"][e]["mean"]
         lines.append(f"| {EVAL_NAMES[e]} | " + " | ".join(row) + f" | {gain:+.1f} |")
@@ -97,4 +100,5 @@ def write_report(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "table.md").write_text(write_table(results))
-    draw_plot(results).save(out / "plot.png")
+    if all(f"finetune_{f}" in results["top1"]["pretrained"] for f in FRACTIONS):
+        draw_plot(results).save(out / "plot.png")

@@ -1,0 +1,122 @@
+"""Moving Fashion-MNIST: clips of one Fashion-MNIST garment moving in a straight line, bouncing off the edges.
+
+    python -m data.moving_fashion_mnist --out runs/mfmnist/clips [--train 10000 --test 2000]
+
+Each clip has two labels. Its `class` (the garment's) shows in any single frame. Its `direction` (DIRECTIONS,
+the diagonal the garment starts along) shows only in the order of the frames: with the frames shuffled, a model
+can do no better than chance on it (evaluated by finetune.evaluate's shuffled-frames test).
+
+A split's clips come from distinct images of that split of Fashion-MNIST (data/fashion_mnist.py, the offline
+package), drawn with the seed; directions take turns, so each is a quarter of the clips. Writes
+`OUT/<split>/<position>.mp4` (H.264, 16 frames at 16 fps, 64 x 64 px, grey garment on black) and then
+`OUT/<split>.json`, a list of {"file", "class", "direction", "source"} (the source image's position in the
+idx file); a split whose list exists is not written again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+
+from .fashion_mnist import CLASSES, FashionMnistError, idx_files, read_idx
+from .make_shards import Input
+from .synthetic import write_video
+
+DIRECTIONS = ("up-left", "up-right", "down-left", "down-right")
+STEPS = {"up-left": (-1, -1), "up-right": (-1, 1), "down-left": (1, -1), "down-right": (1, 1)}  # (dy, dx)
+FRAMES, SIZE, FPS = 16, 64, 16
+SPEED = (1.5, 3.0)  # pixels per frame along each axis: 16 frames cross the 36 px of free space about once
+
+
+def moving_clip(garment: np.ndarray, direction: int, rng: np.random.Generator, frames: int = FRAMES,
+                size: int = SIZE) -> np.ndarray:
+    """[h, w] uint8 garment -> [T, size, size, 3] uint8 clip: the garment starts at a random place and moves
+    along DIRECTIONS[direction] at a random speed, reflected at each edge."""
+    h, w = garment.shape
+    free = np.array([size - h, size - w], dtype=np.float64)
+    position = rng.uniform(0, 1, 2) * free
+    velocity = np.array(STEPS[DIRECTIONS[direction]], dtype=np.float64) * rng.uniform(*SPEED)
+    clip = np.zeros((frames, size, size), dtype=np.uint8)
+    for frame in clip:
+        top, left = np.round(position).astype(int)
+        frame[top : top + h, left : left + w] = garment
+        position += velocity
+        for axis in range(2):  # a bounce: mirror the overshoot back inside and turn round
+            if position[axis] < 0 or position[axis] > free[axis]:
+                position[axis] = -position[axis] if position[axis] < 0 else 2 * free[axis] - position[axis]
+                velocity[axis] = -velocity[axis]
+    return np.repeat(clip[..., None], 3, axis=-1)
+
+
+def _write_one(job: tuple[str, np.ndarray, int, int]) -> None:
+    path, garment, direction, seed = job
+    write_video(path, moving_clip(garment, direction, np.random.default_rng(seed)), fps=FPS)
+
+
+def write_clips(out: Path, counts: dict[str, int], seed: int = 0, source: Path | None = None,
+                workers: int = 1) -> dict[str, list[dict]]:
+    """Write (or find) the clips of each split in `counts` ({"train": n, "test": m}); returns {split: list}."""
+    found = {}
+    for split, count in counts.items():
+        listing = out / f"{split}.json"
+        if listing.is_file():
+            found[split] = json.loads(listing.read_text())
+            continue
+        images_path, labels_path = idx_files(source)[split]
+        images, labels = read_idx(images_path, 16), read_idx(labels_path, 8)
+        if count > len(images):
+            raise FashionMnistError(f"--{split} {count}: Fashion-MNIST's {split} split has only {len(images)} images")
+        rng = np.random.default_rng([seed, len(split)])
+        sources = np.sort(rng.permutation(len(images))[:count])
+        rows, jobs = [], []
+        for i, position in enumerate(sources.tolist()):
+            file = f"{split}/{i:06d}.mp4"
+            direction = i % len(DIRECTIONS)
+            rows.append({"file": file, "class": int(labels[position]), "direction": direction, "source": position})
+            jobs.append((str(out / file), images[position], direction, int(rng.integers(2**31))))
+        (out / split).mkdir(parents=True, exist_ok=True)
+        with Pool(workers) as pool:
+            for _ in pool.imap_unordered(_write_one, jobs, chunksize=64):
+                pass
+        temp = listing.with_suffix(".json.tmp")
+        temp.write_text(json.dumps(rows))
+        temp.replace(listing)
+        found[split] = rows
+    return found
+
+
+def clip_inputs(out: Path, counts: dict[str, int], workers: int = 1) -> dict[str, dict[str, list[Input]]]:
+    """The clips of `write_clips` as shard inputs, once per label set: {"class" | "direction": {split: inputs}},
+    in the same order in both."""
+    found = write_clips(out, counts, workers=workers)
+    return {labels: {split: [Input(str(out / r["file"]), r[labels], r["file"]) for r in rows]
+                     for split, rows in found.items()} for labels in ("class", "direction")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--train", type=int, default=10000, help="clips made from train images")
+    parser.add_argument("--test", type=int, default=2000, help="clips made from test images")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--source", type=Path, help="folder with the *-ubyte.gz files (default: the package's)")
+    args = parser.parse_args(argv)
+    try:
+        found = write_clips(args.out, {"train": args.train, "test": args.test}, args.seed, args.source,
+                            workers=os.cpu_count() or 1)
+    except FashionMnistError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(", ".join(f"{split}: {len(rows)} clips" for split, rows in found.items()) + f" in {args.out} "
+          f"(classes {', '.join(CLASSES)}; directions {', '.join(DIRECTIONS)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
