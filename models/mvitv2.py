@@ -565,16 +565,16 @@ register_model("mvit_base_16x4", MViTv2, MViTv2Config(**_V1))
 register_model("mvit_base_32x3", MViTv2, MViTv2Config(**{**_V1, "input_size": (32, 224, 224)}))
 
 
-def simplification_overrides(row: str, video: bool) -> dict:
+def simplification_overrides(row: str, video: bool, stages: int = 4) -> dict:
     """Config overrides for a row of the Hiera paper's Table 1 ("" = MViTv2 itself, "a" .. "f"), cumulative:
-    row f is Hiera (no cls token, mean-then-norm head, mask-unit attention in the first two stages)."""
+    row f is Hiera (no cls token, mean-then-norm head, mask-unit attention in the first two of `stages`)."""
     steps = {
         "a": dict(rel_pos=False, sep_pos_embed=video),
         "b": dict(pool_mode="max"),
         "c": dict(q_pool_stride1=False, kv_pool_stride1=False),
         "d": dict(kernel_equals_stride=True),
         "e": dict(residual_pooling=False),
-        "f": dict(kv_pool=False, mask_unit_attn=(True, True, False, False), cls_token=False,
+        "f": dict(kv_pool=False, mask_unit_attn=(True, True) + (False,) * (stages - 2), cls_token=False,
                   head_pool="mean_then_norm"),
     }
     if row and row not in steps:

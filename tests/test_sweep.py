@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from launch import image_tree
 from PIL import Image
 
+from data.make_shards import folder_inputs, shard_inputs
 from engine.config import ConfigError, flatten, load_config
 from models.mvitv2 import simplification_overrides
 from models.registry import get_config
@@ -16,7 +18,7 @@ from tools import sweep
 
 REPO = Path(__file__).resolve().parents[1]
 ABLATION = REPO / "configs" / "ablation"
-LADDERS = ["image_l", "video_l", "image_cpu", "video_cpu"]
+LADDERS = ["image_l", "video_l", "image_cpu", "video_cpu", "image_fmnist"]
 ROWS = ["baseline", "a", "b", "c", "d", "e", "f"]
 # The paper's one change per row (REFERENCE.md §3), as the encoder config fields that must differ from the row
 # above; video also swaps the absolute positions for separate space/time tables (a) and drops its cls token (f).
@@ -73,7 +75,8 @@ def test_each_row_changes_exactly_the_papers_switch(name):
         assert all(k.startswith("model.extra.") for k in changed_keys), (row, changed_keys)
         # The cumulative switches are the model's own definition of the row.
         base_name, base_overrides = sweep.encoder_spec(cfgs["baseline"])
-        assert after == get_config(base_name, **base_overrides, **simplification_overrides(row, video))
+        stages = len(encoder_config(cfgs["baseline"]).stages)
+        assert after == get_config(base_name, **{**base_overrides, **simplification_overrides(row, video, stages)})
 
 
 @pytest.mark.parametrize("modality", ["image", "video"])
@@ -81,8 +84,9 @@ def test_l_rows_inherit_the_row_above_and_cpu_rows_their_l_row(modality):
     for previous, row in zip(ROWS, ROWS[1:]):
         assert yaml.safe_load((ABLATION / f"{modality}_l" / f"{row}.yaml").read_text())["_base_"] == f"{previous}.yaml"
     for row in ROWS:
-        base = yaml.safe_load((ABLATION / f"{modality}_cpu" / f"{row}.yaml").read_text())["_base_"]
-        assert base == [f"../{modality}_l/{row}.yaml", "size.yaml"]
+        for small in (f"{modality}_cpu", "image_fmnist") if modality == "image" else (f"{modality}_cpu",):
+            base = yaml.safe_load((ABLATION / small / f"{row}.yaml").read_text())["_base_"]
+            assert base == [f"../{modality}_l/{row}.yaml", "size.yaml"]
 
 
 def test_l_ladders_are_the_papers_sizes():
@@ -161,6 +165,39 @@ def test_train_commands_pretrain_mae_rows_and_finetune_every_row(tmp_path):
     assert (cfg.data.num_frames, cfg.data.crop_size) == (8, 96)
     assert get_config(cfg.model.name, **sweep.encoder_spec(cfg)[1]) == dataclasses.replace(
         encoder_config(row_configs("video_cpu")["f"]), drop_path_rate=cfg.model.drop_path_rate)
+
+
+def test_train_measures_each_row_per_seed_with_knn_and_resumes(tmp_path):
+    """`--train` for real on shards made here: the Fashion-MNIST row f, shrunk, pretrained with the k-NN monitor
+    and fine-tuned, twice (seeds 0 and 1); the rerun reuses both runs."""
+    images = image_tree(tmp_path / "images", {"train": 8})
+    shards = tmp_path / "shards"
+    inputs, classes = folder_inputs(images / "train")
+    shard_inputs(inputs, classes, shards, per_shard=16)
+    (tmp_path / "rows").mkdir()
+    (tmp_path / "rows" / "f.yaml").write_text(yaml.safe_dump(
+        {"_base_": str(ABLATION / "image_fmnist" / "f.yaml"), "model": {"extra": {"embed_dim": 16}}}))
+    ladder = tmp_path / "one.ladder.yaml"
+    ladder.write_text(yaml.safe_dump({"title": "row f, tiny", "configs": "rows", "batch": 2,
+                                      "rows": {"f": {"label": "f. Hiera", "paper_acc": 85.6, "paper_speed": 531.4}}}))
+    small = f"train.batch_size=8 data.num_workers=0 log.every=1 data.train={shards}"
+    args = dict(warmup=0, iters=1, train=True, seeds=2,
+                pretrain_args=tuple(f"{small} train.max_steps=2 eval.knn.train={shards} eval.knn.val={shards}".split()),
+                finetune_args=("--config", str(REPO / "configs/finetune/fmnist_hiera.yaml"),
+                               *f"{small} data.val={shards} train.max_steps=2 eval.batch_size=8".split()))
+    results = sweep.sweep(ladder, tmp_path / "out", torch.device("cpu"), **args)
+    [row] = results["rows"]
+    assert len(row["accuracy_runs"]) == len(row["knn_runs"]) == 2 and row["accuracy_std"] is not None
+    assert row["accuracy"] == pytest.approx(sum(row["accuracy_runs"]) / 2) and 0 <= row["knn"] <= 100
+    for seed in (0, 1):  # each seed's runs were made with that seed
+        assert load_config([str(tmp_path / "out" / "f" / f"seed{seed}" / "pretrain" / "config.yaml")], []).seed == seed
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "k-NN, ours" in table and f"{row['accuracy']:.1f} ± {row['accuracy_std']:.1f}" in table
+    assert Image.open(tmp_path / "out" / "accuracy.png").width > 400
+    log = tmp_path / "out" / "f" / "seed0" / "finetune.log"
+    before = log.stat().st_mtime_ns
+    assert sweep.sweep(ladder, tmp_path / "out", torch.device("cpu"), **args)["rows"][0]["accuracy_runs"] == \
+        row["accuracy_runs"] and log.stat().st_mtime_ns == before  # nothing ran again
 
 
 def test_train_refuses_without_the_finetuning_app(tmp_path, monkeypatch):

@@ -15,8 +15,11 @@ and `model.extra`) doing classification inference, as the paper's speed column:
   interleaved rounds (one run of each row per round), so that drift of a shared machine hits every row alike.
 
 `--train` also runs a short MAE pretraining (rows with `mae: true`) and a fine-tuning of every row through the
-apps and records the fine-tuned top-1 (`accuracy`). It needs the fine-tuning app, finetune/main.py (issue 7);
-without it the sweep stops before measuring anything. The runs' length and data are yours to set, e.g.
+apps, `--seeds N` times (seeds 0..N-1), and records the fine-tuned top-1 (`accuracy`, mean, std and runs) and,
+when the pretraining runs the k-NN monitor, its last k-NN top-1 (`knn`). Each (row, seed) writes
+`OUT/<row>/seed<s>/result.json` when done, so a rerun skips finished runs, and the apps resume interrupted ones
+(`resume=auto`). The sweep then also draws `accuracy.png`, top-1 against relative speed. The runs' length and
+data are yours to set, e.g. (Fashion-MNIST: docs/ablation.md)
     --train --pretrain-args "data.train=SHARDS train.max_steps=200" \\
             --finetune-args "--config configs/finetune/X.yaml data.train=SHARDS data.val=VAL train.max_steps=200"
 """
@@ -42,7 +45,7 @@ from engine.config import ConfigError, RunConfig, load_config
 from models import create_model
 from models.mae import MAEConfig
 from tools.bench_models import Settings, forward_runner, median_seconds
-from tools.sweep_report import write_chart, write_table
+from tools.sweep_report import write_accuracy_chart, write_chart, write_table
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -177,30 +180,46 @@ def train_commands(config: Path, row: LadderRow, out: Path, pretrain_args: list[
     """
     finetune = [sys.executable, "finetune/main.py", *finetune_args,
                 *architecture_args(load_config([str(config)], [])), f"output_dir={out / 'finetune'}"]
-    if not row.mae:  # supervised from scratch, whatever encoder the recipe names
-        return [[*finetune, "model.pretrained=null"]]
+    if not row.mae:  # supervised from scratch, whatever encoder the recipe names; nothing to keep by layer decay
+        return [[*finetune, "model.pretrained=null", "train.layer_decay=null"]]
     pretrain = [sys.executable, "pretrain/main.py", "--config", str(config), *pretrain_args,
                 f"output_dir={out / 'pretrain'}"]
     return [pretrain, [*finetune, f"model.pretrained={out / 'pretrain' / 'encoder.safetensors'}"]]
 
 
-def train_row(config: Path, row: LadderRow, out: Path, pretrain_args: list[str],
-              finetune_args: list[str]) -> float:
-    """Top-1 (%) of the row after its runs; their logs go to out/<app>.log."""
+def train_row(config: Path, row: LadderRow, out: Path, pretrain_args: list[str], finetune_args: list[str],
+              seed: int = 0) -> dict:
+    """{"top1": fine-tuned top-1 (%), "knn": the pretrained encoder's last k-NN top-1 (%) or None} of one row
+    and seed after its runs (their logs: out/<app>.log), or as out/result.json recorded them before."""
     config, out = config.resolve(), out.resolve()  # the apps run in the repository root
+    recorded = out / "result.json"
+    if recorded.is_file():
+        return json.loads(recorded.read_text())
     out.mkdir(parents=True, exist_ok=True)
-    for command in train_commands(config, row, out, pretrain_args, finetune_args):
+    run_args = [f"seed={seed}", "resume=auto"]
+    for command in train_commands(config, row, out, [*pretrain_args, *run_args], [*finetune_args, *run_args]):
         log = out / f"{Path(command[1]).parent.name}.log"
-        with log.open("w") as sink:
+        with log.open("a") as sink:
             done = subprocess.run(command, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT)
         if done.returncode != 0:
             raise RuntimeError(f"{shlex.join(command)} failed with exit code {done.returncode}; see {log}")
-    return float(json.loads((out / "finetune" / "metrics.json").read_text())["top1"])
+    pretrained = out / "pretrain" / "metrics.json"
+    history = json.loads(pretrained.read_text()).get("knn_history") if pretrained.is_file() else None
+    result = {"top1": float(json.loads((out / "finetune" / "metrics.json").read_text())["top1"]),
+              "knn": history[-1]["top1"] if history else None}
+    recorded.write_text(json.dumps(result))
+    return result
+
+
+def spread(name: str, values: list[float]) -> dict:
+    """{name: mean, name_std: sample std (None below two runs), name_runs: values}; None for no values."""
+    return {name: statistics.mean(values) if values else None,
+            f"{name}_std": statistics.stdev(values) if len(values) > 1 else None, f"{name}_runs": values}
 
 
 def sweep(ladder_path: str | Path, out: str | Path, device: torch.device, batch: int | None = None,
           warmup: int = 2, iters: int = 5, train: bool = False, pretrain_args: tuple[str, ...] = (),
-          finetune_args: tuple[str, ...] = ()) -> dict:
+          finetune_args: tuple[str, ...] = (), seeds: int = 1) -> dict:
     """Measure every row of the ladder and write results.json, table.md and chart.png into `out`."""
     ladder = load_ladder(ladder_path)
     if train and not (REPO / "finetune" / "main.py").exists():
@@ -217,16 +236,19 @@ def sweep(ladder_path: str | Path, out: str | Path, device: torch.device, batch:
     meta = {**settings(device, batch, warmup, iters), "load_avg_before": load_before,
             "load_avg_after": os.getloadavg()}
     if train:
-        meta["train"] = {"pretrain_args": shlex.join(pretrain_args), "finetune_args": shlex.join(finetune_args)}
+        meta["train"] = {"pretrain_args": shlex.join(pretrain_args), "finetune_args": shlex.join(finetune_args),
+                         "seeds": seeds}
     records = []
     for (row, spec), times in zip(ladder.rows.items(), seconds):
         name, overrides = encoder_spec(cfgs[row])
+        runs = [train_row(paths[row], spec, out / row / f"seed{s}", list(pretrain_args), list(finetune_args), s)
+                for s in range(seeds)] if train else []
         records.append({
             "row": row, "label": spec.label, "config": str(paths[row]), "model": name, "overrides": overrides,
             **counts[row], "throughput": batch / statistics.median(times) if times else None, "unit": ladder.unit,
             "seconds_per_batch": times, "spread": relative_iqr(times),
-            "accuracy": train_row(paths[row], spec, out / row, list(pretrain_args), list(finetune_args))
-            if train else None,
+            **spread("accuracy", [r["top1"] for r in runs]),
+            **spread("knn", [r["knn"] for r in runs if r["knn"] is not None]),
             **{k: v for k, v in asdict(spec).items() if k.startswith("paper_")},
         })
     base = records[0]
@@ -239,6 +261,8 @@ def sweep(ladder_path: str | Path, out: str | Path, device: torch.device, batch:
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     write_table(results, out / "table.md")
     write_chart(results, out / "chart.png")
+    if any(r["accuracy"] is not None for r in records):
+        write_accuracy_chart(results, out / "accuracy.png")
     return results
 
 
@@ -254,12 +278,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train", action="store_true", help="also pretrain + fine-tune every row (needs finetune/)")
     parser.add_argument("--pretrain-args", default="", help="extra pretrain/main.py arguments, one string")
     parser.add_argument("--finetune-args", default="", help="extra finetune/main.py arguments, one string")
+    parser.add_argument("--seeds", type=int, default=1, help="--train: runs per row, with seeds 0..N-1")
     args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         results = sweep(args.ladder, args.out, torch.device(args.device), args.batch, args.warmup, args.iters,
-                        args.train, tuple(shlex.split(args.pretrain_args)), tuple(shlex.split(args.finetune_args)))
+                        args.train, tuple(shlex.split(args.pretrain_args)), tuple(shlex.split(args.finetune_args)),
+                        args.seeds)
     except ConfigError as err:  # a bad ladder or row config, found before any timing
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
