@@ -9,7 +9,7 @@ from .loader import DataFailureError, ShardLoader
 from .masking import num_kept, random_mask
 from .plan import EpochPlan, epoch_order, rank_batches
 from .samples import SampleConfig, SampleProcessor, position_rng
-from .shards import SampleError, ShardReader, ShardSet
+from .shards import SampleError, ShardReader, ShardSet, ShardSetError
 from .sources import FetchError, ShardCache
 from .stream import ShardStream
 from .transforms import normalize
@@ -26,6 +26,7 @@ __all__ = [
     "ShardLoader",
     "ShardReader",
     "ShardSet",
+    "ShardSetError",
     "ShardStream",
     "VideoInfo",
     "decode_image",

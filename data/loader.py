@@ -17,6 +17,7 @@ Tensors stay on the CPU: the caller moves them to its device (do not hand this l
 from __future__ import annotations
 
 import gc
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -35,6 +36,19 @@ class DataFailureError(RuntimeError):
     """Too many samples failed to decode."""
 
 
+def reason_kind(reason: str) -> str:
+    """A failure's reason without its particulars (numbers, what follows the first colon), so that failures of
+    one kind count together: "sample 7 missing: shard holds 3" -> "sample N missing"."""
+    return re.sub(r"\d+", "N", reason.split(":", 1)[0]).strip()
+
+
+def top_reasons(reasons: dict[str, list], top: int = 5) -> str:
+    """{kind: [count, (shard, key, reason) example]} -> the `top` most frequent kinds, each with an example."""
+    ranked = sorted(reasons.items(), key=lambda item: -item[1][0])[:top]
+    return "; ".join(f"{count} x {kind!r} (e.g. {key} in {shard}: {reason})"
+                     for kind, (count, (shard, key, reason)) in ranked)
+
+
 def _no_collate(batch):
     return batch  # the stream yields finished batches
 
@@ -46,9 +60,11 @@ class ShardLoader:
     (evaluation) they stop after each pass. ``state_dict()`` after consuming k batches, restored with
     ``load_state_dict`` into a fresh loader with the same arguments (any ``num_workers``), continues with
     exactly batch k + 1 of that epoch.
-    More than ``max_fail_fraction`` failed samples (checked once ``min_samples_checked`` were tried) raises
-    ``DataFailureError`` naming the shards, unless ``check_failures`` is False: then the caller decides from
-    ``stats`` (the trainer does, with the counts of all ranks, so that every rank stops at the same step).
+    Failures are checked from the first batch on: more than ``max(max_fail_count, max_fail_fraction x samples
+    tried)`` failed samples, or a start where not one sample loaded, raises ``DataFailureError`` naming the
+    shards and the most frequent reasons (``max_fail_fraction`` 0: the first failure does). Unless
+    ``check_failures`` is False: then the caller decides from ``stats`` (the trainer does, with the counts of
+    all ranks, so that every rank stops at the same step).
     """
 
     def __init__(
@@ -64,7 +80,7 @@ class ShardLoader:
         shuffle: bool = True,
         drop_last: bool = True,
         max_fail_fraction: float = 0.05,
-        min_samples_checked: int = 100,
+        max_fail_count: int = 5,
         prefetch_factor: int = 2,
         pin_memory: bool = False,
         persistent: bool = False,
@@ -82,7 +98,7 @@ class ShardLoader:
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.shuffle, self.drop_last, self.persistent = shuffle, drop_last, persistent
         self.check_failures = check_failures
-        self.max_fail_fraction, self.min_samples_checked = max_fail_fraction, min_samples_checked
+        self.max_fail_fraction, self.max_fail_count = max_fail_fraction, max_fail_count
         self.loader_kwargs = {"pin_memory": pin_memory}
         self.prefetch_factor = prefetch_factor
         if num_workers:
@@ -91,7 +107,7 @@ class ShardLoader:
         self.consumed = 0  # batches of ``epoch`` already handed out
         self.tried = 0
         self.failed: Counter[str] = Counter()  # shard name -> failed samples
-        self.last_failure: tuple[str, str, str] | None = None  # (shard, key, reason)
+        self.reasons: dict[str, list] = {}  # reason_kind -> [count, first (shard, key, reason)], this process
         self._batches = None  # the workers' batch iterator, from (epoch, consumed) on
         self._len = num_batches(self.shards.num_samples, batch_size, world_size, drop_last)
         if self._len == 0 and self.shards.num_samples:
@@ -141,22 +157,28 @@ class ShardLoader:
     def _count(self, batch: dict) -> None:
         self.tried += batch["num_samples"]
         self.failed.update(shard for shard, _, _ in batch["failures"])
-        if batch["failures"]:
-            self.last_failure = batch["failures"][-1]
-        message = self.failure_message(self.tried, self.failed) if self.check_failures else None
+        for failure in batch["failures"]:
+            self.reasons.setdefault(reason_kind(failure[2]), [0, tuple(failure)])[0] += 1
+        message = self.failure_message(self.tried, self.failed, self.reasons) if self.check_failures else None
         if message:
-            raise DataFailureError(f"{message}; the last: {self.last_failure}")
+            raise DataFailureError(message)
 
-    def failure_message(self, tried: int, failed: Counter[str]) -> str | None:
-        """Why the run must stop, if more than ``max_fail_fraction`` of ``tried`` samples failed; ``failed``
-        counts failures by shard (this loader's, or all ranks' summed)."""
+    def failure_message(self, tried: int, failed: Counter[str], reasons: dict[str, list]) -> str | None:
+        """Why the run must stop, if it must: more than max(``max_fail_count``, ``max_fail_fraction`` x
+        ``tried``) samples failed, or all of them did. ``failed`` counts failures by shard and ``reasons`` by
+        kind (this loader's, or all ranks' summed)."""
         total = sum(failed.values())
-        at_once = self.max_fail_fraction == 0  # no failure allowed: no need to wait for a fair sample either
-        if total <= self.max_fail_fraction * tried or (tried < self.min_samples_checked and not at_once):
+        allowed = 0 if self.max_fail_fraction == 0 else max(self.max_fail_count, self.max_fail_fraction * tried)
+        if total == 0 or (total <= allowed and total < tried):
             return None
-        worst = ", ".join(f"{name} ({n})" for name, n in failed.most_common())
-        return (f"{total} of {tried} samples failed to load (more than {self.max_fail_fraction:.0%}); "
-                f"failures by shard: {worst}")
+        why = "not one sample loaded" if total == tried else (
+            f"more than data.max_fail_count={self.max_fail_count} and data.max_fail_fraction="
+            f"{self.max_fail_fraction:.0%} allow")
+        worst = ", ".join(f"{name} ({n})" for name, n in failed.most_common(5))
+        return (f"{total} of {tried} samples failed to load ({why}). Most frequent reasons: "
+                f"{top_reasons(reasons)}. Failures by shard: {worst}{', ...' * (len(failed) > 5)}. Fix or "
+                f"remove those samples (python -m data.make_shards rewrites shards and lists what it skips), or "
+                f"raise data.max_fail_fraction")
 
     def shared_memory_needed(self) -> int:
         """Bytes of shared memory the workers may hold at once: each has up to ``prefetch_factor`` finished
@@ -173,7 +195,7 @@ class ShardLoader:
     def stats(self) -> dict:
         """Counts for logging: samples tried and failed since construction (or the restored state)."""
         return {"samples_tried": self.tried, "samples_failed": sum(self.failed.values()),
-                "failed_by_shard": dict(self.failed), "last_failure": self.last_failure}
+                "failed_by_shard": dict(self.failed), "reasons": self.reasons}
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed, "tried": self.tried,

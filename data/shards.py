@@ -37,7 +37,8 @@ from typing import BinaryIO
 from .decode import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from .sources import INFO_NAME, FetchError, ShardCache, Source, is_remote, local_path, read_url, shard_name
 
-__all__ = ["INFO_NAME", "SampleError", "ShardReader", "ShardSet", "index_tar", "scan_tar", "split_member_name"]
+__all__ = ["INFO_NAME", "SampleError", "ShardReader", "ShardSet", "ShardSetError", "index_tar", "scan_tar",
+           "split_member_name"]
 
 MEDIA_EXTENSIONS = VIDEO_EXTENSIONS + IMAGE_EXTENSIONS
 # Shard indexes a reader keeps: more than a rank's block of shards in an epoch (~16 for Kinetics on 64
@@ -51,6 +52,34 @@ IndexEntry = tuple[str, dict[str, tuple[int, int]], "int | None"]
 
 class SampleError(ValueError):
     """A sample cannot be read from its shard (missing after a truncation, no media member, bad metadata)."""
+
+
+class ShardSetError(ValueError):
+    """A dataset's info.json cannot be used: unreadable, malformed, or listing no shards."""
+
+
+def checked_entries(info: object, where: str) -> list[dict]:
+    """info.json's shard entries, each with a name and a non-negative integer sample count (and, where given,
+    byte size); anything else is one ShardSetError naming the file and the entry."""
+    redo = f"re-run python -m data.make_shards (or make_shards index SHARDS... --out {INFO_NAME})"
+    entries = info.get("shards") if isinstance(info, dict) else None
+    if not isinstance(entries, list):
+        raise ShardSetError(f"{where}: not a {INFO_NAME} of this project (no \"shards\" list): {redo}")
+    if not entries:
+        raise ShardSetError(f"{where}: lists no shards (every input skipped?): {redo}")
+
+    def count(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    for i, e in enumerate(entries):
+        if not (isinstance(e, dict) and isinstance(e.get("name"), str) and e["name"] and count(e.get("num_samples"))
+                and (e.get("bytes") is None or count(e["bytes"]))):
+            raise ShardSetError(f"{where}: shard entry {i} is not {{\"name\": str, \"num_samples\": int >= 0, "
+                                f"\"bytes\": int >= 0}}: {json.dumps(e)[:200]}: {redo}")
+    classes = info.get("classes")
+    if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        raise ShardSetError(f"{where}: \"classes\" is not a list of names: {redo}")
+    return entries
 
 
 def open_raw(path: str) -> BinaryIO:
@@ -91,14 +120,14 @@ class ShardSet:
             raise FetchError(f"{spec}: {e}. If there is no {INFO_NAME} there, write one with python -m "
                              f"data.make_shards index SHARDS... --out {INFO_NAME} and give its path") from e
         except ValueError as e:
-            raise ValueError(f"{source.info_url}: not a readable {INFO_NAME}: {e}") from e
-        entries = info["shards"]
+            raise ShardSetError(f"{source.info_url}: not a readable {INFO_NAME}: {e}") from e
+        entries = checked_entries(info, source.info_url)
         urls = [source.url(e["name"]) for e in entries]
         if source.selected is not None:  # a shard list: those shards, in its order
             by_name = {shard_name(u): e for e, u in zip(entries, urls)}
             missing = [u for u in source.selected if shard_name(u) not in by_name]
             if missing:
-                raise ValueError(f"{source.info_url} does not list {len(missing)} of the shards of {spec}, "
+                raise ShardSetError(f"{source.info_url} does not list {len(missing)} of the shards of {spec}, "
                                  f"e.g. {missing[0]}: re-run python -m data.make_shards index")
             entries = [by_name[shard_name(u)] for u in source.selected]
             urls = list(source.selected)

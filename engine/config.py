@@ -61,7 +61,8 @@ class DataConfig:
     rand_augment: str | None = None  # timm string, e.g. "rand-m7-n4-mstd0.5-inc1"
     repeat: int = 1  # repeated sampling: clips drawn per decoded video
     num_workers: int = 4
-    max_fail_fraction: float = 0.05  # stop when more samples than this fail to decode (0: at the first)
+    max_fail_fraction: float = 0.05  # stop when more samples than this fail to decode (0: at the first)...
+    max_fail_count: int = 5  # ... and more than this many: checked from the first batch (data.ShardLoader)
     shard_mix: int = 8  # shards each training batch draws from (lanes interleaved per worker)
     cache_dir: str = ""  # node-local folder for remote shards; "": one in the system's temp dir
     cache_gb: float = 0.0  # its size bound (least recently used shards go first); 0: unbounded
@@ -195,8 +196,10 @@ def check_values(config: RunConfig) -> None:
         raise ConfigError(f"train.max_steps={config.train.max_steps}: must be at least 1 (or unset)")
     if config.data.num_workers < 0 or config.log.visualize_every < 0:
         raise ConfigError("data.num_workers and log.visualize_every cannot be negative")
-    if config.data.fetch_retries < 0 or config.data.cache_gb < 0:
-        raise ConfigError("data.fetch_retries and data.cache_gb cannot be negative")
+    if config.data.fetch_retries < 0 or config.data.cache_gb < 0 or config.data.max_fail_count < 0:
+        raise ConfigError("data.fetch_retries, data.cache_gb and data.max_fail_count cannot be negative")
+    if not 0 <= config.data.max_fail_fraction <= 1:
+        raise ConfigError(f"data.max_fail_fraction={config.data.max_fail_fraction}: must be in [0, 1]")
     if config.train.mode not in ("finetune", "linear_probe"):
         raise ConfigError(f"train.mode={config.train.mode!r}: use finetune or linear_probe")
     if config.eval.knn.temperature <= 0:

@@ -37,24 +37,25 @@ def check_geometry(cfg: RunConfig, input_size: tuple[int, ...]) -> None:
 
 
 def check_failures(loader: ShardLoader, accelerator: Accelerator, where: str) -> int:
-    """Failed samples summed over the ranks (returned for logging); past `data.max_fail_fraction` every rank
-    raises the same DataFailureError. Callers use it where the ranks synchronise anyway (log steps, saves, the
-    end of an evaluation), so all stop together; a rank deciding alone on its own counts left the others
-    waiting in a collective until it timed out. Loaders built here leave the decision to this function."""
+    """Failed samples summed over the ranks (returned for logging); past the limits of `data.max_fail_count`
+    and `data.max_fail_fraction` (data.ShardLoader) every rank raises the same DataFailureError. Callers use it
+    where the ranks synchronise anyway (log steps, saves, the end of an evaluation, the first optimizer steps),
+    so all stop together; a rank deciding alone on its own counts left the others waiting in a collective
+    until it timed out. Loaders built here leave the decision to this function."""
     stats = loader.stats
     tried, failed = accelerator.reduce(
         torch.tensor([stats["samples_tried"], stats["samples_failed"]], device=accelerator.device),
         reduction="sum").tolist()
     if failed:
         by_shard: Counter[str] = Counter()
-        reports = gather_object([(stats["failed_by_shard"], stats.get("last_failure"))])
-        for counts, _ in reports:
+        reasons: dict[str, list] = {}
+        for counts, kinds in gather_object([(stats["failed_by_shard"], stats["reasons"])]):
             by_shard.update(counts)
-        message = loader.failure_message(tried, by_shard)
+            for kind, (count, example) in kinds.items():
+                reasons.setdefault(kind, [0, example])[0] += count
+        message = loader.failure_message(tried, by_shard, reasons)
         if message:
-            last = next((f"; the last (rank {rank}): {report}" for rank, (_, report) in reversed(
-                list(enumerate(reports))) if report), "")
-            raise DataFailureError(f"{message} (all {accelerator.num_processes} ranks, {where}){last}")
+            raise DataFailureError(f"{where}, all {accelerator.num_processes} ranks: {message}")
     return failed
 
 
@@ -96,7 +97,8 @@ def train_loader(cfg: RunConfig, rank: int, world_size: int, input_size: tuple[i
                           mask_ratio=mask_ratio)
     loader = ShardLoader(d.train, sample, cfg.train.batch_size // d.repeat, seed=cfg.seed, rank=rank,
                          world_size=world_size, num_workers=d.num_workers, shuffle=True, drop_last=True,
-                         max_fail_fraction=d.max_fail_fraction, pin_memory=PIN_MEMORY, persistent=True,
+                         max_fail_fraction=d.max_fail_fraction, max_fail_count=d.max_fail_count,
+                         pin_memory=PIN_MEMORY, persistent=True,
                          check_failures=False,  # the trainer decides, on the counts of all ranks
                          shard_mix=d.shard_mix, cache=shard_cache(cfg))
     return loader
@@ -114,6 +116,7 @@ def eval_loader(cfg: RunConfig, rank: int, world_size: int, input_size: tuple[in
                           spatial_views=spatial, temporal_views=temporal)
     loader = ShardLoader(shards or d.val, sample, cfg.eval.batch_size, seed=cfg.seed, rank=rank,
                          world_size=world_size, num_workers=d.num_workers, shuffle=False, drop_last=False,
-                         max_fail_fraction=d.max_fail_fraction, pin_memory=PIN_MEMORY, check_failures=False,
+                         max_fail_fraction=d.max_fail_fraction, max_fail_count=d.max_fail_count,
+                         pin_memory=PIN_MEMORY, check_failures=False,
                          cache=shard_cache(cfg), shard_mix=1)  # evaluation gains nothing from mixing shards
     return loader

@@ -99,6 +99,11 @@ class WindowMeans:
         return {n: total / count if count else float("nan") for n, (total, count) in zip(names, totals)}
 
 
+# Optimizer steps at the start of a run before each of which the data failures of all ranks are checked (later,
+# at log steps): data that is mostly garbage stops the run before it trains on it, or overwrites anything.
+EARLY_CHECK_STEPS = 20
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -327,6 +332,7 @@ class Trainer:
         if progress.step == 0 and hasattr(self.task, "monitor"):  # the curve starts from the initial weights
             metrics |= self.task.monitor(acc.unwrap_model(self.model), acc, self.logger, 0)
         window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
+        failed_shown = 0
         means = WindowMeans()
         self.model.train()
         evaluated_at = -1
@@ -341,6 +347,8 @@ class Trainer:
                         out = self.task.step(self.forward_model, batch)
                     acc.backward(out["loss"])
                     if acc.sync_gradients:
+                        if progress.step < EARLY_CHECK_STEPS:
+                            check_failures(self.loader, acc, f"before step {progress.step + 1}")
                         grad_norm = self._optimizer_step()
                 means.add(out, weight=float(has_valid_rows))
                 window_samples += len(batch["label"]) * self.world
@@ -360,6 +368,10 @@ class Trainer:
                 if logs:
                     elapsed = time.perf_counter() - window_start
                     failed = check_failures(self.loader, acc, f"step {progress.step}")
+                    if failed > failed_shown:  # shown as it grows, with or without the progress bar
+                        self._print(f"step {progress.step}: {failed} samples failed to load so far (all ranks); "
+                                    f"the run stops past data.max_fail_count / data.max_fail_fraction")
+                        failed_shown = failed
                     scalars = {f"train/{k}": v for k, v in means.read(acc).items()}
                     # The largest lr: with layer decay, the head's group (group 0 is the most decayed).
                     top_lr = max(g["lr"] for g in self.optimizer.param_groups)
@@ -369,7 +381,8 @@ class Trainer:
                                 "data/samples_failed": failed,
                                 "train/nonfinite_steps": progress.nonfinite_total}
                     self.logger.scalars(scalars, progress.step)
-                    bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", lr=f"{scalars['train/lr']:.2e}")
+                    bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", lr=f"{scalars['train/lr']:.2e}",
+                                    **({"failed": failed} if failed else {}))
                     metrics["final_loss"] = scalars["train/loss"]
                     window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
                 bar.update(1)

@@ -10,18 +10,17 @@ Results: TensorBoard logs in output_dir/tb, metrics.json (top1, top5, top1_shuff
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 
-from engine.config import ConfigError, RunConfig, parse_args, to_yaml
+from engine.config import RunConfig, parse_args, to_yaml
+from engine.errors import one_line_errors
 from engine.tblog import TrainLogger
 from engine.trainer import Trainer
 from finetune.probe import features_suffice, probe_on_features
 from finetune.task import FinetuneTask, describe
-from models import CheckpointError
 
 
 def announce(task: FinetuneTask, logger: TrainLogger, is_main: bool) -> None:
@@ -56,7 +55,7 @@ def run_without_trainer(task: FinetuneTask, model, accelerator: Accelerator, cfg
 def main(argv: list[str] | None = None) -> dict[str, float]:
     cfg = parse_args(__doc__, argv)
     task = FinetuneTask()
-    try:  # bad keys, model overrides or checkpoints stop here, before any work
+    with one_line_errors(TypeError, KeyError):  # bad keys, model overrides or checkpoints: before any work
         if cfg.eval_only or features_suffice(cfg):
             accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
             torch.manual_seed(cfg.seed)  # as the Trainer seeds: a random-init encoder is the same every run
@@ -64,16 +63,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         else:
             trainer = Trainer(task, cfg)
             accelerator = trainer.accelerator
-    except (ConfigError, CheckpointError, FileNotFoundError, TypeError, KeyError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from err
-    if cfg.eval_only or features_suffice(cfg):
-        metrics = run_without_trainer(task, model, accelerator, cfg)
-    else:
-        if not cfg.data.val and trainer.is_main:
-            print("note: data.val is not set: training without evaluation")
-        announce(task, trainer.logger, trainer.is_main)
-        metrics = trainer.fit()
+    with one_line_errors():  # e.g. data that fails to load: the run stops before it writes anything more
+        if cfg.eval_only or features_suffice(cfg):
+            metrics = run_without_trainer(task, model, accelerator, cfg)
+        else:
+            if not cfg.data.val and trainer.is_main:
+                print("note: data.val is not set: training without evaluation")
+            announce(task, trainer.logger, trainer.is_main)
+            metrics = trainer.fit()
     if accelerator.is_main_process:
         shown = ", ".join(f"{k} {metrics[k]:.2f}%" for k in ("top1", "top5", "top1_shuffled", "chance")
                           if k in metrics)

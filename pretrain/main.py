@@ -8,10 +8,10 @@ Setup only: the loop is engine.trainer.Trainer; the step and the viewer are pret
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-from engine.config import ConfigError, parse_args
+from engine.config import parse_args
+from engine.errors import one_line_errors
 from engine.trainer import Trainer
 from pretrain.knn_curve import write_curve
 from pretrain.task import PretrainTask
@@ -19,12 +19,10 @@ from pretrain.task import PretrainTask
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     cfg = parse_args(__doc__, argv)
-    try:
+    with one_line_errors(TypeError, KeyError):  # and bad model overrides: before any work
         trainer = Trainer(PretrainTask(), cfg)
-    except (ConfigError, TypeError, KeyError) as err:  # bad keys or model overrides: before any work
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from err
-    metrics = trainer.fit()
+    with one_line_errors():  # e.g. data that fails to load: the run stops before it writes anything more
+        metrics = trainer.fit()
     if trainer.is_main:
         print(f"done: {trainer.progress.step} steps; TensorBoard logs in {cfg.output_dir}/tb "
               f"(tensorboard --logdir {cfg.output_dir}); checkpoints in {cfg.output_dir}/checkpoint-*; "

@@ -188,8 +188,8 @@ def test_failed_samples_keep_their_rows_as_invalid_stand_ins(dirty):
 
 
 def test_too_many_failures_stop_the_run_naming_the_shards(dirty):
-    loader = ShardLoader(dirty, SAMPLE, batch_size=3, num_workers=0, max_fail_fraction=0.2,
-                         min_samples_checked=6, shuffle=False)
+    loader = ShardLoader(dirty, SAMPLE, batch_size=3, num_workers=0, max_fail_fraction=0.2, max_fail_count=1,
+                         shuffle=False)
     with pytest.raises(DataFailureError, match="shard-000000.tar"):
         run_epoch(loader)
 

@@ -1,0 +1,96 @@
+"""Bad data stops a run early and clearly (issue 22): failures are counted from the first batch, a run whose
+data does not load stops before its first optimizer step and writes nothing, and a malformed info.json is one
+line naming the file."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from launch import image_tree
+
+from data.loader import DataFailureError, ShardLoader
+from data.make_shards import folder_inputs, shard_inputs
+from data.samples import SampleConfig
+from data.shards import ShardSet, ShardSetError
+from data.synthetic import write_shard_dir
+from pretrain import main as pretrain_main
+
+SAMPLE = SampleConfig(num_frames=1, crop_size=32)
+RUN = ["--config", "configs/pretrain/fmnist_hiera.yaml", "train.batch_size=4", "train.max_steps=2",
+       "data.num_workers=0", "log.progress=false", "log.visualize_every=0", "log.every=1"]
+
+
+@pytest.fixture(scope="module")
+def good_shards(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("good")
+    inputs, classes = folder_inputs(image_tree(root / "images", {"train": 4}) / "train")
+    shard_inputs(inputs, classes, root / "shards", per_shard=6)
+    return root / "shards"
+
+
+def mixed_shards(root: Path, good: int, bad: int) -> Path:
+    """One image shard: `good` real PNGs (from image_tree) and `bad` members of two kinds of garbage."""
+    pngs = sorted((image_tree(root / "images", {"train": good}) / "train").rglob("*.png"))[:good]
+    samples = [(f"good{i}", "png", p.read_bytes(), 0) for i, p in enumerate(pngs)]
+    samples += [(f"bad{i}", "png", b"not a png" if i % 2 else b"", 0) for i in range(bad)]
+    return write_shard_dir(root / "shards", [samples], media="image")
+
+
+def test_failures_count_from_the_first_batch_with_reasons(tmp_path):
+    """30% of 20 failing, with max_fail_fraction 0.05: stopped within the first batches (the old check waited
+    for 100 samples), naming the kinds of failure with an example key and shard."""
+    shards = mixed_shards(tmp_path, good=14, bad=6)
+    loader = ShardLoader(shards, SAMPLE, batch_size=10, shuffle=False, drop_last=False)
+    with pytest.raises(DataFailureError) as caught:
+        list(loader)
+    message = str(caught.value)
+    assert message.startswith("6 of 20 samples failed to load (more than data.max_fail_count=5")
+    assert "3 x 'zero-byte input' (e.g. bad0 in shard-000000.tar" in message
+    assert "3 x 'unreadable image' (e.g. bad1 in shard-000000.tar" in message
+    # Up to max_fail_count failures pass, whatever the fraction: 5 of 20 is a small sample's bad luck.
+    assert len(list(ShardLoader(mixed_shards(tmp_path / "five", good=15, bad=5), SAMPLE, batch_size=10))) == 2
+
+
+def test_a_first_batch_that_all_fails_stops_at_once(tmp_path):
+    loader = ShardLoader(mixed_shards(tmp_path, good=0, bad=4), SAMPLE, batch_size=2, max_fail_count=100)
+    with pytest.raises(DataFailureError, match=r"^2 of 2 samples failed to load \(not one sample loaded\)"):
+        list(loader)
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "config.yaml"}
+
+
+def test_garbage_stops_before_the_first_step_and_leaves_a_good_run_alone(good_shards, tmp_path, capsys):
+    out = tmp_path / "run"
+    pretrain_main.main([*RUN, f"data.train={good_shards}", f"output_dir={out}"])
+    before = digest(out)
+    assert any("checkpoint-00000002" in name for name in before) and "encoder.safetensors" in before
+    garbage = mixed_shards(tmp_path / "garbage", good=0, bad=12)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        pretrain_main.main([*RUN, f"data.train={garbage}", f"output_dir={out}"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: before step 1, all 1 ranks: 4 of 4 samples failed to load")
+    after = digest(out)  # no checkpoint or export written or replaced (a new, empty event file is all)
+    assert {name: after[name] for name in before} == before
+    assert {name for name in after if name not in before and not name.startswith("tb/")} == set()
+
+
+@pytest.mark.parametrize("info, message", [
+    ({"version": 1}, 'no "shards" list'),
+    ({"shards": []}, "lists no shards"),
+    ({"shards": [{"name": "shard-000000.tar", "num_samples": -3}]}, "shard entry 0 is not"),
+    ({"shards": [{"name": "shard-000000.tar", "num_samples": 2}], "classes": [1, 2]}, '"classes" is not a list'),
+])
+def test_malformed_info_json_is_one_clear_error(tmp_path, capsys, info, message):
+    (tmp_path / "info.json").write_text(json.dumps(info))
+    with pytest.raises(ShardSetError, match=message):
+        ShardSet.load(str(tmp_path))
+    with pytest.raises(SystemExit) as stopped:
+        pretrain_main.main([*RUN, f"data.train={tmp_path}", f"output_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stopped.value.code == 2 and len(err) == 1 and str(tmp_path / "info.json") in err[0], err
