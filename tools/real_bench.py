@@ -150,6 +150,8 @@ class Bench:
         path = self.out / "settings.json"
         if path.is_file():
             saved = json.loads(path.read_text())
+            # A budget field added since (absent from the saved settings) had no say in the parts measured.
+            saved["budget"] = {**settings["budget"], **saved.get("budget", {})}
             changed = [k for k in settings if saved.get(k) != settings[k]]
             if changed:
                 raise BenchError(f"{self.out} holds a benchmark with other {', '.join(changed)} ({path}): use "
