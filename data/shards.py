@@ -51,7 +51,10 @@ IndexEntry = tuple[str, dict[str, tuple[int, int]], "int | None"]
 
 
 class SampleError(ValueError):
-    """A sample cannot be read from its shard (missing after a truncation, no media member, bad metadata)."""
+    """A sample cannot be read from its shard (missing after a truncation, no media member, bad metadata);
+    `key` is the sample's key where it is known."""
+
+    key: str | None = None
 
 
 class ShardSetError(ValueError):
@@ -80,6 +83,18 @@ def checked_entries(info: object, where: str) -> list[dict]:
     if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
         raise ShardSetError(f"{where}: \"classes\" is not a list of names: {redo}")
     return entries
+
+
+def class_id(label: object, num_classes: int) -> int:
+    """A sample's label as a class id: an integer in [0, num_classes) (any non-negative one when info.json lists
+    no classes), or -1 for unlabelled; anything else is a SampleError, so that it fails loudly as a sample
+    instead of training a wrong class or crashing a loss."""
+    if isinstance(label, bool) or not isinstance(label, int):
+        raise SampleError(f"label {label!r} is not an integer class id")
+    if label < -1 or (num_classes and label >= num_classes):
+        raise SampleError(f"label {label} is not a class id of info.json, whose {num_classes} classes are 0 to "
+                          f"{num_classes - 1} (-1: unlabelled)")
+    return label
 
 
 def open_raw(path: str) -> BinaryIO:
@@ -241,6 +256,8 @@ def raw_label(files: dict[str, tuple[int, int]], read: Callable[[tuple[int, int]
             if kind == "json":
                 meta = json.loads(text)
                 label = meta.get("label") if isinstance(meta, dict) else None
+                if isinstance(label, (bool, float)):  # int() would truncate them into some class
+                    raise ValueError(f"label {label!r} is not an integer class id")
                 return None if label is None else int(label)
             return int(text) if kind == "cls" or text.lstrip("-").isdigit() else text
     return None
@@ -347,18 +364,23 @@ class ShardReader:
         if member >= len(index):
             raise SampleError(f"sample {member} missing: shard holds {len(index)} (truncated?)")
         key, files, label = index[member]
-        media = media_member(files)
-        if media is None:
-            raise SampleError(f"no media member among {sorted(files)}")
-        f = self._file(shard)
-        if label is None:
-            try:
-                label = read_label(files, lambda where: read_member(f, where), self.shards.classes)
-            except (ValueError, UnicodeDecodeError) as e:
-                raise SampleError(f"bad label metadata: {e}") from e
-        data = read_member(f, files[media])
-        if len(data) != files[media][1]:
-            raise SampleError(f"member {key}.{media} cut short: {len(data)} of {files[media][1]} bytes")
+        try:
+            media = media_member(files)
+            if media is None:
+                raise SampleError(f"no media member among {sorted(files)}")
+            f = self._file(shard)
+            if label is None:
+                try:
+                    label = read_label(files, lambda where: read_member(f, where), self.shards.classes)
+                except (ValueError, UnicodeDecodeError) as e:
+                    raise SampleError(f"bad label metadata: {e}") from e
+            label = class_id(label, len(self.shards.classes))
+            data = read_member(f, files[media])
+            if len(data) != files[media][1]:
+                raise SampleError(f"member {key}.{media} cut short: {len(data)} of {files[media][1]} bytes")
+        except SampleError as e:
+            e.key = key
+            raise
         return key, last_extension(media), data, {"label": label}
 
     def _close(self, f: BinaryIO, lock: int | None) -> None:

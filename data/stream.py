@@ -137,6 +137,7 @@ class ShardStream(IterableDataset):
                 key, ext, data, meta = reader.read(shard, member)
                 views = processor(data, ext, self.seed, epoch, position, out=pixels[rows])
             except (DecodeError, SampleError) as e:
+                key = getattr(e, "key", None) or key
                 if planned_valid:  # a padding copy's failure is already counted where the sample is planned
                     failures.append((self.shards.names[shard], key, str(e)))
                 failed_slots.append(rows)

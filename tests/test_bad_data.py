@@ -14,6 +14,7 @@ from data.make_shards import folder_inputs, shard_inputs
 from data.samples import SampleConfig
 from data.shards import ShardSet, ShardSetError
 from data.synthetic import write_shard_dir
+from finetune import main as finetune_main
 from pretrain import main as pretrain_main
 
 SAMPLE = SampleConfig(num_frames=1, crop_size=32)
@@ -94,3 +95,28 @@ def test_malformed_info_json_is_one_clear_error(tmp_path, capsys, info, message)
         pretrain_main.main([*RUN, f"data.train={tmp_path}", f"output_dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert stopped.value.code == 2 and len(err) == 1 and str(tmp_path / "info.json") in err[0], err
+
+
+def test_labels_outside_the_class_list_fail_as_samples(tmp_path, capsys):
+    """A label that is not a class id of info.json (too large, negative, a string, a bool, a float) fails its
+    sample with the reason; fine-tuning on such data stops before its first step instead of a crash in the
+    loss (on a GPU, a device-side assert)."""
+    png = sorted((image_tree(tmp_path / "images", {"train": 2}) / "train").rglob("*.png"))[0].read_bytes()
+    labels = [0, 999, -5, "cat", True, 2.5, 3]
+    shards = write_shard_dir(tmp_path / "shards", [[(f"s{i}", "png", png, label) for i, label in enumerate(labels)]],
+                             media="image")  # the synthetic class list: 4 classes
+    loader = ShardLoader(shards, SAMPLE, batch_size=7, drop_last=False, shuffle=False, max_fail_fraction=1.0,
+                         max_fail_count=10)
+    [batch] = list(loader)
+    assert batch["label"][batch["valid"]].tolist() == [0, 3]
+    reasons = {key: reason for _, key, reason in batch["failures"]}
+    assert reasons["s1"] == "label 999 is not a class id of info.json, whose 4 classes are 0 to 3 (-1: unlabelled)"
+    assert reasons["s4"] == "bad label metadata: label True is not an integer class id"
+    assert reasons["s3"].startswith("bad label metadata") and set(reasons) == {"s1", "s2", "s3", "s4", "s5"}
+
+    bad = write_shard_dir(tmp_path / "bad", [[(f"s{i}", "png", png, 999) for i in range(8)]], media="image")
+    with pytest.raises(SystemExit) as stopped:
+        finetune_main.main(["--config", "configs/finetune/fmnist_hiera.yaml", "model.pretrained=null",
+                            f"data.train={bad}", f"output_dir={tmp_path / 'run'}", *RUN[2:]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stopped.value.code == 2 and len(err) == 1 and "label 999 is not a class id" in err[0], err
