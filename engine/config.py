@@ -59,6 +59,7 @@ class DataConfig:
     scale: list[float] = field(default_factory=lambda: [0.5, 1.0])
     hflip: float = 0.5
     rand_augment: str | None = None  # timm string, e.g. "rand-m7-n4-mstd0.5-inc1"
+    random_erase: float = 0.0  # fine-tuning: probability of timm's RandomErasing (pixel mode; video: every frame)
     repeat: int = 1  # repeated sampling: clips drawn per decoded video
     num_workers: int = 4
     max_fail_fraction: float = 0.05  # stop when more samples than this fail to decode (0: at the first)...
@@ -123,7 +124,8 @@ class EvalConfig:
     temporal_views: int = 5
     batch_size: int = 8
     every_epochs: int = 1  # fine-tuning: evaluate after every this many passes
-    shuffled: bool = True  # video: also evaluate with each clip's frames permuted (temporal reliance)
+    shuffled: bool = True  # video: the final evaluation also with each clip's frames permuted (temporal reliance)
+    shuffled_every: bool = False  # ... and every periodic evaluation too (which doubles their cost)
     knn: KnnConfig = field(default_factory=KnnConfig)
 
 

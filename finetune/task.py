@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from timm.data import Mixup
+from timm.data.random_erasing import RandomErasing
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn import functional as F
@@ -117,6 +118,9 @@ class FinetuneTask:
         if t.mixup > 0 or t.cutmix > 0:
             self.mixup = Mixup(mixup_alpha=t.mixup, cutmix_alpha=t.cutmix, label_smoothing=t.label_smoothing,
                                num_classes=self.num_classes)
+        # timm's recipe (mode "pixel": normal noise in normalised space, one box); built on the first step, where
+        # the device is known.
+        self.erase = None
         # The EMA starts from the initialised weights; it is what gets evaluated and exported when enabled.
         self.ema = ModelEmaV3(model, decay=t.ema_decay) if t.ema_decay else None
         self.ema_on_device = False
@@ -128,6 +132,12 @@ class FinetuneTask:
 
     def step(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         x, labels, valid = media_of(batch, self.loader.sample), batch["label"], batch["valid"].float()
+        if self.cfg.data.random_erase > 0:
+            if self.erase is None:
+                self.erase = RandomErasing(self.cfg.data.random_erase, mode="pixel", device=x.device)
+            # On a 4-D view with time folded into channels, timm erases one box through every frame of a clip
+            # (SlowFast's "cube" mode); the view shares x's memory and timm erases in place.
+            self.erase(x.flatten(1, 2) if x.dim() == 5 else x)
         if self.mixup is None:
             logits = model(x)
             losses = F.cross_entropy(logits, labels, label_smoothing=self.cfg.train.label_smoothing, reduction="none")
@@ -135,8 +145,7 @@ class FinetuneTask:
             return {"loss": valid_mean(losses, valid), "acc": valid_mean(hits, valid)}
         even = len(x) // 2 * 2  # pairs are mixed: an odd batch leaves its last row out
         x, labels, valid = x[:even], labels[:even], valid[:even]
-        # timm's Mixup boxes the last two dims of a 4-D batch: fold time into channels so that a video
-        # [B, C, T, H, W] gets one box for all its frames (the view shares memory, Mixup works in place).
+        # timm's Mixup boxes the last two dims of a 4-D batch: time folded into channels, as for erasing.
         folded, targets = self.mixup(x.flatten(1, 2) if x.dim() == 5 else x, labels)
         return {"loss": valid_mean(F.cross_entropy(model(folded.view_as(x)), targets, reduction="none"), valid)}
 
@@ -191,13 +200,16 @@ class FinetuneTask:
         final = step >= schedule(cfg, steps_per_pass)[0]
         if not cfg.data.val or not (final or round(step / steps_per_pass) % cfg.eval.every_epochs == 0):
             return {}
-        return self.evaluate(self.final_model(model), accelerator, logger, step)
+        return self.evaluate(self.final_model(model), accelerator, logger, step, final)
 
-    def evaluate(self, model: nn.Module, accelerator: Accelerator, logger: TrainLogger, step: int) -> dict:
+    def evaluate(self, model: nn.Module, accelerator: Accelerator, logger: TrainLogger, step: int,
+                 final: bool = True) -> dict:
+        """The multi-view metrics (written out); with frames shuffled too at the final evaluation
+        (`eval.shuffled`) or at every one (`eval.shuffled_every`)."""
         cfg = self.cfg
         loader = eval_loader(cfg, accelerator.process_index, accelerator.num_processes, self.input_size)
-        results = evaluate(model, loader, accelerator, self.num_classes,
-                           shuffle_seed=cfg.seed if cfg.eval.shuffled else None)
+        shuffled = cfg.eval.shuffled and (final or cfg.eval.shuffled_every)
+        results = evaluate(model, loader, accelerator, self.num_classes, shuffle_seed=cfg.seed if shuffled else None)
         views = cfg.eval.spatial_views * cfg.eval.temporal_views
         output_dir = cfg.output_dir if accelerator.is_main_process else None
         metrics = write_results(results, list(self.classes), views, logger, output_dir, step)

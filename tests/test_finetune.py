@@ -24,6 +24,7 @@ from data.synthetic import CLASSES, kinetics_name, write_corrupt
 from engine import checkpoint
 from engine.config import ConfigError, load_config
 from engine.loaders import media_of
+from engine.trainer import Trainer
 from finetune.probe import LinearProbe
 from finetune.task import FinetuneTask
 from models import create_model, load_pretrained
@@ -323,3 +324,49 @@ def test_feature_export_resumes_after_a_kill_and_equals_forward_features(demo_sh
     assert exported["index"].tolist() == list(range(16))
     info = json.loads((tmp_path / "straight" / "info.json").read_text())
     assert info["num_samples"] == 16 and info["classes"] == sorted(CLASSES)
+
+
+def test_random_erasing_boxes_every_frame_of_a_clip_alike(demo_shards):
+    """data.random_erase=1: the clips the model sees in a fine-tuning step have one box of noise, in the same
+    place in every frame and channel (SlowFast's cube mode, timm's RandomErasing), the rest untouched."""
+    cfg = load_config([DEMO], [f"data.train={demo_shards['train']}", f"data.val={demo_shards['val']}",
+                               "model.pretrained=null", "data.num_workers=0",
+                               "data.random_erase=1.0", "train.batch_size=4", *SIZE[:2],
+                               "model.name=hiera_base_16x224",
+                               *(f"model.extra.{k}={v}" for k, v in TINY.items() if k != "input_size")])
+    task = FinetuneTask()
+    model = task.build_model(cfg)
+    batch = next(iter(task.train_loader(cfg, 0, 1)))
+    seen = []
+
+    class Recorder(torch.nn.Module):  # the real model, with its input kept
+        def forward(self, x):
+            seen.append(x.clone())
+            return model(x)
+
+    task.step(Recorder(), batch)
+    changed = seen[0] != media_of(batch, task.loader.sample)  # [N, 3, T, S, S]
+    where = changed.flatten(1, 2)  # [N, 3T, S, S]
+    assert (where.any(1) == where.all(1)).all()  # a pixel is erased in every frame and channel, or in none
+    for box in where.any(1):
+        rows, cols = box.any(1).nonzero().flatten(), box.any(0).nonzero().flatten()
+        assert len(rows) and box[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()  # one rectangle
+
+
+def test_shuffled_frames_run_at_the_final_evaluation_only_unless_asked(demo_shards, mae_encoder, tmp_path):
+    """Periodic evaluations after each pass; the shuffled-frames test, which doubles an evaluation's cost, only
+    at the last one, or at every one with eval.shuffled_every=true (read back from TensorBoard)."""
+    def shuffled_steps(out: Path, *extra: str) -> tuple[list[int], list[int]]:
+        cfg = load_config([DEMO], [f"data.train={demo_shards['train']}", f"data.val={demo_shards['val']}",
+                                   f"model.pretrained={mae_encoder}", f"output_dir={out}", *SIZE, "data.num_workers=0",
+                                   "train.batch_size=8", "data.repeat=1", "train.max_steps=4", "eval.every_epochs=1",
+                                   "log.visualize_every=0", *extra])
+        Trainer(FinetuneTask(), cfg).fit()
+        events = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0})
+        events.Reload()
+        return ([e.step for e in events.Scalars("eval/top1")],
+                [e.step for e in events.Scalars("eval/top1_shuffled")] if "eval/top1_shuffled" in
+                events.Tags()["scalars"] else [])
+
+    assert shuffled_steps(tmp_path / "final") == ([2, 4], [4])  # 16 videos in batches of 8: a pass is 2 steps
+    assert shuffled_steps(tmp_path / "every", "eval.shuffled_every=true") == ([2, 4], [2, 4])
