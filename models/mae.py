@@ -37,6 +37,7 @@ class MAEConfig:
     norm_pix_loss: bool = True
     hog_bins: int = 9
     hog_cell: int = 8
+    hog_window: int = 16  # MaskFeat's Gaussian weighting of the magnitudes (0: none)
 
     def __post_init__(self):
         if self.target not in ("pixel", "hog"):
@@ -191,7 +192,8 @@ class MaskedAutoencoder(nn.Module):
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             x = x.float()
             if self.config.target == "hog":
-                return hog_targets(x, self.pred_stride, self.time_stride, self.config.hog_bins, self.config.hog_cell)
+                return hog_targets(x, self.pred_stride, self.time_stride, self.config.hog_bins, self.config.hog_cell,
+                                   self.config.hog_window)
             rows = patchify(x, self.pred_stride, self.time_stride)
             return norm_pix(rows) if self.config.norm_pix_loss else rows
 

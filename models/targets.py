@@ -56,11 +56,22 @@ def denorm_pix(pred: torch.Tensor, original_rows: torch.Tensor) -> torch.Tensor:
     return pred * (var + NORM_PIX_EPS) ** 0.5 + mean
 
 
-def hog_features(images: torch.Tensor, bins: int = 9, cell: int = 8) -> torch.Tensor:
+def gaussian_window(size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[size, size] Gaussian of std size // 2, summing to 1 (MaskFeat's `get_gkern(size, size // 2)`)."""
+    n = torch.arange(size, device=device, dtype=dtype)
+    g = torch.exp(-0.5 * ((n - n.mean()) / (size // 2)) ** 2)
+    window = torch.outer(g, g)
+    return window / window.sum()
+
+
+def hog_features(images: torch.Tensor, bins: int = 9, cell: int = 8, window: int = 16) -> torch.Tensor:
     """MaskFeat HOG: [B, C, H, W] -> [B, C, bins, H/cell, W/cell].
 
     Sobel gradients per channel; each pixel votes its gradient magnitude into one of `bins` unsigned
     orientation bins; votes are summed over cell x cell pixels and L2-normalised per cell over the bins.
+    With `window` (MaskFeat / SlowFast `HOGLayerC(gaussian_window=16)`; 0: none), the magnitudes are first
+    weighted by a window x window Gaussian tiled over the image, so that each window's centre counts most
+    (a size that is not a multiple of the window gets the tiling cut at the border, where SlowFast asserts).
     """
     B, C, H, W = images.shape
     # Built on the device: a tensor copied from the host would stall the GPU stream every step.
@@ -71,6 +82,9 @@ def hog_features(images: torch.Tensor, bins: int = 9, cell: int = 8) -> torch.Te
     grads = F.conv2d(padded, kernels, groups=C).view(B, C, 2, H, W)
     gx, gy = grads[:, :, 0], grads[:, :, 1]
     magnitude = torch.sqrt(gx * gx + gy * gy)
+    if window:
+        tiles = gaussian_window(window, images.device, images.dtype).repeat(-(-H // window), -(-W // window))
+        magnitude = magnitude * tiles[:H, :W]
     phase = torch.atan2(gx, gy) / math.pi * bins  # in [-bins, bins]: unsigned orientations fold modulo bins
     bin_index = torch.floor(phase).long().remainder(bins)
     votes = torch.zeros(B, C, bins, H, W, device=images.device, dtype=images.dtype)
@@ -79,15 +93,17 @@ def hog_features(images: torch.Tensor, bins: int = 9, cell: int = 8) -> torch.Te
     return F.normalize(cells, p=2, dim=2)
 
 
-def hog_targets(x: torch.Tensor, patch: int, time_stride: int = 1, bins: int = 9, cell: int = 8) -> torch.Tensor:
+def hog_targets(x: torch.Tensor, patch: int, time_stride: int = 1, bins: int = 9, cell: int = 8,
+                window: int = 16) -> torch.Tensor:
     """HOG per decoder token: images [B, C, H, W] or video [B, C, T, H, W] (time-strided like the pixels)
     -> [B, N, C * bins * (patch / cell)^2]."""
     if x.dim() == 5:
         x = x[:, :, ::time_stride]
         B, C, T = x.shape[:3]
         frames = x.transpose(1, 2).reshape(B * T, C, *x.shape[3:])
-        return hog_targets(frames, patch, bins=bins, cell=cell).view(B, -1, C * bins * (patch // cell) ** 2)
+        return hog_targets(frames, patch, bins=bins, cell=cell, window=window).view(
+            B, -1, C * bins * (patch // cell) ** 2)
     B, C, H, W = x.shape
     per = patch // cell
-    cells = hog_features(x, bins, cell).view(B, C, bins, H // patch, per, W // patch, per)
+    cells = hog_features(x, bins, cell, window).view(B, C, bins, H // patch, per, W // patch, per)
     return cells.permute(0, 3, 5, 1, 2, 4, 6).reshape(B, (H // patch) * (W // patch), C * bins * per * per)

@@ -1,9 +1,11 @@
 """Masked autoencoder: equality with the official Hiera MAE, a single compiled graph, targets, reconstructions."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hiera.hiera_mae import MaskedAutoencoderHiera
 
 from models import create_model, load_pretrained
@@ -149,6 +151,39 @@ def test_hog_target():
     out = model(torch.rand(2, 3, 64, 64))
     assert out["pred"].shape == out["target"].shape == (2, 16, 3 * 9 * 4)
     assert torch.isfinite(out["loss"])
+
+
+def slowfast_hog(x: torch.Tensor, nbins: int = 9, pool: int = 8, gaussian_window: int = 16) -> torch.Tensor:
+    """SlowFast's HOGLayerC.forward (slowfast/models/operators.py, MaskFeat's target), written again here from
+    its source: reflect-padded Sobel per channel, magnitude weighted by a tiled Gaussian of std window // 2
+    normalised to sum 1, votes into floor(atan2(gx, gy) / pi * nbins) mod nbins, pool x pool sums, L2 over bins."""
+    weight_x = torch.tensor([[1.0, 0, -1], [2, 0, -2], [1, 0, -1]]).view(1, 1, 3, 3).repeat(3, 1, 1, 1)
+    weight_y = weight_x.transpose(2, 3)
+    n = torch.arange(0, gaussian_window).float()
+    n = (n - n.mean()) / (gaussian_window // 2)
+    g = torch.exp(-0.5 * n**2)
+    gkern = torch.outer(g, g) / torch.outer(g, g).sum()
+    x = F.pad(x, pad=(1, 1, 1, 1), mode="reflect")
+    gx = F.conv2d(x, weight_x, groups=3)
+    gy = F.conv2d(x, weight_y, groups=3)
+    norm = torch.stack([gx, gy], dim=-1).norm(dim=-1)
+    phase = torch.atan2(gx, gy) / math.pi * nbins
+    b, c, h, w = norm.shape
+    out = torch.zeros((b, c, nbins, h, w))
+    norm = norm.view(b, c, 1, h, w) * gkern.repeat([h // gaussian_window, h // gaussian_window])
+    out.scatter_add_(2, phase.view(b, c, 1, h, w).floor().long() % nbins, norm)
+    out = out.unfold(3, pool, pool).unfold(4, pool, pool).sum(dim=[-1, -2])
+    return F.normalize(out, p=2, dim=2)
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_hog_matches_slowfasts_layer_with_its_gaussian_window(size):
+    torch.manual_seed(0)
+    image = torch.rand(2, 3, size, size)
+    image[:, :, size // 4 : size // 2] += 1.0  # edges as well as noise
+    torch.testing.assert_close(hog_features(image), slowfast_hog(image), rtol=1e-5, atol=1e-6)
+    # The window matters: without it, cells whose gradients sit at a window's rim differ.
+    assert not torch.allclose(hog_features(image, window=0), slowfast_hog(image), atol=1e-3)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
