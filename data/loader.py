@@ -49,6 +49,18 @@ def top_reasons(reasons: dict[str, list], top: int = 5) -> str:
                      for kind, (count, (shard, key, reason)) in ranked)
 
 
+def shared_memory_for(sample: SampleConfig, batch_size: int, num_workers: int, is_image: bool,
+                      prefetch_factor: int = 2) -> int:
+    """Bytes of shared memory the workers of one loader may hold at once: each has up to `prefetch_factor`
+    finished batches queued and one in the making, allocated in shared memory (``stream._empty``)."""
+    if not num_workers:
+        return 0
+    views = sample.num_views * batch_size
+    pixels = views * 3 * sample.crop_size**2 * (1 if is_image else sample.num_frames)
+    masks = views * int(np.prod(sample.mask_grid)) if sample.mask_grid is not None else 0
+    return num_workers * (prefetch_factor + 1) * (pixels + masks)
+
+
 def _no_collate(batch):
     return batch  # the stream yields finished batches
 
@@ -181,15 +193,9 @@ class ShardLoader:
                 f"raise data.max_fail_fraction")
 
     def shared_memory_needed(self) -> int:
-        """Bytes of shared memory the workers may hold at once: each has up to ``prefetch_factor`` finished
-        batches queued and one in the making, allocated in shared memory (``stream._empty``)."""
-        if not self.num_workers:
-            return 0
-        views = self.sample.num_views * self.batch_size
-        frame = 3 * self.sample.crop_size**2
-        pixels = views * frame * (1 if self.shards.media == "image" else self.sample.num_frames)
-        masks = views * int(np.prod(self.sample.mask_grid)) if self.sample.mask_grid is not None else 0
-        return self.num_workers * (self.prefetch_factor + 1) * (pixels + masks)
+        """Bytes of shared memory the workers may hold at once (`shared_memory_for`)."""
+        return shared_memory_for(self.sample, self.batch_size, self.num_workers, self.shards.media == "image",
+                                 self.prefetch_factor)
 
     @property
     def stats(self) -> dict:

@@ -10,6 +10,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from data import DataFailureError, SampleConfig, ShardCache, ShardLoader, ShardSet, normalize
+from data.loader import shared_memory_for
 
 from .config import ConfigError, RunConfig
 
@@ -59,21 +60,40 @@ def check_failures(loader: ShardLoader, accelerator: Accelerator, where: str) ->
     return failed
 
 
-def shared_memory_shortfall(loader: ShardLoader, batch_key: str, shm: str = "/dev/shm") -> str | None:
-    """Why this node's /dev/shm is too small for `loader`'s workers, if it is. Workers hand batches over in
-    shared memory; a container's default /dev/shm (64 MB under Docker) is soon too small for video batches,
-    and running out kills a worker with a bus error hours in. The trainer asks at start, on every rank."""
-    needed = loader.shared_memory_needed()
+def evaluation_shared_memory(cfg: RunConfig, is_image: bool) -> int:
+    """Shared memory of the evaluation loader that runs while the training workers live (fine-tuning's
+    multi-view evaluation, or the k-NN monitor's, one loader at a time): 0 when the run has none."""
+    d, e = cfg.data, cfg.eval
+    views = (e.spatial_views, e.temporal_views) if d.val else (1, 1) if e.knn.train and e.knn.val else None
+    if views is None:
+        return 0
+    sample = SampleConfig(train=False, num_frames=d.num_frames, crop_size=d.crop_size, spatial_views=views[0],
+                          temporal_views=views[1])
+    return shared_memory_for(sample, e.batch_size, d.num_workers, is_image)
+
+
+def shared_memory_shortfall(cfg: RunConfig, loader: ShardLoader, batch_key: str, shm: str = "/dev/shm") -> str | None:
+    """Why this node's /dev/shm is too small for the data workers of its ranks, if it is: the training loader's
+    and the evaluation loader's of each rank, times the node's ranks (LOCAL_WORLD_SIZE). Workers hand batches
+    over in shared memory; a container's default /dev/shm (64 MB under Docker) is soon too small for video
+    batches, and running out kills a worker with a bus error hours in. The trainer asks at start, on every
+    rank."""
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    training = loader.shared_memory_needed()
+    evaluating = evaluation_shared_memory(cfg, loader.shards.media == "image")
+    needed = ranks * (training + evaluating)
     if not needed or not os.path.isdir(shm):
         return None
     stat = os.statvfs(shm)
     free = stat.f_bavail * stat.f_frsize
     if needed <= free:
         return None
-    return (f"the data workers may need {needed / 2**30:.2f} GiB of shared memory, but {shm} has "
-            f"{free / 2**30:.2f} GiB free: lower data.num_workers={loader.num_workers} or {batch_key}="
-            f"{loader.batch_size * loader.sample.num_views} (or data.num_frames / data.crop_size), or give the "
-            f"container more (docker run --shm-size=16g)")
+    keys = f"{batch_key}={loader.batch_size * loader.sample.num_views}" + (
+        f", eval.batch_size={cfg.eval.batch_size}" if evaluating else "")
+    return (f"the data workers of this node's {ranks} rank(s) may need {needed / 2**30:.2f} GiB of shared memory "
+            f"({training / 2**30:.2f} GiB for training and {evaluating / 2**30:.2f} GiB for evaluation per rank), "
+            f"but {shm} has {free / 2**30:.2f} GiB free: lower data.num_workers={loader.num_workers} or {keys} "
+            f"(or data.num_frames / data.crop_size), or give the container more (docker run --shm-size=16g)")
 
 
 def shard_cache(cfg: RunConfig) -> ShardCache:

@@ -263,7 +263,7 @@ class Trainer:
 
     def _check_shared_memory(self) -> None:
         """Every rank asks its node; all stop together (a node stopping alone leaves the others waiting)."""
-        short = shared_memory_shortfall(self.loader, "train.batch_size") if hasattr(
+        short = shared_memory_shortfall(self.cfg, self.loader, "train.batch_size") if hasattr(
             self.loader, "shared_memory_needed") else None
         found = [f"rank {rank}: {message}" for rank, message in enumerate(gather_object([short])) if message]
         if found:

@@ -107,6 +107,24 @@ def test_shared_memory_is_checked_at_start(demo_shards, tmp_path):
     cfg = load_config([DEMO], [f"data.train={demo_shards['train']}", f"output_dir={tmp_path}",
                                "data.num_workers=64", "data.num_frames=16", "data.crop_size=1024",
                                "model.input_size=[16,1024,1024]"])  # 64 workers x 3 batches x 805 MB
-    with pytest.raises(ConfigError, match=r"rank 0: the data workers may need .* GiB of shared memory, but "
-                                          r"/dev/shm has .* lower data.num_workers=64 or train.batch_size=16"):
+    with pytest.raises(ConfigError, match=r"rank 0: the data workers of this node's 1 rank\(s\) may need .* GiB "
+                                          r"of shared memory .* but /dev/shm has .* lower data.num_workers=64 or "
+                                          r"train.batch_size=16"):
         Trainer(PretrainTask(), cfg)
+
+
+def test_shared_memory_counts_every_local_rank_and_the_evaluation_loader(demo_shards, tmp_path, monkeypatch):
+    """What one rank's training workers need fits; the node's ranks together, or with the k-NN monitor's
+    evaluation loader of each rank, do not."""
+    free = shutil.disk_usage("/dev/shm").free
+    base = [f"data.train={demo_shards['train']}", f"output_dir={tmp_path}", "data.num_workers=2",
+            "train.batch_size=4"]  # 3 batches x 4 clips x 3 x 8 x 64 x 64 bytes a worker: about 1.2 MB
+    Trainer(PretrainTask(), load_config([DEMO], base))  # fits
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(free // 100_000))
+    with pytest.raises(ConfigError, match=r"this node's \d+ rank\(s\)"):
+        Trainer(PretrainTask(), load_config([DEMO], base))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    knn = [f"eval.knn.train={demo_shards['train']}", f"eval.knn.val={demo_shards['val']}"]
+    huge_eval = f"eval.batch_size={free // (2 * 3 * 3 * 8 * 64 * 64) + 1}"  # its 2 workers alone exceed it
+    with pytest.raises(ConfigError, match=r"for evaluation per rank.* eval.batch_size="):
+        Trainer(PretrainTask(), load_config([DEMO], [*base, *knn, huge_eval]))
