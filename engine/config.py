@@ -86,6 +86,8 @@ class TrainConfig:
     accum_steps: int = 1
     clip_grad: float | None = None
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory
+    tf32: bool = True  # CUDA: TF32 matmuls and convolutions where the run computes in fp32
+    cudnn_benchmark: bool = True  # CUDA: let cuDNN pick its fastest kernels for the run's fixed shapes
     mixed_precision: str | None = None  # no, bf16 or fp16; unset: accelerate launch's --mixed_precision
     checkpoint_every: int = 1000  # optimizer steps
     keep_checkpoints: int = 3

@@ -104,6 +104,16 @@ class WindowMeans:
 EARLY_CHECK_STEPS = 20
 
 
+def cuda_defaults(cfg: RunConfig, device: torch.device) -> None:
+    """On CUDA: TF32 for fp32 matmuls and convolutions (`train.tf32`; bf16 autocast regions are unaffected) and
+    cuDNN's autotuner (`train.cudnn_benchmark`), as the reference codebases train. Elsewhere: nothing."""
+    if device.type != "cuda":
+        return
+    torch.set_float32_matmul_precision("high" if cfg.train.tf32 else "highest")
+    torch.backends.cudnn.allow_tf32 = cfg.train.tf32
+    torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -131,6 +141,7 @@ class Trainer:
         if self.world > 1:
             self._check_shared_output_dir()
 
+        cuda_defaults(cfg, self.accelerator.device)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = task.build_model(cfg)
         if cfg.train.activation_checkpointing:

@@ -9,7 +9,7 @@ import torch
 from accelerate import Accelerator
 
 from engine.config import RunConfig
-from engine.trainer import Trainer, WindowMeans, schedule
+from engine.trainer import Trainer, WindowMeans, cuda_defaults, schedule
 
 
 class ListLoader:
@@ -126,3 +126,19 @@ def test_logged_scalars_are_window_means_without_non_finite_steps():
     assert means.read(Accelerator(cpu=True)) == {"acc": 0.25, "loss": 2.0}
     means.add({"loss": torch.tensor(float("inf"))})
     assert math.isnan(means.read(Accelerator(cpu=True))["loss"])
+
+
+def test_cuda_defaults_set_tf32_and_cudnn_autotuning_only_on_cuda(tmp_path):
+    before = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    try:
+        cuda_defaults(config(tmp_path), torch.device("cpu"))
+        assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32,
+                torch.backends.cudnn.benchmark) == before
+        cuda_defaults(config(tmp_path), torch.device("cuda"))  # setting flags needs no GPU
+        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.benchmark
+        cuda_defaults(config(tmp_path, tf32=False, cudnn_benchmark=False), torch.device("cuda"))
+        assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cudnn.allow_tf32
+        assert not torch.backends.cudnn.benchmark
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = before[1:]
