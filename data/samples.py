@@ -58,6 +58,7 @@ class SampleConfig:
     repeats: int = 1
     spatial_views: int = 1
     temporal_views: int = 1
+    crop_pct: float = 1.0  # eval: the views cover this fraction of the short side (timm's crop_pct)
     mask_grid: tuple[int, ...] | None = None  # mask-unit grid, e.g. (8, 7, 7); None: no mask
     mask_ratio: float = 0.9
 
@@ -134,7 +135,7 @@ class SampleProcessor:
             box = random_resized_crop_box(height, width, cfg.scale, cfg.ratio,
                                           position_rng(seed, epoch, index, view, "crop"))
         else:
-            box = spatial_view_boxes(height, width, cfg.spatial_views)[view % cfg.spatial_views]
+            box = spatial_view_boxes(height, width, cfg.spatial_views, cfg.crop_pct)[view % cfg.spatial_views]
         clip = crop_resize(clip, box, cfg.crop_size)
         if cfg.train and position_rng(seed, epoch, index, view, "flip").random() < cfg.hflip:
             clip = clip.flip(-1)

@@ -74,17 +74,21 @@ def random_resized_crop_box(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def spatial_view_boxes(height: int, width: int, num_views: int) -> list[Box]:
-    """Square boxes of the short side, uniformly spaced along the long side (SlowFast's 3-crop test).
+def spatial_view_boxes(height: int, width: int, num_views: int, crop_pct: float = 1.0) -> list[Box]:
+    """Square boxes of `crop_pct` of the short side, centred across it and uniformly spaced along the long side
+    (SlowFast's 3-crop test at 1.0; one view at 0.875 is timm's image evaluation).
 
-    Cropping these and resizing to the crop size equals resizing the short side first, then cropping.
+    Cropping these and resizing to the crop size equals resizing the short side to crop size / crop_pct
+    first, then cropping.
     """
-    side = min(height, width)
-    offsets = [(max(height, width) - side) // 2] if num_views == 1 else \
-        np.linspace(0, max(height, width) - side, num_views).round().astype(int).tolist()
+    short, long = min(height, width), max(height, width)
+    side = max(1, round(short * crop_pct))
+    across = (short - side) // 2
+    offsets = [(long - side) // 2] if num_views == 1 else \
+        np.linspace(0, long - side, num_views).round().astype(int).tolist()
     if height >= width:
-        return [(int(o), 0, side, side) for o in offsets]
-    return [(0, int(o), side, side) for o in offsets]
+        return [(int(o), across, side, side) for o in offsets]
+    return [(across, int(o), side, side) for o in offsets]
 
 
 def crop_resize(frames: torch.Tensor, box: Box, size: int) -> torch.Tensor:

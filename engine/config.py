@@ -122,8 +122,10 @@ class KnnConfig:
 
 @dataclass
 class EvalConfig:
-    spatial_views: int = 3
-    temporal_views: int = 5
+    spatial_views: int = 3  # video: crops along the long side, each of the whole short side (SlowFast)
+    temporal_views: int = 5  # video: clips spaced over its length
+    image_views: int = 1  # images: crops along the long side, each of image_crop_pct of the short side
+    image_crop_pct: float = 0.875  # images: timm's and Hiera's evaluation (resize to crop / 0.875, centre crop)
     batch_size: int = 8
     every_epochs: int = 1  # fine-tuning: evaluate after every this many passes
     shuffled: bool = True  # video: the final evaluation also with each clip's frames permuted (temporal reliance)
@@ -184,7 +186,7 @@ def load_config(config_files: list[str], overrides: list[str], schema: type = Ru
 
 _AT_LEAST_ONE = ("train.batch_size", "train.accum_steps", "train.checkpoint_every", "log.every",
                  "eval.batch_size", "eval.every_epochs", "eval.spatial_views", "eval.temporal_views",
-                 "data.repeat", "data.num_frames", "data.sampling_rate", "data.crop_size",
+                 "eval.image_views", "data.repeat", "data.num_frames", "data.sampling_rate", "data.crop_size",
                  "data.shard_mix", "eval.knn.every", "eval.knn.k", "eval.knn.max_samples")
 
 
@@ -202,6 +204,8 @@ def check_values(config: RunConfig) -> None:
         raise ConfigError("data.num_workers and log.visualize_every cannot be negative")
     if config.data.fetch_retries < 0 or config.data.cache_gb < 0 or config.data.max_fail_count < 0:
         raise ConfigError("data.fetch_retries, data.cache_gb and data.max_fail_count cannot be negative")
+    if not 0 < config.eval.image_crop_pct <= 1:
+        raise ConfigError(f"eval.image_crop_pct={config.eval.image_crop_pct}: must be in (0, 1]")
     if not 0 <= config.data.max_fail_fraction <= 1:
         raise ConfigError(f"data.max_fail_fraction={config.data.max_fail_fraction}: must be in [0, 1]")
     if config.train.mode not in ("finetune", "linear_probe"):

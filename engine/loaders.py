@@ -60,16 +60,28 @@ def check_failures(loader: ShardLoader, accelerator: Accelerator, where: str) ->
     return failed
 
 
+def eval_sample(cfg: RunConfig, is_image: bool, views: tuple[int, int] | None = None) -> SampleConfig:
+    """How evaluation cuts a sample: a video as `eval.spatial_views` x `eval.temporal_views` clips of its whole
+    short side (SlowFast, mae_st, Hiera), an image as `eval.image_views` centre crops of `eval.image_crop_pct` of
+    its short side (timm and Hiera: one view at 0.875). `views` (spatial, temporal) replaces the counts."""
+    d, e = cfg.data, cfg.eval
+    if is_image:
+        (spatial, temporal), crop_pct = ((views[0] if views else e.image_views), 1), e.image_crop_pct
+    else:
+        (spatial, temporal), crop_pct = views or (e.spatial_views, e.temporal_views), 1.0
+    return SampleConfig(train=False, num_frames=d.num_frames, sampling_rate=d.sampling_rate,
+                        target_fps=d.target_fps, crop_size=d.crop_size, spatial_views=spatial,
+                        temporal_views=temporal, crop_pct=crop_pct)
+
+
 def evaluation_shared_memory(cfg: RunConfig, is_image: bool) -> int:
     """Shared memory of the evaluation loader that runs while the training workers live (fine-tuning's
     multi-view evaluation, or the k-NN monitor's, one loader at a time): 0 when the run has none."""
-    d, e = cfg.data, cfg.eval
-    views = (e.spatial_views, e.temporal_views) if d.val else (1, 1) if e.knn.train and e.knn.val else None
-    if views is None:
+    e = cfg.eval
+    if not cfg.data.val and not (e.knn.train and e.knn.val):
         return 0
-    sample = SampleConfig(train=False, num_frames=d.num_frames, crop_size=d.crop_size, spatial_views=views[0],
-                          temporal_views=views[1])
-    return shared_memory_for(sample, e.batch_size, d.num_workers, is_image)
+    sample = eval_sample(cfg, is_image, None if cfg.data.val else (1, 1))
+    return shared_memory_for(sample, e.batch_size, cfg.data.num_workers, is_image)
 
 
 def shared_memory_shortfall(cfg: RunConfig, loader: ShardLoader, batch_key: str, shm: str = "/dev/shm") -> str | None:
@@ -126,15 +138,13 @@ def train_loader(cfg: RunConfig, rank: int, world_size: int, input_size: tuple[i
 
 def eval_loader(cfg: RunConfig, rank: int, world_size: int, input_size: tuple[int, ...],
                 shards: str | ShardSet | None = None, views: tuple[int, int] | None = None) -> ShardLoader:
-    """Every sample of `shards` (default `data.val`) exactly once across ranks, in shard order, as spatial x
-    temporal views (default `eval.spatial_views` x `eval.temporal_views`)."""
+    """Every sample of `shards` (default `data.val`) exactly once across ranks, in shard order, as the views of
+    `eval_sample` (`views`: other spatial x temporal counts)."""
     check_geometry(cfg, input_size)
     d = cfg.data
-    spatial, temporal = views or (cfg.eval.spatial_views, cfg.eval.temporal_views)
-    sample = SampleConfig(train=False, num_frames=d.num_frames, sampling_rate=d.sampling_rate,
-                          target_fps=d.target_fps, crop_size=d.crop_size,
-                          spatial_views=spatial, temporal_views=temporal)
-    loader = ShardLoader(shards or d.val, sample, cfg.eval.batch_size, seed=cfg.seed, rank=rank,
+    shards = shards if isinstance(shards, ShardSet) else ShardSet.load(shards or d.val, d.fetch_retries)
+    sample = eval_sample(cfg, shards.media == "image", views)
+    loader = ShardLoader(shards, sample, cfg.eval.batch_size, seed=cfg.seed, rank=rank,
                          world_size=world_size, num_workers=d.num_workers, shuffle=False, drop_last=False,
                          max_fail_fraction=d.max_fail_fraction, max_fail_count=d.max_fail_count,
                          pin_memory=PIN_MEMORY, check_failures=False,

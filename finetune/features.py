@@ -28,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from data import DataFailureError, SampleConfig, ShardLoader
+from data import DataFailureError, SampleConfig, ShardLoader, ShardSet
 from engine.config import ConfigError
 from engine.loaders import media_of
 from models import CheckpointError
@@ -100,8 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         loaded = load_model(args.checkpoint, args.model, need_head=False)
-        sample = sample_config(loaded, (args.spatial_views, args.temporal_views))
-        loader = ShardLoader(args.data, sample, args.batch_size, num_workers=args.num_workers, shuffle=False,
+        shards = ShardSet.load(args.data)
+        sample = sample_config(loaded, (args.spatial_views, args.temporal_views), shards.media == "image")
+        loader = ShardLoader(shards, sample, args.batch_size, num_workers=args.num_workers, shuffle=False,
                              drop_last=False, shard_mix=1)
     except (CheckpointError, ConfigError, KeyError, TypeError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

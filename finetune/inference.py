@@ -5,7 +5,6 @@ does. Shared by `finetune.predict` and `finetune.features`.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ class Loaded:
     name: str  # registered architecture
     classes: tuple[str, ...]  # one name per output (empty for an encoder without a classifier)
     data: DataConfig  # how its clips are cut: frames, sampling rate, fps, crop size
-    views: tuple[int, int]  # (spatial, temporal) views of the run's evaluation
+    evaluation: EvalConfig  # the run's evaluation views
 
     @property
     def is_video(self) -> bool:
@@ -76,7 +75,7 @@ def load_model(source: str | Path, model_name: str | None = None, need_head: boo
     cfg = run_config(source)
     classes = _classes(exported, cfg, model.config.num_classes)
     data, evaluation = (cfg.data, cfg.eval) if cfg else (DataConfig(), EvalConfig())
-    return Loaded(model.eval(), name, classes, data, (evaluation.spatial_views, evaluation.temporal_views))
+    return Loaded(model.eval(), name, classes, data, evaluation)
 
 
 def _classes(exported: Path | None, cfg: RunConfig | None, num_classes: int) -> tuple[str, ...]:
@@ -93,22 +92,27 @@ def _classes(exported: Path | None, cfg: RunConfig | None, num_classes: int) -> 
     return names if len(names) == num_classes else tuple(str(i) for i in range(num_classes))
 
 
-def sample_config(loaded: Loaded, views: tuple[int, int]) -> SampleConfig:
-    """Evaluation's clips for this model: its frames and crop size, the run's frame spacing."""
-    size, d = loaded.model.config.input_size, loaded.data
+def sample_config(loaded: Loaded, views: tuple[int | None, int | None], is_image: bool) -> SampleConfig:
+    """Evaluation's views for this model: its frames and crop size, the run's frame spacing, and views as the
+    run evaluated (engine.loaders.eval_sample: a video's clips of the whole short side, an image's centre
+    crops of `eval.image_crop_pct`); `views` (spatial, temporal) counts that are not None replace the run's."""
+    size, d, e = loaded.model.config.input_size, loaded.data, loaded.evaluation
+    if is_image:
+        spatial, temporal, crop_pct = views[0] or e.image_views, 1, e.image_crop_pct
+    else:
+        spatial, temporal, crop_pct = views[0] or e.spatial_views, views[1] or e.temporal_views, 1.0
     return SampleConfig(train=False, num_frames=size[0] if loaded.is_video else 1, sampling_rate=d.sampling_rate,
-                        target_fps=d.target_fps, crop_size=size[-1], spatial_views=views[0],
-                        temporal_views=views[1])
+                        target_fps=d.target_fps, crop_size=size[-1], spatial_views=spatial,
+                        temporal_views=temporal, crop_pct=crop_pct)
 
 
-def file_clips(path: Path, loaded: Loaded, sample: SampleConfig) -> torch.Tensor:
-    """A video or image file -> normalised views [V, 3, (T,) S, S] for `loaded.model`. An image given to a
-    video model is repeated over the frames (one temporal view); a video given to an image model gives
-    single frames. Raises OSError or data.DecodeError for a file that cannot be read."""
+def file_clips(path: Path, loaded: Loaded, views: tuple[int | None, int | None]) -> torch.Tensor:
+    """A video or image file -> normalised views [V, 3, (T,) S, S] for `loaded.model` (`sample_config`). An
+    image given to a video model is repeated over the frames (one temporal view); a video given to an image
+    model gives single frames. Raises OSError or data.DecodeError for a file that cannot be read."""
     ext = path.suffix.lstrip(".").lower()
     is_image = ext in IMAGE_EXTENSIONS
-    if is_image:
-        sample = dataclasses.replace(sample, temporal_views=1)
+    sample = sample_config(loaded, views, is_image)
     views = SampleProcessor(sample)(path.read_bytes(), ext, 0, 0, 0)
     pixels = torch.stack([v["pixels"] for v in views])  # [V, 3, S, S] image, [V, 3, T, S, S] video
     if is_image and loaded.is_video:

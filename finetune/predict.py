@@ -24,14 +24,14 @@ from data import DecodeError
 from engine.config import ConfigError
 from models import CheckpointError
 
-from .inference import Loaded, file_clips, load_model, sample_config
+from .inference import Loaded, file_clips, load_model
 
 
 @torch.no_grad()
-def predict_file(loaded: Loaded, path: Path, views: tuple[int, int], batch_size: int,
+def predict_file(loaded: Loaded, path: Path, views: tuple[int | None, int | None], batch_size: int,
                  device: torch.device) -> torch.Tensor:
-    """Class probabilities [K] of one file: the mean of its views' softmax scores."""
-    clips = file_clips(path, loaded, sample_config(loaded, views))
+    """Class probabilities [K] of one file: the mean of its views' softmax scores (views None: the run's)."""
+    clips = file_clips(path, loaded, views)
     scores = [loaded.model(part.to(device)).float().softmax(-1) for part in clips.split(batch_size)]
     return torch.cat(scores).mean(0).cpu()
 
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = torch.device(args.device)
     loaded.model.to(device)
-    views = (args.spatial_views or loaded.views[0], args.temporal_views or loaded.views[1])
+    views = (args.spatial_views, args.temporal_views)
     results, failed = [], 0
     for path in args.files:
         try:

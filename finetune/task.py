@@ -210,7 +210,7 @@ class FinetuneTask:
         loader = eval_loader(cfg, accelerator.process_index, accelerator.num_processes, self.input_size)
         shuffled = cfg.eval.shuffled and (final or cfg.eval.shuffled_every)
         results = evaluate(model, loader, accelerator, self.num_classes, shuffle_seed=cfg.seed if shuffled else None)
-        views = cfg.eval.spatial_views * cfg.eval.temporal_views
+        views = loader.sample.num_views
         output_dir = cfg.output_dir if accelerator.is_main_process else None
         metrics = write_results(results, list(self.classes), views, logger, output_dir, step)
         return {k: v for k, v in metrics.items() if isinstance(v, float)}

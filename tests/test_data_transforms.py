@@ -42,6 +42,9 @@ def test_random_resized_crop_box_respects_scale_and_bounds():
 def test_spatial_views_and_temporal_starts_are_uniform():
     assert spatial_view_boxes(48, 64, 3) == [(0, 0, 48, 48), (0, 8, 48, 48), (0, 16, 48, 48)]
     assert spatial_view_boxes(64, 48, 1) == [(8, 0, 48, 48)]
+    # timm's image evaluation: the centre 87.5% of the short side (resize to crop / 0.875, centre crop)
+    assert spatial_view_boxes(64, 48, 1, crop_pct=0.875) == [(11, 3, 42, 42)]
+    assert spatial_view_boxes(48, 64, 2, crop_pct=0.5) == [(12, 0, 24, 24), (12, 40, 24, 24)]
     np.testing.assert_allclose(uniform_clip_starts(10.0, 2.0, 5), [0, 2, 4, 6, 8])
     np.testing.assert_allclose(uniform_clip_starts(1.0, 2.0, 3), [0, 0, 0])  # shorter than a clip
 

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from safetensors import safe_open
 
-from data import DataFailureError, SampleConfig, ShardLoader, ShardSet
+from data import DataFailureError, ShardLoader, ShardSet
 from data.fashion_mnist import CLASSES as GARMENTS
 from data.fashion_mnist import FashionMnistError, write_class_folders
 from data.make_shards import Input, folder_inputs, shard_inputs
@@ -55,6 +55,7 @@ from data.moving_fashion_mnist import DIRECTIONS, clip_inputs
 from engine import checkpoint
 from engine.config import ConfigError, load_config
 from engine.knn import knn_scores, topk_percent
+from engine.loaders import eval_sample
 from finetune.evaluate import evaluate
 from finetune.features import chunk_name, export
 from finetune.inference import Loaded, load_model
@@ -116,7 +117,7 @@ class Bench:
                 raise BenchError(f"--data {data} --model {model}: there is no {config.relative_to(REPO)}")
         self.model = model
         self.accelerator = Accelerator(mixed_precision="bf16")  # as the configs train: AMX on CPUs
-        self.clip = load_config([str(self.finetune_config)], []).data  # frames, rate and crop of what is measured
+        self.eval_config = load_config([str(self.finetune_config)], [])  # how what is measured is cut
         self.fractions = () if self.video else FRACTIONS  # of the class labels, for fine-tuning
 
     # ---------------------------------------------------------------- bookkeeping
@@ -234,12 +235,11 @@ class Bench:
     # ---------------------------------------------------------------- features and frozen protocols
 
     def eval_loader(self, split: str, labels: str = "class") -> ShardLoader:
-        """Every sample of a split once, in shard order, as its one centre view (what evaluation sees)."""
-        c = self.clip
-        sample = SampleConfig(train=False, num_frames=c.num_frames, sampling_rate=c.sampling_rate,
-                              target_fps=c.target_fps, crop_size=c.crop_size)
-        return ShardLoader(str(self.shard_root(labels) / split), sample, self.budget.feature_batch, num_workers=1,
-                           shuffle=False, drop_last=False, shard_mix=1)
+        """Every sample of a split once, in shard order, as its one centre view (as fine-tuning evaluates)."""
+        shards = ShardSet.load(str(self.shard_root(labels) / split))
+        sample = eval_sample(self.eval_config, shards.media == "image", views=(1, 1))
+        return ShardLoader(shards, sample, self.budget.feature_batch, num_workers=1, shuffle=False, drop_last=False,
+                           shard_mix=1)
 
     def features(self, model: torch.nn.Module, name: str, directory: Path, stages: bool) -> dict[str, dict]:
         """{split: {"labels": [N], "last": [N, D] (, "stages": [N, sum C_s], "widths")}} of the frozen
@@ -250,7 +250,7 @@ class Bench:
             out = directory / split
             if not (out / "info.json").is_file():
                 loader = self.eval_loader(split)
-                loaded = Loaded(model, name, (), None, (1, 1))
+                loaded = Loaded(model, name, (), self.eval_config.data, self.eval_config.eval)
                 job = {"model": name, "split": split, "stages": stages, "batch_size": self.budget.feature_batch,
                        "batches_per_chunk": 64, "views": [1, 1], "shards": loader.shards.fingerprint}
                 out.mkdir(parents=True, exist_ok=True)
