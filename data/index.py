@@ -23,7 +23,7 @@ from pathlib import Path
 from webdataset.shardlists import expand_urls
 
 from .decode import IMAGE_EXTENSIONS
-from .shards import MEDIA_EXTENSIONS, last_extension, media_member, open_raw, raw_label, read_member, scan_tar
+from .shards import MEDIA_EXTENSIONS, last_extension, media_member, open_raw, raw_label, read_member, scan_tar_cut
 from .sources import ShardCache, is_remote, local_path, shard_name
 
 
@@ -33,7 +33,11 @@ def index_local(path: Path) -> tuple[list, int, list[str]]:
     with open_raw(str(path)) as f:
         size = f.seek(0, 2)
         samples = []
-        for key, files, _ in scan_tar(f):
+        found, cut = scan_tar_cut(f)
+        if cut:
+            problems.append(f"{path}: {cut}: indexed the {len(found)} complete samples before the cut; the samples "
+                            f"from there to the end are lost (copy or write the shard again to get them back)")
+        for key, files, _ in found:
             media = [ext for ext in files if last_extension(ext) in MEDIA_EXTENSIONS]
             if len(media) > 1:
                 problems.append(f"{path}: sample {key!r} has {len(media)} media fields {sorted(media)} (keys with "

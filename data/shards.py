@@ -207,28 +207,41 @@ def scan_tar(f: BinaryIO) -> list[IndexEntry]:
     """Samples of a tar in file order: [(key, {ext: (offset, size)}, None)], reading only the headers.
 
     ``f`` should be unbuffered (``open_raw``): tarfile then reads 512-byte headers and seeks over the data.
-    A truncated tar yields the samples that are complete before the cut; a member whose data runs past the
-    end of the file is dropped.
+    A truncated tar yields the samples that are complete before the cut (``scan_tar_cut`` also says where).
     """
+    return scan_tar_cut(f)[0]
+
+
+def scan_tar_cut(f: BinaryIO) -> tuple[list[IndexEntry], str | None]:
+    """(``scan_tar``'s samples, where the tar is cut or None): a sample whose member runs past the end of the
+    file, or is followed by a cut header, is left out with everything after it."""
     file_size = f.seek(0, 2)
     f.seek(0)
     try:
         with tarfile.open(fileobj=f, mode="r:") as tar:  # closing it leaves ``f`` open
             return _samples(tar, file_size)
     except tarfile.ReadError:
-        return []  # empty, or cut inside the first header
+        return [], None  # empty, or cut inside the first header
 
 
-def _samples(tar: tarfile.TarFile, file_size: int) -> list[IndexEntry]:
+def _samples(tar: tarfile.TarFile, file_size: int) -> tuple[list[IndexEntry], str | None]:
     samples: list[IndexEntry] = []
+    cut = None
     while True:
         try:
             member = tar.next()
-        except (tarfile.ReadError, EOFError):
+        except (tarfile.ReadError, EOFError) as e:
+            cut = f"cut inside a header after byte {tar.offset} ({e})"
             break
         if member is None:
             break
-        if not member.isfile() or member.offset_data + member.size > file_size:
+        if member.isfile() and member.offset_data + member.size > file_size:
+            cut = (f"member {member.name!r} is cut short: {file_size - member.offset_data} of its {member.size} "
+                   f"bytes")
+            if samples and samples[-1][0] == split_member_name(member.name)[0]:
+                samples.pop()  # its sample is incomplete
+            break
+        if not member.isfile():
             continue
         key, ext = split_member_name(member.name)
         if key is None:
@@ -236,7 +249,7 @@ def _samples(tar: tarfile.TarFile, file_size: int) -> list[IndexEntry]:
         if not samples or samples[-1][0] != key:
             samples.append((key, {}, None))
         samples[-1][1][ext] = (member.offset_data, member.size)
-    return samples
+    return samples, cut
 
 
 def index_tar(path: str) -> list[IndexEntry]:

@@ -4,11 +4,13 @@ line naming the file."""
 
 import hashlib
 import json
+import tarfile
 from pathlib import Path
 
 import pytest
 from launch import image_tree
 
+from data.index import index_shards
 from data.loader import DataFailureError, ShardLoader
 from data.make_shards import folder_inputs, shard_inputs
 from data.samples import SampleConfig
@@ -120,3 +122,19 @@ def test_labels_outside_the_class_list_fail_as_samples(tmp_path, capsys):
                             f"data.train={bad}", f"output_dir={tmp_path / 'run'}", *RUN[2:]])
     err = capsys.readouterr().err.strip().splitlines()
     assert stopped.value.code == 2 and len(err) == 1 and "label 999 is not a class id" in err[0], err
+
+
+def test_a_tar_cut_inside_a_member_is_reported_by_index(tmp_path):
+    """make_shards index on a shard cut in the middle of its third sample's image: the cut is reported with
+    what was kept, and only the two complete samples are indexed (not the half sample)."""
+    png = sorted((image_tree(tmp_path / "images", {"train": 2}) / "train").rglob("*.png"))[0].read_bytes()
+    shards = write_shard_dir(tmp_path / "shards", [[(f"s{i}", "png", png, 0) for i in range(4)]], media="image")
+    tar = shards / "shard-000000.tar"
+    with tarfile.open(tar) as members:
+        third = next(m for m in members.getmembers() if m.name == "s2.png")
+    tar.write_bytes(tar.read_bytes()[: third.offset_data + len(png) // 2])
+    info = index_shards([str(tar)], tmp_path / "indexed" / "info.json")
+    assert info["num_samples"] == 2
+    [problem] = info["problems"]
+    assert f"member 's2.png' is cut short: {len(png) // 2} of its {len(png)} bytes" in problem
+    assert "indexed the 2 complete samples before the cut" in problem and str(tar) in problem
