@@ -23,6 +23,7 @@ from pathlib import Path
 from webdataset.shardlists import expand_urls
 
 from .decode import IMAGE_EXTENSIONS
+from .errors import InputError
 from .shards import MEDIA_EXTENSIONS, last_extension, media_member, open_raw, raw_label, read_member, scan_tar_cut
 from .sources import ShardCache, is_remote, local_path, shard_name
 
@@ -45,22 +46,31 @@ def index_local(path: Path) -> tuple[list, int, list[str]]:
             try:
                 label = raw_label(files, lambda where: read_member(f, where))
             except (ValueError, UnicodeDecodeError) as e:
-                raise ValueError(f"{path}: sample {key!r}: unreadable label member: {e}") from e
+                raise InputError(f"{path}: sample {key!r}: unreadable label member: {e}") from e
             samples.append((key, files, label))
     if not samples:
         problems.append(f"{path}: no samples (empty, not a tar, or no member named <key>.<ext>)")
     return samples, size, problems
 
 
-def _label_map(raw: list, classes: list[str] | None) -> tuple[list[str], dict]:
-    """Class names, and raw label -> int."""
-    names = sorted({r for r in raw if isinstance(r, str)})
+def _label_map(labelled: list[tuple[str, str, int | str]], classes: list[str] | None) -> tuple[list[str], dict]:
+    """Class names, and raw label -> int, from (shard, key, raw label) of every labelled sample. Class names
+    and integer ids mixed, an unknown name, or an id outside the class list is an InputError naming a sample."""
+    names = sorted({r for *_, r in labelled if isinstance(r, str)})
+    ints = [(shard, key, r) for shard, key, r in labelled if isinstance(r, int) and r != -1]
+    if names and ints:
+        shard, key, label = ints[0]
+        raise InputError(f"the shards mix class names ({names[0]!r}, ...) and integer labels ({label} for "
+                         f"{key!r} in {shard}): label every sample one way")
     if classes is None:
-        ints = [r for r in raw if isinstance(r, int)]
-        classes = names or [str(i) for i in range(max(ints, default=-1) + 1)]
-    unknown = [n for n in names if n not in classes]
+        used = sorted({r for *_, r in ints})
+        classes = names or [str(i) for i in range(used[-1] + 1 if used else 0)]
+    unknown = [(shard, key, r) for shard, key, r in labelled
+               if (isinstance(r, str) and r not in classes) or (isinstance(r, int) and not -1 <= r < len(classes))]
     if unknown:
-        raise ValueError(f"label names not in the class list: {unknown[:5]}")
+        shard, key, label = unknown[0]
+        raise InputError(f"{len(unknown)} labels are not in the class list of {len(classes)} classes, e.g. "
+                         f"{label!r} for {key!r} in {shard}: fix them, or pass --classes FILE")
     return classes, {n: classes.index(n) for n in names}
 
 
@@ -70,7 +80,7 @@ def index_shards(shards: list[str], out: Path, classes: list[str] | None = None,
     urls = [u for spec in shards for u in expand_urls(spec)]
     names = [shard_name(u) for u in urls]
     if len(set(names)) != len(names):
-        raise ValueError("two shards have the same file name; index them into separate info.json files")
+        raise InputError("two shards have the same file name; index them into separate info.json files")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     indexed, problems = [], []
@@ -88,7 +98,8 @@ def index_shards(shards: list[str], out: Path, classes: list[str] | None = None,
                 samples, size, found = index_local(local_path(url))
             indexed.append((url, samples, size))
             problems += found
-    classes, by_name = _label_map([label for _, samples, _ in indexed for *_, label in samples], classes)
+    classes, by_name = _label_map([(shard_name(url), key, label) for url, samples, _ in indexed
+                                   for key, _, label in samples if label is not None], classes)
     entries, media = [], set()
     for url, samples, size in indexed:
         name = shard_name(url)

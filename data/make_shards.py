@@ -42,8 +42,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from .decode import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, DecodeError, decode_image, probe_video
+from .errors import InputError, one_line_errors
 from .index import index_shards
-from .shards import INFO_NAME, index_tar
+from .shards import INFO_NAME, ShardSetError, index_tar
+from .sources import FetchError
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class Input:
     path: str
     label: int  # -1: unlabelled (Kinetics test lists)
     name: str  # human-readable origin, used in keys and skip reports
+    problem: str = ""  # why it cannot go into a shard, known before it is read (it is listed as skipped)
 
 
 class Skip(Exception):
@@ -73,22 +76,40 @@ def kinetics_inputs(csv_path: Path, videos: Path, classes: list[str] | None) -> 
     inputs = []
     for r in rows:
         stem = f"{r['youtube_id']}_{int(float(r['time_start'])):06d}_{int(float(r['time_end'])):06d}"
-        label = label_of.get(r.get("label") or "", -1)
-        inputs.append(Input(str(found.get(stem, videos / f"{stem}.mp4")), label, stem))
+        name = r.get("label") or ""
+        problem = f"class {name!r} is not in --classes" if name and name not in label_of else ""
+        inputs.append(Input(str(found.get(stem, videos / f"{stem}.mp4")), label_of.get(name, -1), stem, problem))
     return inputs, classes
 
 
-def list_inputs(list_path: Path, root: Path | None) -> tuple[list[Input], list[str]]:
+def list_inputs(list_path: Path, root: Path | None, classes: list[str] | None = None) -> tuple[list[Input], list[str]]:
+    """`path id` lines (a bare path: unlabelled). Ids index `classes`; without it they must be 0 .. N-1 with
+    none missing, which become the names "0" .. "N-1". Anything else is an InputError naming the line."""
     inputs = []
     base = root or list_path.parent
-    for line in list_path.read_text().splitlines():
+    for number, line in enumerate(list_path.read_text().splitlines(), 1):
         if not line.strip():
             continue
         path, _, label = line.strip().rpartition(" ")
-        path, label = (path, int(label)) if path else (label, -1)  # a bare path: unlabelled
-        inputs.append(Input(str(base / path), label, path))
-    num_classes = max((i.label for i in inputs), default=-1) + 1
-    return inputs, [str(c) for c in range(num_classes)]
+        if not path:  # a bare path: unlabelled
+            path, label = label, "-1"
+        if not label.lstrip("-").isdigit() or int(label) < -1:
+            raise InputError(f"{list_path}, line {number}: label {label!r} is not a class id (a non-negative "
+                             f"integer; -1: unlabelled): `make_shards list` takes 'path id' lines (class names: "
+                             f"use `make_shards folder`)")
+        if classes is not None and int(label) >= len(classes):
+            raise InputError(f"{list_path}, line {number}: class id {label} is outside --classes, which lists "
+                             f"{len(classes)} classes")
+        inputs.append(Input(str(base / path), int(label), path))
+    if classes is None:
+        used = sorted({i.label for i in inputs if i.label >= 0})
+        missing = sorted(set(range(used[-1] + 1)) - set(used)) if used else []
+        if missing:
+            raise InputError(f"{list_path}: class ids {used[0]}..{used[-1]} are used but {len(missing)} ids in between "
+                             f"are not (e.g. {missing[:5]}): pass --classes FILE (one class name a line) to say "
+                             f"which classes there are")
+        classes = [str(c) for c in range(len(used))]
+    return inputs, classes
 
 
 def folder_inputs(root: Path) -> tuple[list[Input], list[str]]:
@@ -108,6 +129,8 @@ def folder_inputs(root: Path) -> tuple[list[Input], list[str]]:
 def encode_input(item: Input, short_side: int | None) -> tuple[str, bytes]:
     """(extension, bytes) to store for one input; raises ``Skip`` with the reason."""
     path = Path(item.path)
+    if item.problem:
+        raise Skip(item.problem)
     if not path.is_file():
         raise Skip("missing")
     try:
@@ -293,6 +316,7 @@ def main(argv: list[str] | None = None) -> dict:
     listing = commands.add_parser("list", help="'path label' lines")
     listing.add_argument("--list", type=Path, required=True)
     listing.add_argument("--root", type=Path, help="prefix for relative paths (default: the list's folder)")
+    listing.add_argument("--classes", type=Path, help="class names, one a line, that the ids index")
     folder = commands.add_parser("folder", help="one sub-folder per class")
     folder.add_argument("--root", type=Path, required=True)
     index = commands.add_parser("index", help="info.json for existing webdataset shards (any tool's)")
@@ -306,7 +330,12 @@ def main(argv: list[str] | None = None) -> dict:
         sub.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1) - 1))
         sub.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    with one_line_errors(InputError, ShardSetError, FetchError, FileNotFoundError):
+        return run(args)
 
+
+def run(args: argparse.Namespace) -> dict:
+    """One `make_shards` command."""
     if args.command == "index":
         names = [c.strip() for c in args.classes.read_text().splitlines() if c.strip()] if args.classes else None
         info = index_shards(args.shards, args.out, names)
@@ -319,7 +348,8 @@ def main(argv: list[str] | None = None) -> dict:
         classes = [c for c in args.classes.read_text().splitlines() if c.strip()] if args.classes else None
         inputs, classes = kinetics_inputs(args.csv, args.videos, classes)
     elif args.command == "list":
-        inputs, classes = list_inputs(args.list, args.root)
+        names = [c.strip() for c in args.classes.read_text().splitlines() if c.strip()] if args.classes else None
+        inputs, classes = list_inputs(args.list, args.root, names)
     else:
         inputs, classes = folder_inputs(args.root)
     args.media = _media_of(inputs)

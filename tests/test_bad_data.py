@@ -3,6 +3,7 @@ data does not load stops before its first optimizer step and writes nothing, and
 line naming the file."""
 
 import hashlib
+import io
 import json
 import tarfile
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 from launch import image_tree
 
+from data import make_shards
 from data.index import index_shards
 from data.loader import DataFailureError, ShardLoader
 from data.make_shards import folder_inputs, shard_inputs
@@ -138,3 +140,48 @@ def test_a_tar_cut_inside_a_member_is_reported_by_index(tmp_path):
     [problem] = info["problems"]
     assert f"member 's2.png' is cut short: {len(png) // 2} of its {len(png)} bytes" in problem
     assert "indexed the 2 complete samples before the cut" in problem and str(tar) in problem
+
+
+def test_make_shards_refuses_labels_outside_the_class_list(tmp_path, capsys):
+    """`list` lines with names, floats or ids with gaps; `index` on shards mixing names and ids or with an id
+    past --classes; `kinetics --classes` without a CSV class: one line each (exit 2), or listed as skipped."""
+    png = sorted((image_tree(tmp_path / "images", {"train": 2}) / "train").rglob("*.png"))[0]
+
+    def shard(*argv: str) -> str:
+        with pytest.raises(SystemExit) as stopped:
+            make_shards.main([*argv, "--workers", "1"] if argv[0] != "index" else list(argv))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert stopped.value.code == 2 and len(err) == 1, err
+        return err[0]
+
+    listing = tmp_path / "list.txt"
+    for lines, message in ((f"{png} 0\n{png} cat\n", "line 2: label 'cat' is not a class id"),
+                           (f"{png} 0\n{png} 2.5\n", "line 2: label '2.5' is not a class id"),
+                           (f"{png} 0\n{png} 999\n", "class ids 0..999 are used but 998 ids in between are not")):
+        listing.write_text(lines)
+        assert message in shard("list", "--list", str(listing), "--out", str(tmp_path / "l"))
+    (tmp_path / "names.txt").write_text("a\nb\n")
+    listing.write_text(f"{png} 0\n{png} 2\n")
+    assert "line 2: class id 2 is outside --classes, which lists 2 classes" in shard(
+        "list", "--list", str(listing), "--classes", str(tmp_path / "names.txt"), "--out", str(tmp_path / "l2"))
+
+    pixels = png.read_bytes()
+    mixed = write_shard_dir(tmp_path / "mixed", [[("a", "png", pixels, 0), ("b", "png", pixels, 1)]], media="image")
+    with tarfile.open(tmp_path / "mixed" / "named.tar", "w") as tar:
+        for name, data in (("c.png", pixels), ("c.txt", b"dog")):
+            member = tarfile.TarInfo(name)
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    assert "mix class names ('dog', ...) and integer labels" in shard(
+        "index", str(mixed / "shard-000000.tar"), str(tmp_path / "mixed" / "named.tar"),
+        "--out", str(tmp_path / "m" / "info.json"))
+    (tmp_path / "one.txt").write_text("a\n")
+    assert "1 labels are not in the class list of 1 classes, e.g. 1 for 'b' in shard-000000.tar" in shard(
+        "index", str(mixed / "shard-000000.tar"), "--classes", str(tmp_path / "one.txt"),
+        "--out", str(tmp_path / "n" / "info.json"))
+
+    csv_path = tmp_path / "k.csv"
+    csv_path.write_text("label,youtube_id,time_start,time_end,split\na,v0,0,1,train\nzebra,v1,0,1,train\n")
+    info = make_shards.main(["kinetics", "--csv", str(csv_path), "--videos", str(tmp_path), "--classes",
+                             str(tmp_path / "one.txt"), "--out", str(tmp_path / "k"), "--workers", "1"])
+    assert {s["reason"] for s in info["skipped"]} == {"missing", "class 'zebra' is not in --classes"}
