@@ -84,8 +84,11 @@ class Budget:
     probe_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
     probe_weight_decays: tuple[float, ...] = (0.0, 1e-3)
     feature_batch: int = 256
-    clips: tuple[int, int] = (10000, 2000)  # moving-fashion-mnist: train and test clips
-    direction_epochs: float = 3  # moving-fashion-mnist: fine-tuning passes on the direction labels
+    clips: tuple[int, int] = (8000, 2000)  # moving-fashion-mnist: train and test clips
+    direction_epochs: float = 2  # moving-fashion-mnist: fine-tuning passes on the direction labels
+
+
+VIDEO_ONLY, IMAGE_ONLY = {"clips", "direction_epochs"}, {"images_per_class", "finetune_epochs"}
 
 
 FULL = Budget()
@@ -145,14 +148,16 @@ class Bench:
         """OUT/settings.json: what every part in OUT was measured with. A rerun with another model, budget or
         input list would mix its parts with the old ones, so it stops instead."""
         inputs = [(i.path, i.label) for split in self.splits["class"].values() for i in split]
+        unused = IMAGE_ONLY if self.video else VIDEO_ONLY
         settings = {"data": self.data, "model": self.model,
-                    "budget": {k: str(v) for k, v in asdict(self.budget).items()},
+                    "budget": {k: str(v) for k, v in asdict(self.budget).items() if k not in unused},
                     "inputs": hashlib.sha256(json.dumps(inputs).encode()).hexdigest()}
         path = self.out / "settings.json"
         if path.is_file():
             saved = json.loads(path.read_text())
-            # A budget field added since (absent from the saved settings) had no say in the parts measured.
-            saved["budget"] = {**settings["budget"], **saved.get("budget", {})}
+            # Budget fields that this kind of data does not use, or that were added since (absent from the
+            # saved settings), had no say in the parts measured.
+            saved["budget"] = {k: saved.get("budget", {}).get(k, v) for k, v in settings["budget"].items()}
             changed = [k for k in settings if saved.get(k) != settings[k]]
             if changed:
                 raise BenchError(f"{self.out} holds a benchmark with other {', '.join(changed)} ({path}): use "
