@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tarfile
 from collections import OrderedDict
 from collections.abc import Callable
@@ -198,6 +199,52 @@ def split_member_name(name: str) -> tuple[str | None, str]:
     return (f"{head}/{key}" if head else key), ext.lower()
 
 
+TAR_BLOCK = 512
+
+
+def header_name(block: bytes) -> tuple[str, bool]:
+    """(member name, whether it may be cut short) of a 512-byte tar header: a ustar header's prefix and name
+    fields joined; a name that fills its 100-byte field may be the start of a longer one (GNU or pax long
+    names keep the whole name in an extra header before this one)."""
+    field = block[:100].split(b"\0", 1)[0]
+    prefix = block[345:500].split(b"\0", 1)[0] if block[257:262] == b"ustar" else b""
+    name = (prefix + b"/" + field if prefix else field).decode("utf-8", "replace")
+    return name, len(field) == 100
+
+
+def belongs_to(block: bytes, key: str, ext: str) -> bool:
+    """Whether the tar header `block` is that of sample `key`'s member `ext`."""
+    name, cut = header_name(block)
+    if cut:
+        return f"{key}.{ext}".lower().startswith(name.lower())
+    return split_member_name(name) == (key, ext)
+
+
+def sidecar_entries(samples: object, shard_size: int, where: str) -> list[IndexEntry]:
+    """A sidecar's samples, each checked: a key, members of (data offset, size) as non-negative integers that lie
+    inside the shard after their header, a label that is an integer or absent. Raises SampleError naming the
+    entry."""
+    def count(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    if not isinstance(samples, list):
+        raise SampleError(f"{where}: \"samples\" is not a list: re-run python -m data.make_shards index")
+    entries = []
+    for i, entry in enumerate(samples):
+        ok = isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str) and entry[0]
+        files = entry[1] if ok else None
+        ok = ok and isinstance(files, dict) and files and all(
+            isinstance(w, list) and len(w) == 2 and count(w[0]) and count(w[1]) and w[0] >= TAR_BLOCK
+            and w[0] + w[1] <= shard_size for w in files.values())
+        label = entry[2] if ok else None
+        if not ok or (label is not None and (isinstance(label, bool) or not isinstance(label, int))):
+            raise SampleError(f"{where}: entry {i} is not [key, {{ext: [data offset, size]}}, label] with its members "
+                              f"inside the shard's {shard_size} bytes: {json.dumps(entry)[:200]}: re-run python -m "
+                              f"data.make_shards index")
+        entries.append((entry[0], {e: tuple(w) for e, w in files.items()}, label))
+    return entries
+
+
 def last_extension(ext: str) -> str:
     """``001.mp4`` -> ``mp4``: the part that says what a field holds (webdataset's decoders look at it too)."""
     return ext.rsplit(".", 1)[-1]
@@ -360,8 +407,7 @@ class ShardReader:
                 if sidecar is not None and not is_remote(sidecar):
                     with self.shards.opener(str(local_path(sidecar))) as side:
                         samples = json.loads(side.read())["samples"]
-                    self._index[shard] = [(k, {e: tuple(w) for e, w in files.items()}, label)
-                                          for k, files, label in samples]
+                    self._index[shard] = sidecar_entries(samples, os.fstat(f.fileno()).st_size, sidecar)
                 else:
                     self._index[shard] = scan_tar(f)
             except (OSError, ValueError, KeyError, tarfile.TarError) as e:
@@ -388,9 +434,16 @@ class ShardReader:
                 except (ValueError, UnicodeDecodeError) as e:
                     raise SampleError(f"bad label metadata: {e}") from e
             label = class_id(label, len(self.shards.classes))
-            data = read_member(f, files[media])
-            if len(data) != files[media][1]:
-                raise SampleError(f"member {key}.{media} cut short: {len(data)} of {files[media][1]} bytes")
+            offset, size = files[media]
+            # The member's header comes with its bytes in one read: they must be the member the index names.
+            raw = read_member(f, (offset - TAR_BLOCK, size + TAR_BLOCK))
+            header, data = raw[:TAR_BLOCK], raw[TAR_BLOCK:]
+            if len(data) != size:
+                raise SampleError(f"member {key}.{media} cut short: {len(data)} of {size} bytes")
+            if not belongs_to(header, key, media):
+                raise SampleError(f"the bytes at offset {offset} of {self.shards.names[shard]} belong to member "
+                                  f"{header_name(header)[0]!r}, not {key}.{media}: its index does not match the "
+                                  f"shard (re-run python -m data.make_shards index)")
         except SampleError as e:
             e.key = key
             raise

@@ -5,6 +5,7 @@ line naming the file."""
 import hashlib
 import io
 import json
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -185,3 +186,35 @@ def test_make_shards_refuses_labels_outside_the_class_list(tmp_path, capsys):
     info = make_shards.main(["kinetics", "--csv", str(csv_path), "--videos", str(tmp_path), "--classes",
                              str(tmp_path / "one.txt"), "--out", str(tmp_path / "k"), "--workers", "1"])
     assert {s["reason"] for s in info["skipped"]} == {"missing", "class 'zebra' is not in --classes"}
+
+
+def test_sidecars_are_checked_and_bytes_must_belong_to_their_member(good_shards, tmp_path):
+    """An offset that points at another sample's bytes fails that sample loudly (the member's tar header is read
+    with its bytes); a negative offset, a huge size, a malformed entry or a string label fails the shard's samples
+    with one message naming the sidecar and the entry, instead of a worker's traceback or a silent wrong sample."""
+    def loaded_with(edit) -> list:
+        root = tmp_path / f"copy{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(good_shards, root)
+        sidecar = root / "shard-000000.json"
+        side = json.loads(sidecar.read_text())
+        edit(side["samples"])
+        sidecar.write_text(json.dumps(side))
+        loader = ShardLoader(root, SAMPLE, batch_size=4, shuffle=False, drop_last=False, max_fail_fraction=1.0,
+                             max_fail_count=100)
+        return [f for batch in loader for f in batch["failures"]]
+
+    def swap(samples):  # the first two samples' images trade places
+        (a, b) = samples[0][1], samples[1][1]
+        a["png"], b["png"] = b["png"], a["png"]
+
+    failures = loaded_with(swap)
+    first, second = json.loads((good_shards / "shard-000000.json").read_text())["samples"][:2]
+    assert {key for _, key, _ in failures} == {first[0], second[0]}
+    assert all("belong to member" in reason and "its index does not match the shard" in reason
+               for *_, reason in failures)
+    for edit, message in ((lambda s: s[0][1]["png"].__setitem__(0, -5), "entry 0 is not [key"),
+                          (lambda s: s[1][1]["png"].__setitem__(1, 10**12), "entry 1 is not [key"),
+                          (lambda s: s.__setitem__(2, ["k", "not a dict", 0]), "entry 2 is not [key"),
+                          (lambda s: s[3].__setitem__(2, "cat"), "entry 3 is not [key")):
+        failures = loaded_with(edit)
+        assert failures and all(message in reason and "shard-000000.json" in reason for *_, reason in failures)

@@ -207,7 +207,7 @@ def reads_of(log):
 def test_indexes_are_read_once_per_shard_per_worker(demo_shards, tmp_path, sidecars):
     """Issue 15: with sidecars, indexing reads each sidecar at most once per worker and no tar header; without,
     one header scan per shard per worker, in reads of at most 512 bytes. Either way each media member of the
-    epoch is read once, and nothing else is read from the tars."""
+    epoch is read once, with its header in the same read, and nothing else is read from the tars."""
     root = shutil.copytree(demo_shards["train"], tmp_path / "shards")
     if not sidecars:
         info = json.loads((root / "info.json").read_text())
@@ -226,7 +226,8 @@ def test_indexes_are_read_once_per_shard_per_worker(demo_shards, tmp_path, sidec
     for pid, path, offset, size in reads:
         if path.endswith(".tar"):
             ext, member_size = members[path].get(offset, (None, None))
-            if ext == "mp4" and size == member_size:
+            media, media_size = members[path].get(offset + 512, (None, None))
+            if media == "mp4" and size == media_size + 512:  # the member with its header, checked against the index
                 media_read += 1
             elif ext == "json" and size == member_size:  # without a sidecar, the label is in the tar
                 label_read += 1
