@@ -43,20 +43,17 @@ def chunk_name(chunk: int) -> str:
     return f"features-{chunk:05d}.safetensors"
 
 
-def pooled_stages(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    """Every stage's output averaged over its positions: [B, C_s] per stage."""
-    return [s.flatten(1, -2).mean(1) for s in model.forward_intermediates(x)]
-
-
 @torch.no_grad()
 def batch_rows(loaded: Loaded, batch: dict, sample: SampleConfig, stages: bool,
                device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """One loader batch -> (index [M], labels [M], {"features": [M, D], "stage0": ...}) of its M samples,
     views averaged, rows of failed samples and padding left out (`valid`)."""
     x = media_of(batch, sample, device)
-    outputs = {"features": loaded.model.forward_features(x)}
-    if stages:
-        outputs |= {f"stage{s}": f for s, f in enumerate(pooled_stages(loaded.model, x))}
+    if stages:  # one forward pass for both
+        features, pooled = loaded.model.forward_pooled(x)
+        outputs = {"features": features, **{f"stage{s}": f for s, f in enumerate(pooled)}}
+    else:
+        outputs = {"features": loaded.model.forward_features(x)}
     index, valid, label = batch["index"].to(device), batch["valid"].to(device), batch["label"].to(device)
     rows = {}
     for name, values in outputs.items():

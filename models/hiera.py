@@ -387,6 +387,11 @@ class Hiera(nn.Module):
         """[B, C, (T,) H, W] -> pooled, normed features [B, num_features]."""
         return self.norm(self.forward_stages(x)[-1].mean(dim=1))
 
+    def forward_pooled(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One forward pass: (forward_features [B, num_features], every stage's tokens averaged [B, C_s])."""
+        pooled = [s.mean(dim=1) for s in self.forward_stages(x)]
+        return self.norm(pooled[-1]), pooled
+
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(features)
 

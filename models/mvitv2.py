@@ -451,7 +451,16 @@ class MViTv2(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C, (T,) H, W] -> pooled, normed features [B, num_features]."""
-        x = self.forward_stages(x)[-1][0]
+        return self._head_features(self.forward_stages(x)[-1][0])
+
+    def forward_pooled(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One forward pass: (forward_features [B, num_features], every stage's tokens averaged [B, C_s], cls
+        token left out)."""
+        stages = self.forward_stages(x)
+        return self._head_features(stages[-1][0]), [t[:, self.prefix:].mean(dim=1) for t, _ in stages]
+
+    def _head_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's tokens [B, N, C] (cls first where there is one) -> what the head sees [B, C]."""
         if self.config.head_pool == "mean_then_norm":
             return self.norm(x.mean(dim=1))
         x = self.norm(x)

@@ -248,3 +248,17 @@ def test_rel_pos_bias_equals_the_definition():
                 dist = int(qa * max(b / a, 1) - kb * max(a / b, 1) + (b - 1) * max(a / b, 1))
                 want[1 + i, 1 + j] += q[0, 0, 1 + i] @ table[dist]
     torch.testing.assert_close(bias.detach(), want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"cls_token": True, "head_pool": "cls"}], ids=["mean", "cls"])
+def test_one_forward_gives_the_features_and_the_pooled_stages(overrides):
+    """finetune.features --stages: forward_pooled is forward_features plus each stage averaged (cls left out),
+    from one pass instead of two."""
+    torch.manual_seed(0)
+    model = tiny("mvitv2_tiny", IMAGE, **overrides).eval()
+    x = torch.randn(2, 3, *IMAGE)
+    with torch.no_grad():
+        features, pooled = model.forward_pooled(x)
+        assert torch.equal(features, model.forward_features(x))
+        for stage, mean in zip(model.forward_intermediates(x), pooled, strict=True):
+            torch.testing.assert_close(mean, stage.flatten(1, -2).mean(1))
