@@ -186,9 +186,16 @@ def read_encoder_metadata(path: str | Path) -> tuple[str, dict[str, Any]] | None
     return metadata["model"], json.loads(metadata.get("overrides", "{}"))
 
 
-def export_encoder(path: str | Path, encoder_state: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write the encoder alone atomically (temp file + rename)."""
+def save_atomically(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file written under a temporary name, flushed to disk, then renamed into place: a reader
+    never sees a partial file, and after a crash it is whole or absent."""
     path = Path(path)
     temp = path.with_name(path.name + ".tmp")
-    save_tensors(temp, encoder_state, metadata)
+    save_tensors(temp, tensors, metadata)
+    _fsync(temp)
     temp.replace(path)
+
+
+def export_encoder(path: str | Path, encoder_state: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write the encoder alone, atomically."""
+    save_atomically(path, encoder_state, metadata)

@@ -19,16 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from data import DataFailureError, SampleConfig, ShardLoader, ShardSet
+from engine.checkpoint import save_atomically
 from engine.config import ConfigError
 from engine.loaders import media_of
 from models import CheckpointError
@@ -62,15 +61,11 @@ def batch_rows(loaded: Loaded, batch: dict, sample: SampleConfig, stages: bool,
 
 
 def write_chunk(out: Path, chunk: int, parts: list[tuple], keys: list[str]) -> None:
-    """Concatenate the batches of one chunk and write it atomically (temporary name, fsync, rename)."""
+    """Concatenate the batches of one chunk and write it atomically."""
     tensors = {"index": torch.cat([p[0] for p in parts]), "labels": torch.cat([p[1] for p in parts])}
     for name in parts[0][2]:
-        tensors[name] = torch.cat([p[2][name] for p in parts]).contiguous()
-    temp = out / f".{chunk_name(chunk)}.tmp"
-    save_file(tensors, str(temp), metadata={"keys": json.dumps(keys)})
-    with open(temp, "rb") as f:
-        os.fsync(f.fileno())
-    temp.replace(out / chunk_name(chunk))
+        tensors[name] = torch.cat([p[2][name] for p in parts])
+    save_atomically(out / chunk_name(chunk), tensors, metadata={"keys": json.dumps(keys)})
 
 
 def complete_chunks(out: Path) -> int:
