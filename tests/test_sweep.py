@@ -155,7 +155,8 @@ def test_train_commands_pretrain_mae_rows_and_finetune_every_row(tmp_path):
     paths = {row: sweep.row_config_path(ladder_path("video_cpu"), ladder, row) for row in ("baseline", "f")}
     recipe = ["--config", str(REPO / "configs" / "finetune" / "k400_mvitv2_large_40x3.yaml"), "train.max_steps=3"]
     [finetune_only] = sweep.train_commands(paths["baseline"], ladder.rows["baseline"], tmp_path, [], recipe)
-    assert finetune_only[1] == "finetune/main.py" and finetune_only[-1] == "model.pretrained=null"
+    assert finetune_only[1] == "finetune/main.py"
+    assert finetune_only[-2:] == ["model.pretrained=null", "train.layer_decay=null"]  # from scratch: no layer decay
     pretrain, finetune = sweep.train_commands(paths["f"], ladder.rows["f"], tmp_path, ["train.max_steps=5"], recipe)
     assert pretrain[1:4] == ["pretrain/main.py", "--config", str(paths["f"])] and "train.max_steps=5" in pretrain
     assert f"model.pretrained={tmp_path / 'pretrain' / 'encoder.safetensors'}" in finetune
