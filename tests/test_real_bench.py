@@ -20,6 +20,7 @@ from data.fashion_mnist import CLASSES, FashionMnistError, read_idx, write_class
 from data.make_shards import Input
 from data.moving_fashion_mnist import DIRECTIONS, FRAMES, SIZE, STEPS, moving_clip, write_clips
 from finetune.probe import fit_probe
+from tools import real_bench
 from tools.real_bench import FRACTIONS, class_balanced
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,7 +31,16 @@ def bench(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
                           text=True, timeout=600, env=env)
 
 
-def test_quick_run_writes_results_in_shape_and_resumes(tmp_path):
+def bench_here(capsys, *args: str) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of the benchmark's main in this process: for runs that measure nothing (a
+    rerun of finished parts, or input it refuses), which then start no Accelerator and no subprocess."""
+    capsys.readouterr()
+    code = real_bench.main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_quick_run_writes_results_in_shape_and_resumes(tmp_path, capsys):
     data = image_tree(tmp_path / "shapes", {"train": 22, "test": 6})
     out = tmp_path / "bench"
     first = bench("--data", str(data), "--out", str(out), "--quick")
@@ -59,13 +69,13 @@ def test_quick_run_writes_results_in_shape_and_resumes(tmp_path):
     # The labelled subsets are class-balanced: 1% of 20 per class is one image each.
     assert json.loads((out / "shards/train_1pct_seed0/info.json").read_text())["num_samples"] == 3
 
-    again = bench("--data", str(data), "--out", str(out), "--quick")
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("done before") == len(lines) - 1, again.stdout
+    code, again, err = bench_here(capsys, "--data", str(data), "--out", str(out), "--quick")
+    assert code == 0, err[-3000:]
+    assert again.count("done before") == len(lines) - 1, again
     assert json.loads((out / "results.json").read_text())["top1"] == results["top1"]
     # Parts measured with other settings are never mixed in: another model into the same --out stops.
-    other = bench("--data", str(data), "--out", str(out), "--quick", "--model", "mvitv2")
-    assert other.returncode == 2 and "holds a benchmark with other model" in other.stderr, other.stderr
+    code, _, err = bench_here(capsys, "--data", str(data), "--out", str(out), "--quick", "--model", "mvitv2")
+    assert code == 2 and "holds a benchmark with other model" in err, err
 
 
 def write_idx(source: Path, images: np.ndarray, labels: np.ndarray) -> Path:
@@ -127,22 +137,22 @@ def test_moving_clips_keep_their_direction_until_a_wall_and_bounce(tmp_path):
     assert write_clips(tmp_path / "clips", {"train": 12}, source=tmp_path / "missing")["train"] == found["train"]
 
 
-def test_bad_inputs_stop_with_one_line(tmp_path):
+def test_bad_inputs_stop_with_one_line(tmp_path, capsys):
     empty = tmp_path / "no_idx"
     empty.mkdir()
     env = {**os.environ, "FASHION_MNIST_DIR": str(empty)}
-    missing = bench("--data", "fashion-mnist", "--out", str(tmp_path / "a"), "--quick", env=env)
+    missing = bench("--data", "fashion-mnist", "--out", str(tmp_path / "a"), "--quick", env=env)  # as users run it
     assert missing.returncode == 2 and "apt-get install -y dataset-fashion-mnist" in missing.stderr
-    assert "Traceback" not in missing.stderr
+    assert "Traceback" not in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
 
     only_train = image_tree(tmp_path / "half", {"train": 3})
-    result = bench("--data", str(only_train), "--out", str(tmp_path / "b"), "--quick")
-    assert result.returncode == 2 and f"no {only_train / 'test'}/" in result.stderr
+    code, _, err = bench_here(capsys, "--data", str(only_train), "--out", str(tmp_path / "b"), "--quick")
+    assert code == 2 and f"no {only_train / 'test'}/" in err
 
     broken = image_tree(tmp_path / "broken", {"train": 10, "test": 3})
     (broken / "train" / "bar" / "0.png").write_bytes(b"not a png")
-    result = bench("--data", str(broken), "--out", str(tmp_path / "c"), "--quick")
-    assert result.returncode == 2 and "0.png" in result.stderr and "remove or replace" in result.stderr
+    code, _, err = bench_here(capsys, "--data", str(broken), "--out", str(tmp_path / "c"), "--quick")
+    assert code == 2 and "0.png" in err and "remove or replace" in err
 
 
 def test_fashion_mnist_idx_files_become_class_folders(tmp_path):

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -119,9 +120,13 @@ class Bench:
             if not config.is_file():
                 raise BenchError(f"--data {data} --model {model}: there is no {config.relative_to(REPO)}")
         self.model = model
-        self.accelerator = Accelerator(mixed_precision="bf16")  # as the configs train: AMX on CPUs
         self.eval_config = load_config([str(self.finetune_config)], [])  # how what is measured is cut
         self.fractions = () if self.video else FRACTIONS  # of the class labels, for fine-tuning
+
+    @functools.cached_property
+    def accelerator(self) -> Accelerator:
+        """Made when a part first measures (a rerun that only reports, or stops on its input, needs none)."""
+        return Accelerator(mixed_precision="bf16")  # as the configs train: AMX on CPUs
 
     # ---------------------------------------------------------------- bookkeeping
 
