@@ -230,7 +230,8 @@ class Bench:
                                      f"{name}): remove or replace them, then run again")
                 counts[name] = info["num_samples"]
         return {"counts": counts,
-                "summary": ", ".join(f"{n} {c}" for n, c in counts.items()) + f" images, {len(self.classes)} classes"}
+                "summary": ", ".join(f"{n} {c}" for n, c in counts.items())
+                + f" {'clips' if self.video else 'images'}, {len(self.classes)} classes"}
 
     def labelled_subset(self, seed: int, fraction: int) -> Path:
         """Shards of a class-balanced `fraction`% of train (all of it at 100), drawn from `seed`."""
