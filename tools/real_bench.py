@@ -94,7 +94,7 @@ VIDEO_ONLY, IMAGE_ONLY = {"clips", "direction_epochs"}, {"images_per_class", "fi
 
 FULL = Budget()
 QUICK = Budget(images_per_class=24,
-               pretrain=("train.max_steps=12", "train.batch_size=16", "eval.knn.every=5", "log.every=4",
+               pretrain=("train.max_steps=8", "train.batch_size=16", "eval.knn.every=5", "log.every=4",
                          "log.visualize_every=6", "train.checkpoint_every=6", "data.num_workers=1"),
                finetune=("train.max_steps=6", "train.batch_size=16", "log.every=2", "data.num_workers=1"),
                finetune_epochs={1: 4, 10: 2, 100: 1}, probe_epochs=3, probe_lrs=(1e-2,), probe_weight_decays=(0.0,),
