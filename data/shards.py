@@ -62,6 +62,11 @@ class ShardSetError(ValueError):
     """A dataset's info.json cannot be used: unreadable, malformed, or listing no shards."""
 
 
+def is_count(value: object) -> bool:
+    """A non-negative integer that is not a bool (JSON true would pass isinstance(int))."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def checked_entries(info: object, where: str) -> list[dict]:
     """info.json's shard entries, each with a name and a non-negative integer sample count (and, where given,
     byte size); anything else is one ShardSetError naming the file and the entry."""
@@ -72,12 +77,9 @@ def checked_entries(info: object, where: str) -> list[dict]:
     if not entries:
         raise ShardSetError(f"{where}: lists no shards (every input skipped?): {redo}")
 
-    def count(value: object) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
     for i, e in enumerate(entries):
-        if not (isinstance(e, dict) and isinstance(e.get("name"), str) and e["name"] and count(e.get("num_samples"))
-                and (e.get("bytes") is None or count(e["bytes"]))):
+        if not (isinstance(e, dict) and isinstance(e.get("name"), str) and e["name"] and is_count(e.get("num_samples"))
+                and (e.get("bytes") is None or is_count(e["bytes"]))):
             raise ShardSetError(f"{where}: shard entry {i} is not {{\"name\": str, \"num_samples\": int >= 0, "
                                 f"\"bytes\": int >= 0}}: {json.dumps(e)[:200]}: {redo}")
     classes = info.get("classes")
@@ -224,9 +226,6 @@ def sidecar_entries(samples: object, shard_size: int, where: str) -> list[IndexE
     """A sidecar's samples, each checked: a key, members of (data offset, size) as non-negative integers that lie
     inside the shard after their header, a label that is an integer or absent. Raises SampleError naming the
     entry."""
-    def count(value: object) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
     if not isinstance(samples, list):
         raise SampleError(f"{where}: \"samples\" is not a list: re-run python -m data.make_shards index")
     entries = []
@@ -234,7 +233,7 @@ def sidecar_entries(samples: object, shard_size: int, where: str) -> list[IndexE
         ok = isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str) and entry[0]
         files = entry[1] if ok else None
         ok = ok and isinstance(files, dict) and files and all(
-            isinstance(w, list) and len(w) == 2 and count(w[0]) and count(w[1]) and w[0] >= TAR_BLOCK
+            isinstance(w, list) and len(w) == 2 and is_count(w[0]) and is_count(w[1]) and w[0] >= TAR_BLOCK
             and w[0] + w[1] <= shard_size for w in files.values())
         label = entry[2] if ok else None
         if not ok or (label is not None and (isinstance(label, bool) or not isinstance(label, int))):
