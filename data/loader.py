@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gc
 import re
+import signal
 from collections import Counter
 from pathlib import Path
 
@@ -59,6 +60,14 @@ def shared_memory_for(sample: SampleConfig, batch_size: int, num_workers: int, i
     pixels = views * 3 * sample.crop_size**2 * (1 if is_image else sample.num_frames)
     masks = views * int(np.prod(sample.mask_grid)) if sample.mask_grid is not None else 0
     return num_workers * (prefetch_factor + 1) * (pixels + masks)
+
+
+def _leave_stops_to_main(worker_id: int) -> None:
+    """In each worker: a scheduler signals every process of a job (SIGTERM, SIGUSR1), and Ctrl-C reaches the
+    whole process group, but the main process decides whether the run stops (engine/preemption.py); torch's
+    worker would die of SIGTERM and fail the run. A worker still ends with its main process, whichever way."""
+    for number in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(number, signal.SIG_IGN)
 
 
 def _no_collate(batch):
@@ -164,7 +173,8 @@ class ShardLoader:
         # A private generator: creating an iterator must not draw from torch's global RNG, whose state
         # (drop path) a resumed run restores exactly.
         return iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers, collate_fn=_no_collate,
-                               generator=torch.Generator().manual_seed(self.seed), **self.loader_kwargs))
+                               generator=torch.Generator().manual_seed(self.seed), worker_init_fn=_leave_stops_to_main,
+                               **self.loader_kwargs))
 
     def _count(self, batch: dict) -> None:
         self.tried += batch["num_samples"]

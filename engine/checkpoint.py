@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from .sharded import saved_keys
 
 SHARDED_DIR = "sharded"
+BEST_DIR = "best"  # output_dir/best/encoder.safetensors: the best evaluated model (trainer)
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d{8})$")
 TEMP_PREFIX = ".tmp-checkpoint-"
 
@@ -194,6 +195,15 @@ def save_atomically(path: str | Path, tensors: dict[str, torch.Tensor], metadata
     save_tensors(temp, tensors, metadata)
     _fsync(temp)
     temp.replace(path)
+
+
+def copy_atomically(source: str | Path, target: str | Path) -> None:
+    """`source` copied to `target` through a temporary file and a rename (a reader sees the old file or the new)."""
+    target = Path(target)
+    temp = target.with_name(target.name + ".tmp")
+    shutil.copyfile(source, temp)
+    _fsync(temp)
+    temp.replace(target)
 
 
 def export_encoder(path: str | Path, encoder_state: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:

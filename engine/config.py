@@ -18,6 +18,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .preemption import signal_numbers
+
 
 @dataclass
 class ModelConfig:
@@ -90,6 +92,9 @@ class TrainConfig:
     cudnn_benchmark: bool = True  # CUDA: let cuDNN pick its fastest kernels for the run's fixed shapes
     mixed_precision: str | None = None  # no, bf16 or fp16; unset: accelerate launch's --mixed_precision
     checkpoint_every: int = 1000  # optimizer steps
+    checkpoint_minutes: float | None = None  # also save when this much wall time passed since the last save
+    # Signals that stop the run with a checkpoint and exit code 75, "requeue me" (engine/preemption.py).
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGINT"])
     keep_checkpoints: int = 3
     max_nonfinite_steps: int = 20  # consecutive NaN/inf steps before the run stops
     # Fine-tuning recipe (ignored by pretraining).
@@ -130,6 +135,8 @@ class EvalConfig:
     every_epochs: int = 1  # fine-tuning: evaluate after every this many passes
     shuffled: bool = True  # video: the final evaluation also with each clip's frames permuted (temporal reliance)
     shuffled_every: bool = False  # ... and every periodic evaluation too (which doubles their cost)
+    metric: str = "top1"  # what best/ keeps the highest of: a key of the evaluation's metrics (metrics.json)
+    export: str = "last"  # the model in output_dir/encoder.safetensors at the end: "last" or "best"
     knn: KnnConfig = field(default_factory=KnnConfig)
 
 
@@ -210,8 +217,16 @@ def check_values(config: RunConfig) -> None:
         raise ConfigError(f"data.max_fail_fraction={config.data.max_fail_fraction}: must be in [0, 1]")
     if config.train.mode not in ("finetune", "linear_probe"):
         raise ConfigError(f"train.mode={config.train.mode!r}: use finetune or linear_probe")
+    if config.eval.export not in ("last", "best"):
+        raise ConfigError(f"eval.export={config.eval.export!r}: use last or best")
     if config.eval.knn.temperature <= 0:
         raise ConfigError(f"eval.knn.temperature={config.eval.knn.temperature}: must be positive")
+    if config.train.checkpoint_minutes is not None and config.train.checkpoint_minutes <= 0:
+        raise ConfigError(f"train.checkpoint_minutes={config.train.checkpoint_minutes}: must be positive (or unset)")
+    try:
+        signal_numbers(config.train.stop_signals)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     if config.train.mixed_precision not in (None, "no", "bf16", "fp16"):
         raise ConfigError(f"train.mixed_precision={config.train.mixed_precision!r}: use no, bf16 or fp16")
 

@@ -6,12 +6,14 @@ clipping, non-finite steps, checkpoints, exact resume, logging, progress) lives 
 from __future__ import annotations
 
 import copy
+import json
 import math
 import random
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import numpy as np
 import torch
@@ -27,6 +29,7 @@ from . import checkpoint as ckpt
 from . import sharded
 from .config import ConfigError, RunConfig, flatten, to_yaml
 from .loaders import check_failures, shared_memory_shortfall
+from .preemption import REQUEUE_EXIT_CODE, Preempted, StopRequest, clear_marker, signal_numbers, write_marker
 from .tblog import TrainLogger
 
 
@@ -73,6 +76,8 @@ class Progress:
     nonfinite_total: int = 0
     nonfinite_streak: int = 0
     samples_seen: int = 0
+    best_step: int = -1  # the step whose evaluation scored best by `eval.metric` so far (-1: none yet)
+    best_value: float | None = None
 
 
 class WindowMeans:
@@ -138,6 +143,7 @@ class Trainer:
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.yaml").write_text(to_yaml(cfg))
+            clear_marker(self.output_dir)
         if self.world > 1:
             self._check_shared_output_dir()
 
@@ -178,6 +184,8 @@ class Trainer:
         np.random.seed(cfg.seed + 1000 * self.rank)
         random.seed(cfg.seed + 1000 * self.rank)
         self.progress = Progress()
+        self.stop_request = StopRequest(signal_numbers(cfg.train.stop_signals))
+        self.last_save = time.monotonic()
         self._maybe_resume()
         # After a resume, what the interrupted run logged past its checkpoint is purged, not shown twice.
         self.logger = TrainLogger(self.output_dir / "tb", enabled=self.is_main,
@@ -311,17 +319,13 @@ class Trainer:
                  "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler else None,
                  "scheduler": self.scheduler.state_dict(), "total_steps": self.total_steps}
         model_state = optimizer_state = task_state = None
-        exported = self.task.final_model(model) if hasattr(self.task, "final_model") else model
         if self.sharded:  # the task's state is sharded too (an EMA), so it goes with the shards
             state["optimizer_groups"] = sharded.save_sharded(temp / ckpt.SHARDED_DIR, model, self.optimizer,
                                                              self._task_state())
-            whole = sharded.full_model_state(exported)
-            if self.is_main:
-                self.export_model.load_state_dict(whole)
-                exported = self.export_model
         elif self.is_main:
             model_state, optimizer_state = model.state_dict(), self.optimizer.state_dict()
             task_state = self._task_state()
+        exported = self._whole_final_model()
         self.accelerator.wait_for_everyone()
         if self.is_main:
             encoder_state, encoder_meta = self.task.encoder(exported)
@@ -330,12 +334,93 @@ class Trainer:
             ckpt.commit_save(temp, self.cfg.train.keep_checkpoints)
             ckpt.export_encoder(self.output_dir / "encoder.safetensors", encoder_state, encoder_meta)
         self.accelerator.wait_for_everyone()
+        self.last_save = time.monotonic()
+
+    def _whole_final_model(self) -> torch.nn.Module | None:
+        """What is exported (the task's `final_model`, e.g. its EMA), whole, on the main process; None elsewhere.
+        Under FSDP every rank must call it: the shards are gathered."""
+        model = self.accelerator.unwrap_model(self.model)
+        exported = self.task.final_model(model) if hasattr(self.task, "final_model") else model
+        if not self.sharded:
+            return exported if self.is_main else None
+        whole = sharded.full_model_state(exported)
+        if not self.is_main:
+            return None
+        self.export_model.load_state_dict(whole)
+        return self.export_model
+
+    def _after_pass(self) -> dict[str, float]:
+        """The task's `after_pass` (an evaluation); when it scored best so far by `eval.metric` (higher is
+        better), its model is exported to best/encoder.safetensors (all ranks: a sharded model is gathered)."""
+        metrics = self.task.after_pass(self.accelerator.unwrap_model(self.model), self.accelerator, self.logger,
+                                       self.progress.step)
+        value, progress = metrics.get(self.cfg.eval.metric), self.progress
+        if value is None or (progress.best_value is not None and value <= progress.best_value):
+            return metrics
+        progress.best_step, progress.best_value = progress.step, value
+        exported = self._whole_final_model()
+        if self.is_main:
+            encoder_state, encoder_meta = self.task.encoder(exported)
+            (self.output_dir / ckpt.BEST_DIR).mkdir(exist_ok=True)
+            ckpt.export_encoder(self.output_dir / ckpt.BEST_DIR / "encoder.safetensors", encoder_state,
+                                {**encoder_meta, "step": str(progress.step), self.cfg.eval.metric: str(value)})
+        return metrics
+
+    def _finish_export(self) -> None:
+        """Main process, at the end: `eval.export=best` puts the best evaluated model in encoder.safetensors
+        (instead of the last); metrics.json, when the task wrote one, records which step was best."""
+        if not self.is_main or self.progress.best_step < 0:
+            return
+        cfg, progress = self.cfg, self.progress
+        if cfg.eval.export == "best":
+            best = self.output_dir / ckpt.BEST_DIR / "encoder.safetensors"
+            ckpt.copy_atomically(best, self.output_dir / "encoder.safetensors")
+        path = self.output_dir / "metrics.json"
+        if path.exists():
+            content = json.loads(path.read_text())
+            content["best"] = {"step": progress.best_step, "metric": cfg.eval.metric, "value": progress.best_value,
+                               "exported": cfg.eval.export}
+            path.write_text(json.dumps(content, indent=2))
 
     def _task_state(self) -> dict[str, torch.Tensor] | None:
         return self.task.state_dict() if hasattr(self.task, "state_dict") else None
 
+    # -- stopping for a scheduler ------------------------------------------------------------------------------
+    def _agree_to_save(self) -> tuple[str | None, bool]:
+        """(the signal that asks to stop or None, save now) at a logging step: the largest signal number any rank
+        received, and whether rank 0's clock says that `train.checkpoint_minutes` passed since the last save.
+        One small all-reduce, so that every rank takes the same decision at the same step."""
+        minutes = self.cfg.train.checkpoint_minutes
+        due = self.is_main and minutes is not None and time.monotonic() - self.last_save >= 60 * minutes
+        received = self.stop_request.received
+        votes = torch.tensor([received.value if received else 0, int(due)], device=self.accelerator.device)
+        if self.world > 1:
+            torch.distributed.all_reduce(votes, op=torch.distributed.ReduceOp.MAX)
+        number, due = votes.tolist()
+        return signal.Signals(number).name if number else None, bool(due)
+
+    def _stop_for_requeue(self, cause: str, bar: tqdm) -> NoReturn:
+        """After the checkpoint of a signalled stop: leave the marker, then exit with the requeue code together
+        (a launcher stops the other ranks when one exits, perhaps before rank 0 wrote the marker)."""
+        step = self.progress.step
+        bar.close()
+        self.logger.close()
+        if self.is_main:
+            saved = self.output_dir / ckpt.checkpoint_name(step)
+            write_marker(self.output_dir, step, cause, saved)
+            tqdm.write(f"stopped by {cause} at step {step} of {self.total_steps}, saved in {saved}; continue with "
+                       f"resume=auto (exit code {REQUEUE_EXIT_CODE}: requeue)")
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
+        raise Preempted(step, cause)
+
     # -- the loop ----------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
+        """Train to the end, or to a signalled stop (engine.preemption: then Preempted, a SystemExit)."""
+        with self.stop_request:
+            return self._fit()
+
+    def _fit(self) -> dict[str, float]:
         cfg, acc, progress = self.cfg, self.accelerator, self.progress
         bar = tqdm(total=self.total_steps, initial=progress.step, disable=not (self.is_main and cfg.log.progress),
                    dynamic_ncols=True, desc=Path(cfg.output_dir).name)
@@ -376,6 +461,7 @@ class Trainer:
                     metrics |= self.task.monitor(acc.unwrap_model(self.model), acc, self.logger, progress.step)
                     window_start += time.perf_counter() - began
                 logs = progress.step % cfg.log.every == 0 or progress.step == self.total_steps
+                stop, save_now = None, False
                 if logs:
                     elapsed = time.perf_counter() - window_start
                     failed = check_failures(self.loader, acc, f"step {progress.step}")
@@ -396,22 +482,27 @@ class Trainer:
                                     **({"failed": failed} if failed else {}))
                     metrics["final_loss"] = scalars["train/loss"]
                     window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
+                    stop, save_now = self._agree_to_save()
                 bar.update(1)
                 # A sharded model's forward is a collective: then every rank runs it (only rank 0 writes).
                 visualizes = self.is_main or self.sharded
                 if visualizes and cfg.log.visualize_every and progress.step % cfg.log.visualize_every == 0:
                     self.task.visualize(acc.unwrap_model(self.model), batch, self.logger, progress.step)
-                if progress.step % cfg.train.checkpoint_every == 0 or progress.step == self.total_steps:
+                if stop or save_now or progress.step % cfg.train.checkpoint_every == 0 or \
+                        progress.step == self.total_steps:
                     if not logs:  # a logging step has checked already
                         check_failures(self.loader, acc, f"step {progress.step}")
                     self.save_checkpoint()
+                if stop:
+                    self._stop_for_requeue(stop, bar)
                 if progress.step >= self.total_steps:
                     break
             else:  # a whole pass over the data
-                metrics |= self.task.after_pass(acc.unwrap_model(self.model), acc, self.logger, progress.step)
+                metrics |= self._after_pass()
                 evaluated_at = progress.step
         if evaluated_at != progress.step:
-            metrics |= self.task.after_pass(acc.unwrap_model(self.model), acc, self.logger, progress.step)
+            metrics |= self._after_pass()
+        self._finish_export()
         bar.close()
         self.logger.hparams(flatten(cfg), {f"hparam/{k}": v for k, v in metrics.items()})
         self.logger.close()

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -50,11 +51,12 @@ def two_gloo_processes(script: str, *args: str, timeout: float = 600) -> subproc
     return run([*launch, script, *args], timeout=timeout, env=env)
 
 
-def kill_after(command: list[str], marker: Path, **kwargs) -> bool:
-    """Start `command` and SIGKILL it at a random moment within a second after `marker` appears (mid-step,
-    mid-save, ...), with every process it started, as a crashed machine stops: the ranks that `accelerate
-    launch` starts (torchrun gives each its own session) would otherwise outlive it and finish the run.
-    Returns whether it was killed (False: it had finished first, and a resume would test nothing)."""
+def signal_after(command: list[str], marker: Path, signals: tuple[signal.Signals, ...] = (signal.SIGKILL,),
+                 spare: Callable[[psutil.Process], bool] = lambda process: False, **kwargs) -> int:
+    """Start `command` and, at a random moment within a second after `marker` appears (mid-step, mid-save, ...),
+    send it `signals` in turn, 0.05 s apart, with every process it started except those `spare` picks: as a
+    crashed machine stops (SIGKILL) or SLURM signals a job. The ranks that `accelerate launch` starts (torchrun
+    gives each its own session) would otherwise outlive their launcher. Returns the exit code."""
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kwargs)
     deadline = time.time() + 300
     while not marker.exists() and process.poll() is None and time.time() < deadline:
@@ -65,10 +67,19 @@ def kill_after(command: list[str], marker: Path, **kwargs) -> bool:
         members = [*tree.children(recursive=True), tree]  # the ranks first: none steps on after its launcher
     except psutil.NoSuchProcess:
         members = []
-    for member in members:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            member.send_signal(signal.SIGKILL)
-    return process.wait() == -signal.SIGKILL
+    for number in signals:
+        for member in members:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if not spare(member):
+                    member.send_signal(number)
+        time.sleep(0.05)
+    return process.wait(timeout=300)
+
+
+def kill_after(command: list[str], marker: Path, **kwargs) -> bool:
+    """SIGKILL `command` with its processes soon after `marker` appears (signal_after). Returns whether it was
+    killed (False: it had finished first, and a resume would test nothing)."""
+    return signal_after(command, marker, **kwargs) == -signal.SIGKILL
 
 
 def image_tree(root: Path, per_class: dict[str, int]) -> Path:

@@ -14,6 +14,7 @@ import torch
 from conftest import TINY
 from launch import image_tree
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -369,4 +370,19 @@ def test_shuffled_frames_run_at_the_final_evaluation_only_unless_asked(demo_shar
                 events.Tags()["scalars"] else [])
 
     assert shuffled_steps(tmp_path / "final") == ([2, 4], [4])  # 16 videos in batches of 8: a pass is 2 steps
-    assert shuffled_steps(tmp_path / "every", "eval.shuffled_every=true") == ([2, 4], [2, 4])
+    assert shuffled_steps(tmp_path / "every", "eval.shuffled_every=true", "eval.metric=top1_shuffled",
+                          "eval.export=best") == ([2, 4], [2, 4])
+
+    # best/ holds the model of the evaluation that scored highest by eval.metric (the first, on a tie).
+    for out, metric, exported in ((tmp_path / "final", "top1", "last"), (tmp_path / "every", "top1_shuffled", "best")):
+        events = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0})
+        events.Reload()
+        scores = [(e.value, -e.step) for e in events.Scalars(f"eval/{metric}")]
+        best_value, best_step = max(scores)
+        recorded = json.loads((out / "metrics.json").read_text())["best"]
+        assert recorded == {"step": -best_step, "metric": metric, "value": pytest.approx(best_value),
+                            "exported": exported}
+        with safe_open(str(out / "best" / "encoder.safetensors"), framework="pt") as f:
+            assert f.metadata()["step"] == str(-best_step)
+        last, best = load_file(out / "encoder.safetensors"), load_file(out / "best" / "encoder.safetensors")
+        assert all(torch.equal(last[k], best[k]) for k in best) == (exported == "best" or -best_step == 4)

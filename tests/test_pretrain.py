@@ -1,17 +1,19 @@
 """The pretraining app end to end, as users run it: real shards, real processes, real files read back."""
 
+import json
+import signal
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from launch import kill_after, run, two_gloo_processes
+from launch import kill_after, run, signal_after, two_gloo_processes
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from engine import checkpoint
+from engine import checkpoint, preemption
 from models import create_model, load_pretrained
 
 DEMO = "configs/pretrain/demo.yaml"
@@ -59,27 +61,38 @@ def test_pretraining_end_to_end(demo_shards, tmp_path):
     assert gif.n_frames == 4 and gif.size == (4 * 64, 64)
 
 
-def test_kill_and_resume_gives_identical_weights(demo_shards, tmp_path):
-    args = ("train.max_steps=20", "train.checkpoint_every=2", "model.drop_path_rate=0.2", "log.visualize_every=0",
-            "log.every=1")
-    # 16 steps between the checkpoint that triggers the kill and the end: on a quiet machine 6 were too few.
+def test_kill_or_signal_and_resume_give_identical_weights(demo_shards, tmp_path):
+    """A crash (SIGKILL) and a scheduler's stop (SIGTERM, sent twice to every process, data loader workers and
+    the k-NN monitor running) at a random step: the resumed runs end bit-identical to a straight one."""
+    args = ("train.max_steps=20", "train.checkpoint_every=4", "model.drop_path_rate=0.2", "log.visualize_every=0",
+            "log.every=1", f"eval.knn.train={demo_shards['train']}", f"eval.knn.val={demo_shards['val']}",
+            "eval.knn.every=10", "eval.knn.max_samples=8", "eval.batch_size=4")
+    # 16 steps between the checkpoint that triggers the stop and the end: on a quiet machine 6 were too few.
     reference = run(pretrain_command(demo_shards["train"], tmp_path / "straight", *args))
     assert reference.returncode == 0, reference.stderr[-3000:]
-
-    out = tmp_path / "killed"
-    assert kill_after(pretrain_command(demo_shards["train"], out, *args), out / "checkpoint-00000004")
-    assert checkpoint.latest_checkpoint(out) is not None and not (out / "checkpoint-00000020").exists()
-    resumed = run(pretrain_command(demo_shards["train"], out, *args, "resume=auto"))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-
     expected = load_file(tmp_path / "straight" / "checkpoint-00000020" / "model.safetensors")
-    got = load_file(out / "checkpoint-00000020" / "model.safetensors")
-    assert expected.keys() == got.keys()
-    assert all(torch.equal(expected[k], got[k]) for k in expected)
-    # TensorBoard shows every step once: what the killed run logged after its checkpoint is purged.
-    events = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0})
-    events.Reload()
-    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 21))
+
+    killed, signalled = tmp_path / "killed", tmp_path / "signalled"
+    assert kill_after(pretrain_command(demo_shards["train"], killed, *args), killed / "checkpoint-00000004")
+    assert checkpoint.latest_checkpoint(killed) is not None and not (killed / "checkpoint-00000020").exists()
+    code = signal_after(pretrain_command(demo_shards["train"], signalled, *args), signalled / "checkpoint-00000004",
+                        signals=(signal.SIGTERM, signal.SIGTERM))
+    assert code == preemption.REQUEUE_EXIT_CODE
+    stopped = json.loads((signalled / preemption.REQUEUE_MARKER).read_text())
+    assert stopped["signal"] == "SIGTERM" and 4 < stopped["step"] < 20
+    assert checkpoint.latest_checkpoint(signalled).name == stopped["checkpoint"] == f"checkpoint-{stopped['step']:08d}"
+
+    for out in (killed, signalled):
+        resumed = run(pretrain_command(demo_shards["train"], out, *args, "resume=auto"))
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert not (out / preemption.REQUEUE_MARKER).exists()
+        got = load_file(out / "checkpoint-00000020" / "model.safetensors")
+        assert expected.keys() == got.keys()
+        assert all(torch.equal(expected[k], got[k]) for k in expected)
+        # TensorBoard shows every step once: what the stopped run logged after its checkpoint is purged.
+        events = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0})
+        events.Reload()
+        assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 21))
 
 
 def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
@@ -124,8 +137,10 @@ def test_two_gloo_processes_train_together(demo_shards, tmp_path):
     result = two_gloo_processes(
         "tests/dist_train.py", "--config", DEMO, f"data.train={demo_shards['train']}", f"output_dir={out}",
         "data.num_workers=0", "log.progress=false", "train.max_steps=4", "train.batch_size=8",
-        "log.visualize_every=0", "model.drop_path_rate=0.2")
+        "log.visualize_every=0", "model.drop_path_rate=0.2", "log.every=2", "train.checkpoint_minutes=1e-6")
     assert result.returncode == 0, result.stderr[-3000:]
+    # Wall-time saves: rank 0's clock decides at each logging step, for both ranks.
+    assert [p.name for p in checkpoint.list_checkpoints(out)] == ["checkpoint-00000002", "checkpoint-00000004"]
     ranks = []
     for rank in (0, 1):
         path = out / f"final-rank{rank}.safetensors"
