@@ -21,7 +21,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from .make_shards import add_member
+from .make_shards.writer import add_member
 from .shards import INFO_NAME
 
 CLASSES = ("moving_left", "moving_right", "growing", "shrinking")
