@@ -3,11 +3,12 @@
     python -m data.make_shards kinetics --csv train.csv --videos DIR --out OUT [options]
     python -m data.make_shards list --list train.txt [--root DIR] --out OUT [options]
     python -m data.make_shards folder --root DIR --out OUT [options]
+    python -m data.make_shards ssv2 --labels LABELS.json --split SPLIT.json --videos DIR --out OUT [options]
     python -m data.make_shards index SHARDS... --out OUT/info.json [--classes FILE]
 
 Each source format is a module of this package that turns its files into ``Input``s and class names
-(``kinetics``, ``listing`` for ``list``, ``folder``); ``writer`` shards them. ``index`` writes the info.json of
-shards made by another tool.
+(``kinetics``, ``listing`` for ``list``, ``folder``, ``ssv2``); ``writer`` shards them. ``index`` writes the
+info.json of shards made by another tool.
 
 Options: ``--short-side 320`` re-encodes videos (H.264, audio dropped) or re-saves images (JPEG) whose short
 side is larger; the default keeps the original bytes. ``--per-shard``, ``--workers``, ``--seed`` (inputs are
@@ -24,10 +25,10 @@ import argparse
 from ..errors import InputError, one_line_errors
 from ..shards import ShardSetError
 from ..sources import FetchError
-from . import folder, index, kinetics, listing, writer
+from . import folder, index, kinetics, listing, ssv2, writer
 
 # The modes that collect inputs and write shards: command -> module with HELP, add_arguments and collect.
-SOURCES = {"kinetics": kinetics, "list": listing, "folder": folder}
+SOURCES = {"kinetics": kinetics, "list": listing, "folder": folder, "ssv2": ssv2}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..decode import VIDEO_EXTENSIONS
+
 
 @dataclass(frozen=True)
 class Input:
@@ -19,3 +21,12 @@ def read_class_names(path: Path | None) -> list[str] | None:
     if path is None:
         return None
     return [c.strip() for c in path.read_text().splitlines() if c.strip()]
+
+
+def videos_by_stem(videos: Path) -> dict[str, Path]:
+    """File stem -> path of every video under ``videos``: one directory walk instead of a lookup per row."""
+    found = {}
+    for path in sorted(videos.rglob("*")):
+        if path.suffix.lstrip(".").lower() in VIDEO_EXTENSIONS:
+            found.setdefault(path.stem, path)
+    return found

@@ -8,8 +8,7 @@ import argparse
 import csv
 from pathlib import Path
 
-from ..decode import VIDEO_EXTENSIONS
-from .inputs import Input, read_class_names
+from .inputs import Input, read_class_names, videos_by_stem
 
 HELP = "official Kinetics CSV + downloaded clips"
 
@@ -24,15 +23,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def collect(args: argparse.Namespace) -> tuple[list[Input], list[str]]:
     return kinetics_inputs(args.csv, args.videos, read_class_names(args.classes))
-
-
-def videos_by_stem(videos: Path) -> dict[str, Path]:
-    """File stem -> path of every video under ``videos``: one directory walk instead of a lookup per row."""
-    found = {}
-    for path in sorted(videos.rglob("*")):
-        if path.suffix.lstrip(".").lower() in VIDEO_EXTENSIONS:
-            found.setdefault(path.stem, path)
-    return found
 
 
 def kinetics_inputs(csv_path: Path, videos: Path, classes: list[str] | None) -> tuple[list[Input], list[str]]:
