@@ -65,9 +65,24 @@ def _stream_info(container) -> tuple[VideoInfo, float]:
     elif stream.frames:
         duration = stream.frames / fps
     else:
-        duration = 0.0  # unknown: every clip starts at 0 and repeats its last frame if needed
+        duration = _demuxed_duration(container, stream, time_base, start)
     ctx = stream.codec_context
     return VideoInfo(duration=max(duration, 0.0), fps=fps, width=ctx.width, height=ctx.height), start
+
+
+def _demuxed_duration(container, stream, time_base: Fraction, start: float) -> float:
+    """Seconds from the first frame to the end of the last, read from the packet timestamps, for containers
+    that state no duration and no frame count (WebM written as a live stream: PyAV reports ``frames == 0`` and
+    ``duration is None``, PyAV#1131). Demuxing decodes nothing, so this costs little next to the decoding; the
+    container is rewound to its start afterwards. 0.0 when no packet has a timestamp (every clip then starts at
+    0 and repeats its last frame if needed)."""
+    end = None
+    for packet in container.demux(stream):
+        if packet.pts is not None:
+            packet_end = packet.pts + (packet.duration or 0)
+            end = packet_end if end is None else max(end, packet_end)
+    container.seek(stream.start_time or 0, stream=stream, backward=True, any_frame=False)
+    return 0.0 if end is None else float(end * time_base) - start
 
 
 def probe_video(data: bytes) -> VideoInfo:

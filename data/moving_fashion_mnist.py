@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .fashion_mnist import CLASSES, FashionMnistError, idx_files, read_idx
-from .make_shards import Input
+from .make_shards.inputs import Input
 from .synthetic import write_video
 
 DIRECTIONS = ("up-left", "up-right", "down-left", "down-right")

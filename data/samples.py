@@ -22,10 +22,13 @@ from .transforms import (
     crop_resize,
     random_clip_start,
     random_resized_crop_box,
+    random_segment_frames,
+    spaced_segment_frames,
     spatial_view_boxes,
     uniform_clip_starts,
 )
 
+SAMPLINGS = ("clip", "segment")  # how a video's frames are chosen (SampleConfig.sampling)
 _PURPOSES = {"clip": 0, "crop": 1, "flip": 2, "augment": 3, "mask": 4}
 
 
@@ -42,6 +45,12 @@ class SampleConfig:
     Train: ``repeats`` views per sample, each a random clip + random resized crop (+ flip, RandAugment).
     Eval (``train=False``): ``temporal_views`` uniformly spaced clips x ``spatial_views`` short-side crops,
     view index ``t * spatial_views + s``. Images use the same path with one frame and come out [3, S, S].
+
+    ``sampling``: "clip" takes ``num_frames`` frames ``sampling_rate`` apart at ``target_fps``; "segment" (TSN,
+    SlowFast's SSv2) cuts the whole video into ``num_frames`` equal segments and takes one frame of each, random
+    in training and at (t + 0.5) / temporal_views of the segment in evaluation view t (``sampling_rate`` and
+    ``target_fps`` then play no part). ``flip_label_map``: pairs of class ids swapped when a training view is
+    flipped (a flipped "left to right" clip shows "right to left").
     """
 
     train: bool = True
@@ -51,7 +60,9 @@ class SampleConfig:
     crop_size: int = 224
     scale: tuple[float, float] = (0.5, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    sampling: str = "clip"  # one of SAMPLINGS
     hflip: float = 0.5
+    flip_label_map: tuple[tuple[int, int], ...] = ()
     rand_augment: str | None = None  # timm config string, e.g. "rand-m7-n4-mstd0.5-inc1"
     mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
     std: tuple[float, float, float] = IMAGENET_DEFAULT_STD
@@ -72,19 +83,24 @@ class SampleConfig:
 
 
 class SampleProcessor:
-    """Callable: (bytes, extension, seed, epoch, index[, out]) -> list of ``num_views`` dicts with
+    """Callable: (bytes, extension, seed, epoch, index[, out, label]) -> list of ``num_views`` dicts with
     ``pixels`` uint8 [3, T, S, S] (video) or [3, S, S] (image), not normalised (``transforms.normalize``),
-    and ``mask`` bool [#MU] when configured. With ``out`` [num_views, *pixels shape], the pixels are written
-    there. Raises ``decode.DecodeError`` for undecodable input."""
+    ``label`` int (the sample's ``label``, swapped by ``flip_label_map`` in a flipped view) and ``mask``
+    bool [#MU] when configured. With ``out`` [num_views, *pixels shape], the pixels are written there. Raises
+    ``decode.DecodeError`` for undecodable input."""
 
     def __init__(self, config: SampleConfig):
+        if config.sampling not in SAMPLINGS:
+            raise ValueError(f"sampling={config.sampling!r}: use one of {', '.join(SAMPLINGS)}")
         self.config = config
+        self.mirrored_label = {a: b for pair in config.flip_label_map for a, b in (pair, pair[::-1])}
         self.rand_augment = (
             ClipRandAugment(config.rand_augment, config.mean) if config.train and config.rand_augment else None
         )
 
     def __call__(
-        self, data: bytes, ext: str, seed: int, epoch: int, index: int, out: torch.Tensor | None = None
+        self, data: bytes, ext: str, seed: int, epoch: int, index: int, out: torch.Tensor | None = None,
+        label: int = -1,
     ) -> list[dict]:
         cfg = self.config
         is_image = ext.lower() in IMAGE_EXTENSIONS
@@ -95,8 +111,9 @@ class SampleProcessor:
         views = []
         for v, clip in enumerate(clips):
             target = None if out is None else (out[v].unsqueeze(1) if is_image else out[v])
-            pixels = self._spatial(torch.from_numpy(clip), seed, epoch, index, v, target)
-            view = {"pixels": pixels[:, 0] if is_image else pixels}
+            pixels, flipped = self._spatial(torch.from_numpy(clip), seed, epoch, index, v, target)
+            view = {"pixels": pixels[:, 0] if is_image else pixels,
+                    "label": self.mirrored_label.get(label, label) if flipped else label}
             if cfg.mask_grid is not None:
                 view["mask"] = self.mask(seed, epoch, index, v)
             views.append(view)
@@ -112,23 +129,45 @@ class SampleProcessor:
         cfg = self.config
 
         def choose_times(info: VideoInfo) -> np.ndarray:
-            fps = cfg.target_fps or info.fps
-            span = clip_span(fps, cfg.num_frames, cfg.sampling_rate)
+            sampled = self._segment_times if cfg.sampling == "segment" else self._clip_times
             if cfg.train:
-                starts = [random_clip_start(info.duration, span, position_rng(seed, epoch, index, r, "clip"))
-                          for r in range(cfg.repeats)]
+                times = [sampled(info, r, position_rng(seed, epoch, index, r, "clip")) for r in range(cfg.repeats)]
             else:
-                starts = np.repeat(uniform_clip_starts(info.duration, span, cfg.temporal_views),
-                                   cfg.spatial_views)
-            return np.concatenate([clip_times(s, fps, cfg.num_frames, cfg.sampling_rate) for s in starts])
+                times = np.repeat([sampled(info, t) for t in range(cfg.temporal_views)], cfg.spatial_views, axis=0)
+            return np.concatenate(times)
 
         frames, _ = decode_video(data, choose_times)
         return list(frames.reshape(cfg.num_views, cfg.num_frames, *frames.shape[1:]))
 
+    def _clip_times(self, info: VideoInfo, view: int, rng: np.random.Generator | None = None) -> np.ndarray:
+        """Times [num_frames] of one clip: random start with ``rng`` (training), else temporal view ``view``
+        of the uniformly spaced evaluation clips."""
+        cfg = self.config
+        fps = cfg.target_fps or info.fps
+        span = clip_span(fps, cfg.num_frames, cfg.sampling_rate)
+        if rng is not None:
+            start = random_clip_start(info.duration, span, rng)
+        else:
+            start = uniform_clip_starts(info.duration, span, cfg.temporal_views)[view]
+        return clip_times(start, fps, cfg.num_frames, cfg.sampling_rate)
+
+    def _segment_times(self, info: VideoInfo, view: int, rng: np.random.Generator | None = None) -> np.ndarray:
+        """Times [num_frames] of one frame per segment: random frames with ``rng`` (training), else those of
+        temporal view ``view``. Frame k is asked for at the middle of its display time, (k + 0.5) / fps, so
+        that timestamps rounded to the container's time base still pick frame k."""
+        cfg = self.config
+        video_frames = max(1, round(info.duration * info.fps))
+        if rng is not None:
+            frames = random_segment_frames(video_frames, cfg.num_frames, rng)
+        else:
+            frames = spaced_segment_frames(video_frames, cfg.num_frames, view, cfg.temporal_views)
+        return (frames + 0.5) / info.fps
+
     def _spatial(
         self, clip: torch.Tensor, seed: int, epoch: int, index: int, view: int, out: torch.Tensor | None
-    ) -> torch.Tensor:
-        """clip [T, H, W, 3] uint8 -> [3, T, S, S] uint8 (written into ``out`` if given)."""
+    ) -> tuple[torch.Tensor, bool]:
+        """clip [T, H, W, 3] uint8 -> ([3, T, S, S] uint8 (written into ``out`` if given), whether it was
+        flipped)."""
         cfg = self.config
         _, height, width, _ = clip.shape
         if cfg.train:
@@ -137,10 +176,11 @@ class SampleProcessor:
         else:
             box = spatial_view_boxes(height, width, cfg.spatial_views, cfg.crop_pct)[view % cfg.spatial_views]
         clip = crop_resize(clip, box, cfg.crop_size)
-        if cfg.train and position_rng(seed, epoch, index, view, "flip").random() < cfg.hflip:
+        flipped = cfg.train and position_rng(seed, epoch, index, view, "flip").random() < cfg.hflip
+        if flipped:
             clip = clip.flip(-1)
         if self.rand_augment is not None:
             clip = self.rand_augment(clip, position_rng(seed, epoch, index, view, "augment"))
         if out is None:
             out = torch.empty(clip.shape[1], clip.shape[0], *clip.shape[2:], dtype=torch.uint8)
-        return out.copy_(clip.permute(1, 0, 2, 3))
+        return out.copy_(clip.permute(1, 0, 2, 3)), flipped

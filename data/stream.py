@@ -135,7 +135,8 @@ class ShardStream(IterableDataset):
             index[rows], view[rows] = position, np.arange(per_sample)
             try:
                 key, ext, data, meta = reader.read(shard, member)
-                views = processor(data, ext, self.seed, epoch, position, out=pixels[rows])
+                views = processor(data, ext, self.seed, epoch, position, out=pixels[rows],
+                                  label=int(meta.get("label", -1)))
             except (DecodeError, SampleError) as e:
                 key = getattr(e, "key", None) or key
                 if planned_valid:  # a padding copy's failure is already counted where the sample is planned
@@ -144,7 +145,7 @@ class ShardStream(IterableDataset):
                 views = [{"mask": processor.mask(self.seed, epoch, position, v)} for v in range(per_sample)
                          ] if masks is not None else []
             else:
-                label[rows], valid[rows] = int(meta.get("label", -1)), planned_valid
+                label[rows], valid[rows] = [v["label"] for v in views], planned_valid
                 donor = rows if donor is None else donor
             keys.extend([key] * per_sample)
             if masks is not None:

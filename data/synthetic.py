@@ -21,7 +21,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from .make_shards import add_member
+from .make_shards.writer import add_member
 from .shards import INFO_NAME
 
 CLASSES = ("moving_left", "moving_right", "growing", "shrinking")
@@ -36,17 +36,19 @@ def write_video(
     gop: int = 8,
     codec: str = "libx264",
     options: dict[str, str] | None = None,
+    muxer_options: dict[str, str] | None = None,
 ) -> Path:
     """Encode ``frames`` [T, H, W, 3] uint8 RGB (H.264 by default, container from the suffix); any H, W (odd
     sizes use 4:4:4 chroma).
 
     ``audio`` adds an AAC sine-tone stream, like most real Kinetics clips carry. A short GOP makes seeking
-    land close to its target, as it would on pre-resized datasets. ``options`` replace the x264 settings.
+    land close to its target, as it would on pre-resized datasets. ``options`` replace the x264 settings;
+    ``muxer_options`` go to the container (e.g. ``{"live": "1"}``: a WebM without a stated duration).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     t, h, w, _ = frames.shape
-    with av.open(str(path), "w") as container:
+    with av.open(str(path), "w", options=muxer_options or {}) as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height = w, h
         # 4:2:0 needs even sizes; 4:4:4 keeps odd sizes decodable by any FFmpeg.

@@ -44,6 +44,29 @@ def uniform_clip_starts(duration: float, span: float, num_views: int) -> np.ndar
     return np.linspace(0.0, last, num_views)
 
 
+def segment_bounds(video_frames: int, num_segments: int) -> tuple[np.ndarray, np.ndarray]:
+    """(first, last) [num_segments] frame indices, both inclusive, of ``num_segments`` equal segments of a video
+    of ``video_frames`` frames, as SlowFast's ``ssv2.py get_seq_frames`` cuts them: ``seg = (L - 1) / N``,
+    segment i spans ``round(seg * i) .. round(seg * (i + 1))`` (neighbours share their boundary frame)."""
+    seg = (video_frames - 1) / num_segments
+    edges = np.round(seg * np.arange(num_segments + 1)).astype(np.int64)
+    return edges[:-1], edges[1:]
+
+
+def random_segment_frames(video_frames: int, num_segments: int, rng: np.random.Generator) -> np.ndarray:
+    """Frame indices [num_segments] for training (TSN): a uniform frame of each segment, ends included."""
+    first, last = segment_bounds(video_frames, num_segments)
+    return rng.integers(first, last + 1)
+
+
+def spaced_segment_frames(video_frames: int, num_segments: int, view: int, num_views: int) -> np.ndarray:
+    """Frame indices [num_segments] of evaluation view ``view`` of ``num_views``: the frame at fraction
+    (view + 0.5) / num_views of each segment, so the views differ (SlowFast repeats one clip, SlowFast#306).
+    One view takes each segment's middle frame, exactly as SlowFast does."""
+    first, last = segment_bounds(video_frames, num_segments)
+    return first + (2 * view + 1) * (last - first) // (2 * num_views)
+
+
 def random_resized_crop_box(
     height: int,
     width: int,

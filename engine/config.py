@@ -18,6 +18,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from data.samples import SAMPLINGS
+
 from .preemption import signal_numbers
 
 
@@ -59,7 +61,13 @@ class DataConfig:
     target_fps: float | None = 30.0  # frame spacing = sampling_rate / target_fps seconds; None: native rate
     crop_size: int = 224
     scale: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    # "clip": num_frames frames sampling_rate apart; "segment": one frame of each of num_frames equal segments of
+    # the whole video (TSN, SlowFast's SSv2), random in training, spread over the views in evaluation.
+    sampling: str = "clip"
     hflip: float = 0.5
+    # [[a, b], ...]: class ids swapped when a training clip is flipped ("left to right" <-> "right to left";
+    # SSv2's pairs: docs/other_datasets.md).
+    flip_label_map: list[list[int]] = field(default_factory=list)
     rand_augment: str | None = None  # timm string, e.g. "rand-m7-n4-mstd0.5-inc1"
     random_erase: float = 0.0  # fine-tuning: probability of timm's RandomErasing (pixel mode; video: every frame)
     repeat: int = 1  # repeated sampling: clips drawn per decoded video
@@ -227,8 +235,26 @@ def check_values(config: RunConfig) -> None:
         signal_numbers(config.train.stop_signals)
     except ValueError as err:
         raise ConfigError(str(err)) from err
+    if config.data.sampling not in SAMPLINGS:
+        raise ConfigError(f"data.sampling={config.data.sampling!r}: use {' or '.join(SAMPLINGS)}")
+    check_flip_label_map(config.data.flip_label_map)
     if config.train.mixed_precision not in (None, "no", "bf16", "fp16"):
         raise ConfigError(f"train.mixed_precision={config.train.mixed_precision!r}: use no, bf16 or fp16")
+
+
+def check_flip_label_map(pairs: list[list[int]], num_classes: int | None = None) -> None:
+    """`data.flip_label_map` holds pairs of distinct class ids (below `num_classes` when given), each id in one
+    pair at most: otherwise which label a flipped clip gets would be ambiguous."""
+    seen: set[int] = set()
+    for pair in pairs:
+        if len(pair) != 2 or pair[0] == pair[1] or min(pair) < 0:
+            raise ConfigError(f"data.flip_label_map: {pair} is not a pair of two different class ids")
+        if num_classes is not None and max(pair) >= num_classes:
+            raise ConfigError(f"data.flip_label_map: {pair} names a class id outside the data's {num_classes} "
+                              f"classes")
+        if seen & set(pair):
+            raise ConfigError(f"data.flip_label_map: class {sorted(seen & set(pair))[0]} is in two pairs")
+        seen |= set(pair)
 
 
 def _describe(err: OmegaConfBaseException) -> str:

@@ -12,7 +12,7 @@ from accelerate.utils import gather_object
 from data import DataFailureError, SampleConfig, ShardCache, ShardLoader, ShardSet, normalize
 from data.loader import shared_memory_for
 
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, check_flip_label_map
 
 # Batches in page-locked memory let `.to(device, non_blocking=True)` overlap the copy with compute; from
 # pageable memory the copy blocks the host.
@@ -70,7 +70,7 @@ def eval_sample(cfg: RunConfig, is_image: bool, views: tuple[int, int] | None = 
     else:
         (spatial, temporal), crop_pct = views or (e.spatial_views, e.temporal_views), 1.0
     return SampleConfig(train=False, num_frames=d.num_frames, sampling_rate=d.sampling_rate,
-                        target_fps=d.target_fps, crop_size=d.crop_size, spatial_views=spatial,
+                        target_fps=d.target_fps, sampling=d.sampling, crop_size=d.crop_size, spatial_views=spatial,
                         temporal_views=temporal, crop_pct=crop_pct)
 
 
@@ -124,7 +124,8 @@ def train_loader(cfg: RunConfig, rank: int, world_size: int, input_size: tuple[i
     if not d.train:
         raise ConfigError("data.train is not set: give a shard directory (python -m data.make_shards ...)")
     sample = SampleConfig(train=True, num_frames=d.num_frames, sampling_rate=d.sampling_rate,
-                          target_fps=d.target_fps, crop_size=d.crop_size, scale=tuple(d.scale), hflip=d.hflip,
+                          target_fps=d.target_fps, sampling=d.sampling, crop_size=d.crop_size, scale=tuple(d.scale),
+                          hflip=d.hflip, flip_label_map=tuple(tuple(pair) for pair in d.flip_label_map),
                           rand_augment=d.rand_augment, repeats=d.repeat, mask_grid=mask_grid,
                           mask_ratio=mask_ratio)
     loader = ShardLoader(d.train, sample, cfg.train.batch_size // d.repeat, seed=cfg.seed, rank=rank,
@@ -133,6 +134,7 @@ def train_loader(cfg: RunConfig, rank: int, world_size: int, input_size: tuple[i
                          pin_memory=PIN_MEMORY, persistent=True,
                          check_failures=False,  # the trainer decides, on the counts of all ranks
                          shard_mix=d.shard_mix, cache=shard_cache(cfg))
+    check_flip_label_map(d.flip_label_map, loader.num_classes)
     return loader
 
 

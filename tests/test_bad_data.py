@@ -13,9 +13,10 @@ import pytest
 from launch import image_tree
 
 from data import make_shards
-from data.index import index_shards
 from data.loader import DataFailureError, ShardLoader
-from data.make_shards import folder_inputs, shard_inputs
+from data.make_shards.folder import folder_inputs
+from data.make_shards.index import index_shards
+from data.make_shards.writer import shard_inputs
 from data.samples import SampleConfig
 from data.shards import ShardSet, ShardSetError
 from data.synthetic import write_shard_dir

@@ -129,6 +129,22 @@ def test_very_short_video(tmp_path):
     assert info.duration == pytest.approx(2 / FPS)
 
 
+@pytest.mark.parametrize("live", [False, True], ids=["with-duration", "no-duration"])
+def test_webm_without_frame_count_or_duration(tmp_path, live):
+    """VP9 WebM, as Something-Something-V2 ships: PyAV reports ``frames == 0`` and no stream duration, and a
+    WebM written as a live stream states no duration at all (PyAV#1131). The duration then comes from the
+    packet timestamps, and decoding still starts at the first frame."""
+    data = write_video(tmp_path / "v.webm", ramp(24), 12, codec="libvpx-vp9", options={"deadline": "realtime"},
+                       muxer_options={"live": "1"} if live else None).read_bytes()
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        assert stream.frames == 0 and stream.duration is None and (container.duration is None) == live
+    assert probe_video(data).duration == pytest.approx(2.0)
+    frames, info = decode_video(data, lambda info: np.array([0.55, info.duration - 0.01, 0.0]))
+    assert info.duration == pytest.approx(2.0) and info.fps == 12
+    assert frame_ids(frames) == [6, 23, 0]
+
+
 def test_bad_inputs_raise_decode_error(tmp_path, ramp_video):
     (tmp_path / "ok.mp4").write_bytes(ramp_video)
     audio_only = tmp_path / "tone.m4a"

@@ -20,7 +20,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from data import SampleConfig, SampleProcessor, ShardLoader, normalize
-from data.make_shards import folder_inputs, shard_inputs
+from data.make_shards.folder import folder_inputs
+from data.make_shards.writer import shard_inputs
 from data.synthetic import CLASSES, kinetics_name, write_corrupt
 from engine import checkpoint
 from engine.config import ConfigError, load_config

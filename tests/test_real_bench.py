@@ -17,7 +17,7 @@ from PIL import Image
 
 from data.decode import decode_video
 from data.fashion_mnist import CLASSES, FashionMnistError, read_idx, write_class_folders
-from data.make_shards import Input
+from data.make_shards.inputs import Input
 from data.moving_fashion_mnist import DIRECTIONS, FRAMES, SIZE, STEPS, moving_clip, write_clips
 from finetune.probe import fit_probe
 from tools import real_bench

@@ -10,7 +10,8 @@ import yaml
 from launch import image_tree
 from PIL import Image
 
-from data.make_shards import folder_inputs, shard_inputs
+from data.make_shards.folder import folder_inputs
+from data.make_shards.writer import shard_inputs
 from engine.config import ConfigError, flatten, load_config
 from models.mvitv2 import simplification_overrides
 from models.registry import get_config

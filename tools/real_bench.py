@@ -51,7 +51,9 @@ from safetensors import safe_open
 from data import DataFailureError, ShardLoader, ShardSet
 from data.fashion_mnist import CLASSES as GARMENTS
 from data.fashion_mnist import FashionMnistError, write_class_folders
-from data.make_shards import Input, folder_inputs, shard_inputs
+from data.make_shards.folder import folder_inputs
+from data.make_shards.inputs import Input
+from data.make_shards.writer import shard_inputs
 from data.moving_fashion_mnist import DIRECTIONS, clip_inputs
 from engine import checkpoint
 from engine.config import ConfigError, load_config

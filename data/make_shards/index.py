@@ -16,16 +16,36 @@ else the sorted names found in ``.txt`` members, else ``0 .. max label``.
 
 from __future__ import annotations
 
+import argparse
 import json
 import tempfile
 from pathlib import Path
 
 from webdataset.shardlists import expand_urls
 
-from .decode import IMAGE_EXTENSIONS
-from .errors import InputError
-from .shards import MEDIA_EXTENSIONS, last_extension, media_member, open_raw, raw_label, read_member, scan_tar_cut
-from .sources import ShardCache, is_remote, local_path, shard_name
+from ..decode import IMAGE_EXTENSIONS
+from ..errors import InputError
+from ..shards import MEDIA_EXTENSIONS, last_extension, media_member, open_raw, raw_label, read_member, scan_tar_cut
+from ..sources import ShardCache, is_remote, local_path, shard_name
+from .inputs import read_class_names
+
+HELP = "info.json for existing webdataset shards (any tool's)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("shards", nargs="+", help="paths, URLs or pipe: commands; {000..099} braces expand")
+    parser.add_argument("--out", type=Path, required=True, help="the info.json to write (sidecars go beside it)")
+    parser.add_argument("--classes", type=Path, help="class names, one a line (labels index into it)")
+
+
+def run(args: argparse.Namespace) -> dict:
+    """The ``index`` command: index, write, and report what it found."""
+    info = index_shards(args.shards, args.out, read_class_names(args.classes))
+    print(f"{info['num_samples']} samples in {len(info['shards'])} shards, {len(info['classes'])} classes: "
+          f"wrote {args.out}")
+    for problem in info["problems"]:
+        print(f"  warning: {problem}")
+    return info
 
 
 def index_local(path: Path) -> tuple[list, int, list[str]]:
