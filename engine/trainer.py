@@ -30,6 +30,7 @@ from . import sharded
 from .config import ConfigError, RunConfig, flatten, to_yaml
 from .loaders import check_failures, shared_memory_shortfall
 from .preemption import REQUEUE_EXIT_CODE, Preempted, StopRequest, clear_marker, signal_numbers, write_marker
+from .startup import StartupClock
 from .tblog import TrainLogger
 
 
@@ -135,6 +136,7 @@ def schedule(cfg: RunConfig, steps_per_pass: int) -> tuple[int, int]:
 class Trainer:
     def __init__(self, task: Task, cfg: RunConfig):
         self.task, self.cfg = task, cfg
+        self.startup = StartupClock()
         self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
                                        gradient_accumulation_steps=cfg.train.accum_steps)
         self.is_main = self.accelerator.is_main_process
@@ -150,10 +152,12 @@ class Trainer:
         cuda_defaults(cfg, self.accelerator.device)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = task.build_model(cfg)
+        self.startup.lap("model")
         if cfg.train.activation_checkpointing:
             model.set_grad_checkpointing()  # every block of our models; must precede compilation
         self.loader = task.train_loader(cfg, self.rank, self.world)
         self._check_shared_memory()
+        self.startup.lap("shards")
         self.steps_per_pass = len(self.loader) // cfg.train.accum_steps
         if self.steps_per_pass == 0:
             raise ValueError(f"{cfg.data.train}: fewer batches than train.accum_steps={cfg.train.accum_steps}")
@@ -186,7 +190,9 @@ class Trainer:
         self.progress = Progress()
         self.stop_request = StopRequest(signal_numbers(cfg.train.stop_signals))
         self.last_save = time.monotonic()
+        self.startup.lap("prepare")
         self._maybe_resume()
+        self.startup.lap("resume")
         # After a resume, what the interrupted run logged past its checkpoint is purged, not shown twice.
         self.logger = TrainLogger(self.output_dir / "tb", enabled=self.is_main,
                                   purge_step=self.progress.step + 1 if self.progress.step else None)
@@ -425,8 +431,10 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=progress.step, disable=not (self.is_main and cfg.log.progress),
                    dynamic_ncols=True, desc=Path(cfg.output_dir).name)
         metrics: dict[str, float] = {}
+        self.startup.lap("app")
         if progress.step == 0 and hasattr(self.task, "monitor"):  # the curve starts from the initial weights
             metrics |= self.task.monitor(acc.unwrap_model(self.model), acc, self.logger, 0)
+            self.startup.lap("monitor at step 0")
         window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
         failed_shown = 0
         means = WindowMeans()
@@ -436,6 +444,8 @@ class Trainer:
             fetched = time.perf_counter()
             for batch in self.loader:
                 data_wait += time.perf_counter() - fetched
+                if "first batch" not in self.startup.seconds:
+                    self.startup.lap("first batch")
                 has_valid_rows = bool(batch["valid"].any())  # on the host, before the copy
                 batch = to_device(batch, acc.device)
                 with acc.accumulate(self.model):
@@ -453,6 +463,9 @@ class Trainer:
                 if not acc.sync_gradients:
                     continue
                 progress.step += 1
+                if not self.startup.done:
+                    self.logger.scalars(self.startup.finish(), progress.step)
+                    self._print(self.startup.line())
                 self.scheduler.step_update(progress.step)
                 if hasattr(self.task, "after_step"):
                     self.task.after_step(acc.unwrap_model(self.model), progress.step)

@@ -38,6 +38,12 @@ def test_pretraining_end_to_end(demo_shards, tmp_path):
     for tag in ("train/lr", "train/grad_norm", "perf/samples_per_s", "perf/data_wait_fraction",
                 "data/samples_failed"):
         assert len(events.Scalars(tag)) == 6
+    # Time to the first step, by phase: printed and logged once, at step 1.
+    phases = ["launch", "model", "shards", "prepare", "resume", "app", "first_batch", "first_step"]
+    laps = {name: events.Scalars(f"startup/{name}_s") for name in [*phases, "total"]}
+    assert all(len(lap) == 1 and lap[0].step == 1 and lap[0].value >= 0 for lap in laps.values())
+    assert laps["total"][0].value == pytest.approx(sum(laps[name][0].value for name in phases), rel=1e-4)
+    assert "first step " in result.stdout and " s after launch (launch " in result.stdout
     images = events.Tags()["images"]
     assert {"reconstruction/frames_0", "reconstruction/clip_0"} <= set(images)
     assert events.Images("reconstruction/clip_0")[-1].encoded_image_string.startswith(b"GIF89a")
