@@ -119,6 +119,9 @@ class LogConfig:
     visualize_every: int = 200  # steps between reconstruction images (0: never)
     visualize_samples: int = 4
     progress: bool = True
+    # tensorboard, wandb, mlflow (engine/tracking.py; wandb and mlflow are the extras of the same names)
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    project: str = "multiscale-mae"  # the wandb project, the MLflow experiment
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""TensorBoard logging on the main process: scalars, image grids, animated clips and hparams.
+"""Logging on the main process: TensorBoard (scalars, image grids, animated clips, text and hparams) and the
+other trackers of `log.trackers` (engine/tracking.py: scalars and images).
 
 Animated clips are written as GIF image summaries, which TensorBoard shows as moving images without the
 moviepy dependency that `add_video` silently needs.
@@ -11,9 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 from PIL import Image, ImageFont
 from tensorboard.compat.proto.summary_pb2 import Summary
 from torch.utils.tensorboard import SummaryWriter
+
+from .config import RunConfig
+from .tracking import log_image, start
 
 
 def font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
@@ -41,20 +46,36 @@ def gif_bytes(frames: np.ndarray, fps: float = 8.0) -> bytes:
 
 
 class TrainLogger:
-    """A SummaryWriter in `log_dir` when `enabled`; every call is a no-op otherwise (non-main ranks)."""
+    """A SummaryWriter in `log_dir` when `enabled` and `tensorboard`, and accelerate's started `trackers`;
+    every call is a no-op on the other ranks (enabled False)."""
 
-    def __init__(self, log_dir: str | Path, enabled: bool, purge_step: int | None = None):
-        self.writer = SummaryWriter(str(log_dir), purge_step=purge_step) if enabled else None
+    def __init__(self, log_dir: str | Path, enabled: bool, purge_step: int | None = None, tensorboard: bool = True,
+                 trackers: list | None = None):
+        self.writer = SummaryWriter(str(log_dir), purge_step=purge_step) if enabled and tensorboard else None
+        self.trackers = list(trackers or []) if enabled else []
+
+    @classmethod
+    def for_run(cls, accelerator: Accelerator, cfg: RunConfig, purge_step: int | None = None) -> TrainLogger:
+        """The run's logger: TensorBoard in output_dir/tb (when in `log.trackers`) and the other trackers, started
+        with the config (accelerate made with log_with=tracking.log_with(cfg)); a resumed run (`purge_step` set)
+        continues the trackers' runs."""
+        start(accelerator, cfg, resumed=purge_step is not None)
+        return cls(Path(cfg.output_dir) / "tb", enabled=accelerator.is_main_process, purge_step=purge_step,
+                   tensorboard="tensorboard" in cfg.log.trackers, trackers=accelerator.trackers)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self.writer:
             for tag, value in values.items():
                 self.writer.add_scalar(tag, value, step)
+        for tracker in self.trackers:
+            tracker.log(values, step=step)
 
     def image(self, tag: str, image: torch.Tensor, step: int) -> None:
         """[3, H, W] float in [0, 1]."""
         if self.writer:
             self.writer.add_image(tag, image.detach().float().clamp(0, 1).cpu(), step)
+        if self.trackers:
+            log_image(self.trackers, tag, to_uint8(image), step)
 
     def animation(self, tag: str, frames: torch.Tensor, step: int, fps: float = 8.0) -> None:
         """[T, 3, H, W] float in [0, 1] -> an animated GIF image summary."""

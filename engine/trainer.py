@@ -26,7 +26,7 @@ from torch.distributed.fsdp import register_fsdp_forward_method
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from . import sharded
+from . import sharded, tracking
 from .config import ConfigError, RunConfig, flatten, to_yaml
 from .loaders import check_failures, shared_memory_shortfall
 from .preemption import REQUEUE_EXIT_CODE, Preempted, StopRequest, clear_marker, signal_numbers, write_marker
@@ -138,7 +138,8 @@ class Trainer:
         self.task, self.cfg = task, cfg
         self.startup = StartupClock()
         self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
-                                       gradient_accumulation_steps=cfg.train.accum_steps)
+                                       gradient_accumulation_steps=cfg.train.accum_steps,
+                                       log_with=tracking.log_with(cfg) or None)
         self.is_main = self.accelerator.is_main_process
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.output_dir = Path(cfg.output_dir)
@@ -194,8 +195,9 @@ class Trainer:
         self._maybe_resume()
         self.startup.lap("resume")
         # After a resume, what the interrupted run logged past its checkpoint is purged, not shown twice.
-        self.logger = TrainLogger(self.output_dir / "tb", enabled=self.is_main,
-                                  purge_step=self.progress.step + 1 if self.progress.step else None)
+        self.logger = TrainLogger.for_run(self.accelerator, cfg,
+                                          purge_step=self.progress.step + 1 if self.progress.step else None)
+        self.startup.lap("trackers")
 
     def _check_sharding(self) -> bool:
         """Whether accelerate shards the model (FSDP2, from `accelerate launch --use_fsdp` or a config file in

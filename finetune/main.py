@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from engine import tracking
 from engine.config import RunConfig, parse_args, to_yaml
 from engine.errors import one_line_errors
 from engine.tblog import TrainLogger
@@ -39,7 +40,7 @@ def run_without_trainer(task: FinetuneTask, model, accelerator: Accelerator, cfg
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(to_yaml(cfg))
-    logger = TrainLogger(output_dir / "tb", enabled=accelerator.is_main_process)
+    logger = TrainLogger.for_run(accelerator, cfg)
     announce(task, logger, accelerator.is_main_process)
     if cfg.eval_only:
         metrics = task.evaluate(model.to(accelerator.device), accelerator, logger, step=0)
@@ -57,7 +58,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     task = FinetuneTask()
     with one_line_errors(TypeError, KeyError):  # bad keys, model overrides or checkpoints: before any work
         if cfg.eval_only or features_suffice(cfg):
-            accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+            accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
+                                      log_with=tracking.log_with(cfg) or None)
             torch.manual_seed(cfg.seed)  # as the Trainer seeds: a random-init encoder is the same every run
             model = task.build_model(cfg)
         else:

@@ -39,7 +39,7 @@ def test_pretraining_end_to_end(demo_shards, tmp_path):
                 "data/samples_failed"):
         assert len(events.Scalars(tag)) == 6
     # Time to the first step, by phase: printed and logged once, at step 1.
-    phases = ["launch", "model", "shards", "prepare", "resume", "app", "first_batch", "first_step"]
+    phases = ["launch", "model", "shards", "prepare", "resume", "trackers", "app", "first_batch", "first_step"]
     laps = {name: events.Scalars(f"startup/{name}_s") for name in [*phases, "total"]}
     assert all(len(lap) == 1 and lap[0].step == 1 and lap[0].value >= 0 for lap in laps.values())
     assert laps["total"][0].value == pytest.approx(sum(laps[name][0].value for name in phases), rel=1e-4)
