@@ -17,10 +17,14 @@ Tensors stay on the CPU: the caller moves them to its device (do not hand this l
 
 from __future__ import annotations
 
+import ctypes
 import gc
+import multiprocessing
+import os
 import re
 import signal
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -63,12 +67,26 @@ def shared_memory_for(sample: SampleConfig, batch_size: int, num_workers: int, i
     return num_workers * (prefetch_factor + 1) * (pixels + masks)
 
 
-def _leave_stops_to_main(worker_id: int) -> None:
-    """In each worker: a scheduler signals every process of a job (SIGTERM, SIGUSR1), and Ctrl-C reaches the
-    whole process group, but the main process decides whether the run stops (engine/preemption.py); torch's
-    worker would die of SIGTERM and fail the run. A worker still ends with its main process, whichever way."""
+# True while the main process handles stop signals itself (engine.preemption.StopRequest, during training): its
+# workers then outlive the SIGTERM or SIGUSR1 that a scheduler sends to every process of a job, which torch's
+# would die of, failing the run. Otherwise they end on these signals as usual, e.g. at the terminate() of an
+# exiting main process. Shared memory: workers started earlier see the change.
+STOP_SIGNALS_HANDLED = multiprocessing.RawValue(ctypes.c_bool, False)
+
+
+def _leave_stops_to_main(flag, worker_id: int) -> None:
+    """In each worker (after torch's own handlers): SIGTERM, SIGUSR1 and SIGINT wait for `flag` to say."""
     for number in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-        signal.signal(number, signal.SIG_IGN)
+        signal.signal(number, partial(_stop_signal_in_worker, flag))
+
+
+def _stop_signal_in_worker(flag, number: int, frame) -> None:
+    if flag.value:
+        return
+    if number == signal.SIGINT:
+        raise KeyboardInterrupt  # torch's worker loop ends quietly on it
+    signal.signal(number, signal.SIG_DFL)
+    os.kill(os.getpid(), number)
 
 
 def _no_collate(batch):
@@ -174,7 +192,8 @@ class ShardLoader:
         # A private generator: creating an iterator must not draw from torch's global RNG, whose state
         # (drop path) a resumed run restores exactly.
         return iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers, collate_fn=_no_collate,
-                               generator=torch.Generator().manual_seed(self.seed), worker_init_fn=_leave_stops_to_main,
+                               generator=torch.Generator().manual_seed(self.seed),
+                               worker_init_fn=partial(_leave_stops_to_main, STOP_SIGNALS_HANDLED),
                                **self.loader_kwargs))
 
     def _count(self, batch: dict) -> None:

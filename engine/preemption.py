@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from types import FrameType
 
+from data.loader import STOP_SIGNALS_HANDLED
+
 # EX_TEMPFAIL of sysexits.h: "a temporary failure, the user is invited to retry" (tools/slurm/job.sh requeues).
 REQUEUE_EXIT_CODE = 75
 REQUEUE_MARKER = "requeue.json"
@@ -40,10 +42,10 @@ def signal_numbers(names: list[str]) -> list[signal.Signals]:
 
 class StopRequest:
     """While active, the given signals only record that a stop was asked for: a handler must not block or talk
-    to other ranks (it runs between two bytecodes of the loop, perhaps inside a collective). Data loader
-    workers ignore these signals (data/loader.py), so one sent to a whole process tree (as SLURM sends it) does
-    not kill them. A second Ctrl-C interrupts at once, as users expect; the save is atomic, so the previous
-    checkpoint stays."""
+    to other ranks (it runs between two bytecodes of the loop, perhaps inside a collective). Meanwhile data
+    loader workers ignore these signals (data.loader.STOP_SIGNALS_HANDLED), so one sent to a whole process tree
+    (as SLURM sends it) does not kill them. A second Ctrl-C interrupts at once, as users expect; the save is
+    atomic, so the previous checkpoint stays."""
 
     def __init__(self, signals: list[signal.Signals]):
         self.signals, self._previous = signals, {}
@@ -52,9 +54,11 @@ class StopRequest:
     def __enter__(self) -> StopRequest:
         for number in self.signals:
             self._previous[number] = signal.signal(number, self._handle)
+        STOP_SIGNALS_HANDLED.value = True
         return self
 
     def __exit__(self, *exc) -> None:
+        STOP_SIGNALS_HANDLED.value = False
         for number, previous in self._previous.items():
             signal.signal(number, previous)
         self._previous.clear()

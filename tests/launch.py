@@ -4,6 +4,7 @@ import contextlib
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,11 +19,19 @@ REPO = Path(__file__).resolve().parents[1]
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now: tests that run side by side (pytest -n) must not share one."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def cpu_launch(processes: int) -> tuple[list[str], dict[str, str]]:
-    """(`accelerate launch` options, environment) for `processes` CPU processes (gloo between them); the
-    script and its arguments follow."""
+    """(`accelerate launch` options, environment) for `processes` CPU processes (gloo between them, on a port of
+    their own); the script and its arguments follow."""
+    many = ["--multi_gpu", "--main_process_port", str(free_port())] if processes > 1 else []
     command = [ACCELERATE, "launch", "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision",
-               "no", "--dynamo_backend", "no", *(["--multi_gpu"] if processes > 1 else [])]
+               "no", "--dynamo_backend", "no", *many]
     return command, dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
 
 

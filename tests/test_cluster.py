@@ -6,14 +6,13 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import psutil
 from accelerate.commands.launch import launch_command_parser
-from launch import REPO, signal_after
+from launch import REPO, free_port, signal_after
 
 from engine import checkpoint, preemption
 
@@ -50,12 +49,6 @@ def test_each_node_launches_with_its_rank_and_the_first_nodes_address(tmp_path):
         assert options.training_script == "pretrain/main.py"
         assert options.training_script_args == ["--config", "configs/pretrain/x.yaml", "seed=3",
                                                 "output_dir=/shared/r", "resume=auto"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_signal_to_one_rank_stops_both_at_one_step_with_the_requeue_code(demo_shards, tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from launch import ACCELERATE, cpu_launch, kill_after, run
+from launch import ACCELERATE, cpu_launch, free_port, kill_after, run
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.distributed.checkpoint import HuggingFaceStorageReader
@@ -64,7 +64,8 @@ def fsdp_launch(device: str, app: str, *overrides: str, options: tuple[str, ...]
         launch, env = cpu_launch(RANKS[device])
     else:
         config = ["--config_file", "configs/accelerate/1node_8gpu_fsdp.yaml"] if sharded else []
-        launch = [ACCELERATE, "launch", *config, "--mixed_precision", "no", "--num_processes", str(RANKS[device])]
+        launch = [ACCELERATE, "launch", *config, "--mixed_precision", "no", "--num_processes", str(RANKS[device]),
+                  "--main_process_port", str(free_port())]
         env = dict(os.environ)
     script = [app]
     if device == "cpu" and sharded:
