@@ -345,10 +345,12 @@ def raw_label(files: dict[str, tuple[int, int]], read: Callable[[tuple[int, int]
             if kind == "json":
                 meta = json.loads(text)
                 label = meta.get("label") if isinstance(meta, dict) else None
-                if isinstance(label, list) and is_label(label):
+                if isinstance(label, list):  # a multi-label sample's
+                    if not is_label(label):
+                        raise ValueError(f"label {label!r} is not a list of integer class ids")
                     return label
-                if isinstance(label, (bool, float, list)):  # int() would truncate them into some class
-                    raise ValueError(f"label {label!r} is not an integer class id (or a list of them)")
+                if isinstance(label, (bool, float)):  # int() would truncate them into some class
+                    raise ValueError(f"label {label!r} is not an integer class id")
                 return None if label is None else int(label)
             return int(text) if kind == "cls" or text.lstrip("-").isdigit() else text
     return None

@@ -12,7 +12,7 @@ from data import SampleConfig, ShardLoader, make_shards
 from data.decode import probe_video
 from data.errors import InputError
 from data.make_shards.charades import Action, charades_inputs, parse_actions
-from data.shards import ShardReader, ShardSet
+from data.shards import SampleError, ShardReader, ShardSet, class_ids
 from data.synthetic import write_video
 
 CLASSES = "c000 Holding some clothes\nc001 Putting clothes somewhere\nc002 Taking a cup\n"
@@ -118,3 +118,11 @@ def test_a_list_label_that_is_not_an_id_names_the_line(tmp_path):
     assert result.stderr.strip() == (f"error: {tmp_path / 'train.txt'}, line 2: 'x' of the labels '1,x' is not a "
                                      f"class id (a non-negative integer): multi-label lines are 'path id,id,id', or "
                                      f"a bare path for none of the classes")
+
+
+def test_a_multi_label_entry_that_is_not_a_list_of_class_ids_fails_as_a_sample():
+    assert class_ids([0, 2], 3) == (0, 2) and class_ids([], 3) == ()
+    for bad, reason in [(1, "label 1 is not a list of class ids"), ([0, 3], "3 is not a class id of info.json"),
+                        ([True], "True is not a class id"), ([1.0], "1.0 is not a class id")]:
+        with pytest.raises(SampleError, match=reason):
+            class_ids(bad, 3)
