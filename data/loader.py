@@ -5,7 +5,8 @@ Batches are dicts; N = (planned samples) x views, views of one sample adjacent:
 - ``video`` uint8 [N, 3, T, S, S] (or ``image`` [N, 3, S, S]), not normalised: the consumer applies
   ``transforms.normalize`` on its device;
 - ``label`` int64 [N] (-1 when unlabelled; a flipped training view's label follows
-  ``SampleConfig.flip_label_map``), ``index`` int64 [N] (epoch position), ``view`` int64 [N]
+  ``SampleConfig.flip_label_map``), or float32 [N, K] multi-hot rows for multi-label shards,
+  ``index`` int64 [N] (epoch position), ``view`` int64 [N]
   (repeat r in training, ``t * spatial_views + s`` in evaluation), ``valid`` bool [N] (False for the
   rows of a sample that failed, which hold a copy of another, and for padding), ``key`` list[str];
 - ``mask`` bool [N, #MU] (True = keep) when ``SampleConfig.mask_grid`` is set;

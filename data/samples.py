@@ -85,7 +85,8 @@ class SampleConfig:
 class SampleProcessor:
     """Callable: (bytes, extension, seed, epoch, index[, out, label]) -> list of ``num_views`` dicts with
     ``pixels`` uint8 [3, T, S, S] (video) or [3, S, S] (image), not normalised (``transforms.normalize``),
-    ``label`` int (the sample's ``label``, swapped by ``flip_label_map`` in a flipped view) and ``mask``
+    ``label`` (the sample's ``label``, a class id or a multi-label sample's tuple of ids, each swapped by
+    ``flip_label_map`` in a flipped view) and ``mask``
     bool [#MU] when configured. With ``out`` [num_views, *pixels shape], the pixels are written there. Raises
     ``decode.DecodeError`` for undecodable input."""
 
@@ -100,7 +101,7 @@ class SampleProcessor:
 
     def __call__(
         self, data: bytes, ext: str, seed: int, epoch: int, index: int, out: torch.Tensor | None = None,
-        label: int = -1,
+        label: int | tuple[int, ...] = -1,
     ) -> list[dict]:
         cfg = self.config
         is_image = ext.lower() in IMAGE_EXTENSIONS
@@ -113,11 +114,17 @@ class SampleProcessor:
             target = None if out is None else (out[v].unsqueeze(1) if is_image else out[v])
             pixels, flipped = self._spatial(torch.from_numpy(clip), seed, epoch, index, v, target)
             view = {"pixels": pixels[:, 0] if is_image else pixels,
-                    "label": self.mirrored_label.get(label, label) if flipped else label}
+                    "label": self.mirrored(label) if flipped else label}
             if cfg.mask_grid is not None:
                 view["mask"] = self.mask(seed, epoch, index, v)
             views.append(view)
         return views
+
+    def mirrored(self, label: int | tuple[int, ...]) -> int | tuple[int, ...]:
+        """The label of a flipped view: `flip_label_map` applied to the class id, or to each of a tuple's."""
+        if isinstance(label, tuple):
+            return tuple(sorted(self.mirrored_label.get(c, c) for c in label))
+        return self.mirrored_label.get(label, label)
 
     def mask(self, seed: int, epoch: int, index: int, view: int) -> torch.Tensor:
         """bool [#MU], True = keep: the mask of one view, drawn whether or not its sample decodes."""

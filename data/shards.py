@@ -3,7 +3,7 @@
 A dataset is a set of tar shards plus ``info.json`` (written by ``data.make_shards``, or by
 ``make_shards index`` for shards made by any webdataset tool)::
 
-    {"version": 1, "media": "video", "num_samples": N, "classes": [...],
+    {"version": 1, "media": "video", "num_samples": N, "classes": [...], "multi_label": false,
      "shards": [{"name": "shard-000000.tar", "num_samples": n0, "bytes": b0, "index": "shard-000000.json"}, ...],
      "skipped": [...]}
 
@@ -11,6 +11,9 @@ A dataset is a set of tar shards plus ``info.json`` (written by ``data.make_shar
 tar's size) checks downloads. ``index`` names a sidecar JSON next to info.json that holds the member offsets::
 
     {"bytes": b0, "samples": [[key, {ext: [data offset, size], ...}, label], ...]}
+
+A label is a class id (-1: unlabelled), or, where info.json says ``"multi_label": true``, a list of class ids
+(``[]``: none of the classes, a negative for every one of them, as a Charades video without actions).
 
 Inside a shard, each sample is a group of members named ``<key>.<ext>`` (webdataset's convention): the key runs
 to the first dot of the file's base name, as webdataset reads it, so ``clip.001.mp4`` is sample ``clip`` with
@@ -47,8 +50,9 @@ MEDIA_EXTENSIONS = VIDEO_EXTENSIONS + IMAGE_EXTENSIONS
 INDEXES_KEPT = 256
 LABEL_EXTENSIONS = ("cls", "json", "txt")  # in the order a label is looked for
 
-# (key, {ext: (data offset, size)}, label or None when it must be read from a label member)
-IndexEntry = tuple[str, dict[str, tuple[int, int]], "int | None"]
+# (key, {ext: (data offset, size)}, label (a class id or a list of them) or None when it must be read from a
+# label member)
+IndexEntry = tuple[str, dict[str, tuple[int, int]], "int | list[int] | None"]
 
 
 class SampleError(ValueError):
@@ -85,6 +89,10 @@ def checked_entries(info: object, where: str) -> list[dict]:
     classes = info.get("classes")
     if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
         raise ShardSetError(f"{where}: \"classes\" is not a list of names: {redo}")
+    if not isinstance(info.get("multi_label", False), bool):
+        raise ShardSetError(f"{where}: \"multi_label\" is not true or false: {redo}")
+    if info.get("multi_label") and not classes:
+        raise ShardSetError(f"{where}: multi-label shards list no \"classes\", so the targets have no width: {redo}")
     return entries
 
 
@@ -98,6 +106,24 @@ def class_id(label: object, num_classes: int) -> int:
         raise SampleError(f"label {label} is not a class id of info.json, whose {num_classes} classes are 0 to "
                           f"{num_classes - 1} (-1: unlabelled)")
     return label
+
+
+def class_ids(label: object, num_classes: int) -> tuple[int, ...]:
+    """A multi-label sample's label as its class ids, each in [0, num_classes); anything else (a single id, a
+    -1, a float) is a SampleError, as for `class_id`."""
+    if not isinstance(label, list):
+        raise SampleError(f"label {label!r} is not a list of class ids, as info.json's \"multi_label\" says")
+    for c in label:
+        if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < num_classes:
+            raise SampleError(f"label {label!r}: {c!r} is not a class id of info.json, whose {num_classes} classes "
+                              f"are 0 to {num_classes - 1}")
+    return tuple(label)
+
+
+def is_label(value: object) -> bool:
+    """Whether a sidecar's label field has a label's type: an integer or a list of integers (bools excluded)."""
+    integer = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    return integer(value) or (isinstance(value, list) and all(map(integer, value)))
 
 
 def open_raw(path: str) -> BinaryIO:
@@ -122,6 +148,7 @@ class ShardSet:
     indexes: tuple[str | None, ...]  # sidecar index URL per shard, where there is one
     classes: tuple[str, ...]
     media: str
+    multi_label: bool = False  # labels are lists of class ids (info.json's "multi_label")
     opener: Callable[[str], BinaryIO] = open_raw
 
     @classmethod
@@ -158,6 +185,7 @@ class ShardSet:
             indexes=tuple(source.url(e["index"]) if e.get("index") else None for e in entries),
             classes=tuple(info.get("classes") or ()),
             media=info.get("media", "video"),
+            multi_label=info.get("multi_label", False),
         )
 
     @property
@@ -236,7 +264,7 @@ def sidecar_entries(samples: object, shard_size: int, where: str) -> list[IndexE
             isinstance(w, list) and len(w) == 2 and is_count(w[0]) and is_count(w[1]) and w[0] >= TAR_BLOCK
             and w[0] + w[1] <= shard_size for w in files.values())
         label = entry[2] if ok else None
-        if not ok or (label is not None and (isinstance(label, bool) or not isinstance(label, int))):
+        if not ok or (label is not None and not is_label(label)):
             raise SampleError(f"{where}: entry {i} is not [key, {{ext: [data offset, size]}}, label] with its members "
                               f"inside the shard's {shard_size} bytes: {json.dumps(entry)[:200]}: re-run python -m "
                               f"data.make_shards index")
@@ -304,10 +332,12 @@ def index_tar(path: str) -> list[IndexEntry]:
         return scan_tar(f)
 
 
-def raw_label(files: dict[str, tuple[int, int]], read: Callable[[tuple[int, int]], bytes]) -> int | str | None:
-    """A sample's label as stored: an int from its ``.cls`` member or its ``.json`` member's ``label`` field,
-    the text of a ``.txt`` member (an int if it is one), or None. ``read`` returns a member's bytes from its
-    (offset, size). Raises ValueError (or UnicodeDecodeError) for unreadable label members."""
+def raw_label(files: dict[str, tuple[int, int]], read: Callable[[tuple[int, int]], bytes]
+              ) -> int | list[int] | str | None:
+    """A sample's label as stored: an int from its ``.cls`` member or its ``.json`` member's ``label`` field
+    (a list of ints there for multi-label shards), the text of a ``.txt`` member (an int if it is one), or None.
+    ``read`` returns a member's bytes from its (offset, size). Raises ValueError (or UnicodeDecodeError) for
+    unreadable label members."""
     by_kind = {last_extension(ext): where for ext, where in files.items()}
     for kind in LABEL_EXTENSIONS:
         if kind in by_kind:
@@ -315,6 +345,10 @@ def raw_label(files: dict[str, tuple[int, int]], read: Callable[[tuple[int, int]
             if kind == "json":
                 meta = json.loads(text)
                 label = meta.get("label") if isinstance(meta, dict) else None
+                if isinstance(label, list):  # a multi-label sample's
+                    if not is_label(label):
+                        raise ValueError(f"label {label!r} is not a list of integer class ids")
+                    return label
                 if isinstance(label, (bool, float)):  # int() would truncate them into some class
                     raise ValueError(f"label {label!r} is not an integer class id")
                 return None if label is None else int(label)
@@ -323,7 +357,7 @@ def raw_label(files: dict[str, tuple[int, int]], read: Callable[[tuple[int, int]
 
 
 def read_label(files: dict[str, tuple[int, int]], read: Callable[[tuple[int, int]], bytes],
-               classes: tuple[str, ...]) -> int:
+               classes: tuple[str, ...]) -> int | list[int]:
     """``raw_label`` as a class index: names are looked up in ``classes``; -1 if none or unknown."""
     label = raw_label(files, read)
     if isinstance(label, str):
@@ -417,7 +451,8 @@ class ShardReader:
         return self._index[shard]
 
     def read(self, shard: int, member: int) -> tuple[str, str, bytes, dict]:
-        """(key, media extension, media bytes, {"label": int}) of the ``member``-th sample of ``shard``."""
+        """(key, media extension, media bytes, {"label": class id, or a tuple of them for multi-label shards}) of
+        the ``member``-th sample of ``shard``."""
         index = self.index(shard)
         if member >= len(index):
             raise SampleError(f"sample {member} missing: shard holds {len(index)} (truncated?)")
@@ -432,7 +467,8 @@ class ShardReader:
                     label = read_label(files, lambda where: read_member(f, where), self.shards.classes)
                 except (ValueError, UnicodeDecodeError) as e:
                     raise SampleError(f"bad label metadata: {e}") from e
-            label = class_id(label, len(self.shards.classes))
+            label = (class_ids(label, len(self.shards.classes)) if self.shards.multi_label
+                     else class_id(label, len(self.shards.classes)))
             offset, size = files[media]
             # The member's header comes with its bytes in one read: they must be the member the index names.
             raw = read_member(f, (offset - TAR_BLOCK, size + TAR_BLOCK))

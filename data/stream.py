@@ -124,7 +124,8 @@ class ShardStream(IterableDataset):
         pixels = _empty((num_rows, *shape), torch.uint8)
         masks = None if self.sample.mask_grid is None else _empty((num_rows, int(np.prod(self.sample.mask_grid))),
                                                                     torch.bool)
-        label, index, view = (np.zeros(num_rows, dtype=np.int64) for _ in range(3))
+        index, view = (np.zeros(num_rows, dtype=np.int64) for _ in range(2))
+        label = label_rows(num_rows, len(self.shards.classes) if self.shards.multi_label else None)
         valid, keys = np.zeros(num_rows, dtype=bool), []
         failures, failed_slots, donor = [], [], None
         resolved = order.resolve(planned.positions).tolist()
@@ -136,7 +137,7 @@ class ShardStream(IterableDataset):
             try:
                 key, ext, data, meta = reader.read(shard, member)
                 views = processor(data, ext, self.seed, epoch, position, out=pixels[rows],
-                                  label=int(meta.get("label", -1)))
+                                  label=meta.get("label", -1))
             except (DecodeError, SampleError) as e:
                 key = getattr(e, "key", None) or key
                 if planned_valid:  # a padding copy's failure is already counted where the sample is planned
@@ -145,7 +146,8 @@ class ShardStream(IterableDataset):
                 views = [{"mask": processor.mask(self.seed, epoch, position, v)} for v in range(per_sample)
                          ] if masks is not None else []
             else:
-                label[rows], valid[rows] = [v["label"] for v in views], planned_valid
+                set_labels(label[rows], [v["label"] for v in views])
+                valid[rows] = planned_valid
                 donor = rows if donor is None else donor
             keys.extend([key] * per_sample)
             if masks is not None:
@@ -169,6 +171,23 @@ class ShardStream(IterableDataset):
         if masks is not None:
             batch["mask"] = masks
         return batch
+
+
+def label_rows(num_rows: int, num_classes: int | None) -> np.ndarray:
+    """The batch's labels, to fill: class ids int64 [N], or multi-hot float32 [N, num_classes] for multi-label
+    shards (what BCE takes, and what mixup mixes)."""
+    if num_classes is None:
+        return np.zeros(num_rows, np.int64)
+    return np.zeros((num_rows, num_classes), np.float32)
+
+
+def set_labels(rows: np.ndarray, labels: list) -> None:
+    """Writes one view's label per row: a class id, or a tuple of ids as ones in a multi-hot row."""
+    if rows.ndim == 1:
+        rows[:] = labels
+        return
+    for row, ids in zip(rows, labels):
+        row[list(ids)] = 1
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

@@ -68,6 +68,9 @@ class DataConfig:
     # [[a, b], ...]: class ids swapped when a training clip is flipped ("left to right" <-> "right to left";
     # SSv2's pairs: docs/other_datasets.md).
     flip_label_map: list[list[int]] = field(default_factory=list)
+    # Fine-tuning: labels are lists of class ids (Charades): multi-hot targets, binary cross-entropy, mAP. The
+    # shards must say the same (info.json's "multi_label").
+    multi_label: bool = False
     rand_augment: str | None = None  # timm string, e.g. "rand-m7-n4-mstd0.5-inc1"
     random_erase: float = 0.0  # fine-tuning: probability of timm's RandomErasing (pixel mode; video: every frame)
     repeat: int = 1  # repeated sampling: clips drawn per decoded video

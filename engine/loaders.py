@@ -37,6 +37,16 @@ def check_geometry(cfg: RunConfig, input_size: tuple[int, ...]) -> None:
         raise ConfigError(f"data.num_frames={cfg.data.num_frames} does not match the model input {input_size}")
 
 
+def check_label_kind(cfg: RunConfig, shards: ShardSet) -> None:
+    """`data.multi_label` must say what the shards hold: the step's loss and the evaluation's metric follow it,
+    while the batches' labels follow the shards (class ids [N], or multi-hot rows [N, K])."""
+    if shards.multi_label != cfg.data.multi_label:
+        kind = "lists of class ids (multi-label)" if shards.multi_label else "one class id each"
+        said, wanted = str(cfg.data.multi_label).lower(), str(shards.multi_label).lower()
+        raise ConfigError(f"{shards.spec}: its samples' labels are {kind}, but data.multi_label={said}: set "
+                          f"data.multi_label={wanted}")
+
+
 def check_failures(loader: ShardLoader, accelerator: Accelerator, where: str) -> int:
     """Failed samples summed over the ranks (returned for logging); past the limits of `data.max_fail_count`
     and `data.max_fail_fraction` (data.ShardLoader) every rank raises the same DataFailureError. Callers use it
@@ -135,6 +145,7 @@ def train_loader(cfg: RunConfig, rank: int, world_size: int, input_size: tuple[i
                          check_failures=False,  # the trainer decides, on the counts of all ranks
                          shard_mix=d.shard_mix, cache=shard_cache(cfg))
     check_flip_label_map(d.flip_label_map, loader.num_classes)
+    check_label_kind(cfg, loader.shards)
     return loader
 
 
@@ -151,4 +162,5 @@ def eval_loader(cfg: RunConfig, rank: int, world_size: int, input_size: tuple[in
                          max_fail_fraction=d.max_fail_fraction, max_fail_count=d.max_fail_count,
                          pin_memory=PIN_MEMORY, check_failures=False,
                          cache=shard_cache(cfg), shard_mix=1)  # evaluation gains nothing from mixing shards
+    check_label_kind(cfg, shards)
     return loader

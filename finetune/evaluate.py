@@ -3,9 +3,10 @@
 Each validation video comes as S spatial x T temporal views (adjacent rows of one batch, sharing `index`,
 the video's position in the epoch). Softmax scores are averaged over a video's views, the per-video scores
 of all ranks are gathered, and top-1 / top-5 / per-class accuracy and the confusion matrix are computed from
-them. The shuffled-frames evaluation runs the same views with the frames of each clip permuted (a fixed
-permutation per video, seeded by its position): the accuracy it loses measures how much the model relies on
-temporal order (the MViT paper's test).
+them. Multi-label data (Charades) takes sigmoid scores, merged by their maximum over a video's views, and
+reports mean average precision (`average_precision.py`). The shuffled-frames evaluation runs the same views
+with the frames of each clip permuted (a fixed permutation per video, seeded by its position): the accuracy it
+loses measures how much the model relies on temporal order (the MViT paper's test).
 """
 
 from __future__ import annotations
@@ -22,21 +23,26 @@ from engine.gather import gather_rows
 from engine.loaders import check_failures, media_of
 from engine.tblog import TrainLogger
 
+from .ap_chart import ap_picture
+from .average_precision import merge_views_by_max, multi_label_metrics
 from .confusion import confusion_picture, picture_tensor
 
 
-def average_views(probs: torch.Tensor, index: torch.Tensor, valid: torch.Tensor,
-                  label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-view scores [N, K] -> per-video (indices [M] ascending, mean scores [M, K], labels [M]).
+def average_views(probs: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, label: torch.Tensor,
+                  by_max: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-view scores [N, K] -> per-video (indices [M] ascending, mean scores [M, K] (the maximum with
+    `by_max`), labels [M] or multi-hot [M, K]).
 
     Rows with `valid` False (padding that keeps ranks in step) are ignored.
     """
     probs, index, label = probs[valid], index[valid], label[valid]
     videos, inverse = torch.unique(index, return_inverse=True)
+    labels = label.new_empty((len(videos), *label.shape[1:])).index_copy_(0, inverse, label)  # views share it
+    if by_max:
+        return videos, merge_views_by_max(probs, inverse, len(videos)), labels
     sums = torch.zeros(len(videos), probs.shape[1], dtype=probs.dtype, device=probs.device)
     sums.index_add_(0, inverse, probs)
     counts = torch.bincount(inverse, minlength=len(videos)).to(probs.dtype)
-    labels = torch.empty_like(videos).scatter_(0, inverse, label)  # the views of a video share its label
     return videos, sums / counts[:, None], labels
 
 
@@ -51,31 +57,36 @@ def shuffle_frames(video: torch.Tensor, index: torch.Tensor, seed: int) -> torch
 
 @dataclass
 class VideoScores:
-    """Per-video scores collected over batches (all views of a video lie in one batch)."""
+    """Per-video scores collected over batches (all views of a video lie in one batch): softmax scores averaged
+    over the views, or for `multi_label` data sigmoid scores and their maximum over the views."""
 
     indices: list[torch.Tensor]
     probs: list[torch.Tensor]
     labels: list[torch.Tensor]
+    multi_label: bool = False
 
     @classmethod
-    def empty(cls) -> VideoScores:
-        return cls([], [], [])
+    def empty(cls, multi_label: bool = False) -> VideoScores:
+        return cls([], [], [], multi_label)
 
     def add(self, logits: torch.Tensor, batch: dict) -> None:
         device = logits.device
-        videos, probs, labels = average_views(logits.float().softmax(-1), batch["index"].to(device),
-                                              batch["valid"].to(device), batch["label"].to(device))
+        scores = logits.float().sigmoid() if self.multi_label else logits.float().softmax(-1)
+        videos, probs, labels = average_views(scores, batch["index"].to(device), batch["valid"].to(device),
+                                              batch["label"].to(device), by_max=self.multi_label)
         self.indices.append(videos)
         self.probs.append(probs)
         self.labels.append(labels)
 
     def gather(self, accelerator: Accelerator, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """All ranks' videos, in index order: (scores [V, K], labels [V]) on the CPU."""
+        """All ranks' videos, in index order: (scores [V, K], labels [V] or multi-hot [V, K]) on the CPU."""
         device = accelerator.device
         cat = lambda parts, empty: torch.cat(parts) if parts else empty  # noqa: E731
         indices = cat(self.indices, torch.zeros(0, dtype=torch.long, device=device))
         probs = cat(self.probs, torch.zeros(0, num_classes, device=device))
-        labels = cat(self.labels, torch.zeros(0, dtype=torch.long, device=device))
+        no_labels = torch.zeros(0, num_classes, device=device) if self.multi_label else torch.zeros(
+            0, dtype=torch.long, device=device)
+        labels = cat(self.labels, no_labels)
         return gather_rows(accelerator, indices, probs, labels)[1:]
 
 
@@ -99,13 +110,14 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict:
 def evaluate(model: torch.nn.Module, loader, accelerator: Accelerator, num_classes: int,
              shuffle_seed: int | None = None) -> dict[str, dict]:
     """Multi-view metrics of `model` over `loader` (engine.loaders.eval_loader): {"plain": ...} and, with a
-    `shuffle_seed` and video input, {"shuffled": ...}, each as classification_metrics."""
+    `shuffle_seed` and video input, {"shuffled": ...}, each as classification_metrics (multi_label_metrics for
+    multi-label shards)."""
     was_training = model.training
     model.eval()
-    video = loader.shards.media == "video"
-    scores = {"plain": VideoScores.empty()}
+    video, multi_label = loader.shards.media == "video", loader.shards.multi_label
+    scores = {"plain": VideoScores.empty(multi_label)}
     if shuffle_seed is not None and video:
-        scores["shuffled"] = VideoScores.empty()
+        scores["shuffled"] = VideoScores.empty(multi_label)
     for batch in loader:
         x = media_of(batch, loader.sample, accelerator.device)
         with accelerator.autocast():
@@ -114,39 +126,55 @@ def evaluate(model: torch.nn.Module, loader, accelerator: Accelerator, num_class
                 scores["shuffled"].add(model(shuffle_frames(x, batch["index"], shuffle_seed)), batch)
     model.train(was_training)
     check_failures(loader, accelerator, "evaluation")
-    return {name: classification_metrics(*s.gather(accelerator, num_classes)) for name, s in scores.items()}
+    metrics = multi_label_metrics if multi_label else classification_metrics
+    return {name: metrics(*s.gather(accelerator, num_classes)) for name, s in scores.items()}
 
 
 def summary(results: dict[str, dict], views: int) -> dict:
     """The metrics.json content: top1, top5, top1_shuffled (percent; None without a shuffled run), the chance
-    level (percent: one over the class count), ..."""
+    level (percent: one over the class count), ...; for multi-label results mAP and mAP_shuffled (percent) and
+    the number of classes with a positive video, which the mean runs over."""
     shuffled = results.get("shuffled", {})
+    if "mAP" in results["plain"]:
+        return {"mAP": results["plain"]["mAP"], "mAP_shuffled": shuffled.get("mAP"),
+                "classes_scored": results["plain"]["classes_scored"], "num_videos": results["plain"]["num_videos"],
+                "views_per_video": views}
     return {"top1": results["plain"]["top1"], "top5": results["plain"]["top5"],
             "top1_shuffled": shuffled.get("top1"), "top5_shuffled": shuffled.get("top5"),
             "chance": 100 / len(results["plain"]["per_class"]),
             "num_videos": results["plain"]["num_videos"], "views_per_video": views}
 
 
-def per_class_table(per_class: list[float | None], classes: list[str]) -> str:
-    """Markdown table of per-class accuracy, worst first (what TensorBoard's text tab renders)."""
-    names = classes if len(classes) == len(per_class) else [str(i) for i in range(len(per_class))]
-    rows = sorted((a, n) for a, n in zip(per_class, names) if a is not None)
-    return "| class | top-1 (%) |\n|---|---|\n" + "\n".join(f"| {n} | {a:.1f} |" for a, n in rows)
+def class_labels(per_class: list, classes: list[str]) -> list[str]:
+    """The names of the classes, or their indices where the data's names do not fit the model's outputs."""
+    return classes if len(classes) == len(per_class) else [str(i) for i in range(len(per_class))]
+
+
+def per_class_table(per_class: list[float | None], classes: list[str], column: str = "top-1 (%)") -> str:
+    """Markdown table of a per-class score, worst first (what TensorBoard's text tab renders)."""
+    rows = sorted((a, n) for a, n in zip(per_class, class_labels(per_class, classes)) if a is not None)
+    return f"| class | {column} |\n|---|---|\n" + "\n".join(f"| {n} | {a:.1f} |" for a, n in rows)
 
 
 def write_results(results: dict[str, dict], classes: list[str], views: int, logger: TrainLogger,
                   output_dir: str | Path, step: int) -> dict:
-    """TensorBoard scalars, the confusion matrix picture and the per-class table; metrics.json and
-    confusion_matrix.png (main process only: pass `output_dir` None elsewhere). Returns the summary."""
-    metrics = summary(results, views)
+    """TensorBoard scalars, the per-class table and picture (the confusion matrix; for multi-label results the
+    per-class average precision); metrics.json and the picture's png (main process only: pass `output_dir` None
+    elsewhere). Returns the summary."""
+    metrics, plain = summary(results, views), results["plain"]
     logger.scalars({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)}, step)
-    logger.text("eval/per_class_top1", per_class_table(results["plain"]["per_class"], classes), step)
+    multi_label = "mAP" in plain
+    key, column = ("per_class_ap", "AP (%)") if multi_label else ("per_class", "top-1 (%)")
+    tag = "per_class_ap" if multi_label else "per_class_top1"
+    logger.text(f"eval/{tag}", per_class_table(plain[key], classes, column), step)
     if output_dir is not None:
-        picture = confusion_picture(results["plain"]["confusion"], classes)
-        logger.image("eval/confusion_matrix", picture_tensor(picture), step)
-        picture.save(Path(output_dir) / "confusion_matrix.png")
-        names = classes if len(classes) == len(results["plain"]["per_class"]) else None
-        per_class = dict(zip(names, results["plain"]["per_class"])) if names else results["plain"]["per_class"]
-        content = {**metrics, "step": step, "per_class_top1": per_class}
+        if multi_label:
+            picture, name = ap_picture(plain[key], class_labels(plain[key], classes)), "per_class_ap"
+        else:
+            picture, name = confusion_picture(plain["confusion"], classes), "confusion_matrix"
+        logger.image(f"eval/{name}", picture_tensor(picture), step)
+        picture.save(Path(output_dir) / f"{name}.png")
+        per_class = dict(zip(classes, plain[key])) if len(classes) == len(plain[key]) else plain[key]
+        content = {**metrics, "step": step, tag: per_class}
         (Path(output_dir) / "metrics.json").write_text(json.dumps(content, indent=2))
     return metrics

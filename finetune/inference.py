@@ -31,6 +31,7 @@ class Loaded:
     classes: tuple[str, ...]  # one name per output (empty for an encoder without a classifier)
     data: DataConfig  # how its clips are cut: frames, sampling rate, fps, crop size
     evaluation: EvalConfig  # the run's evaluation views
+    multi_label: bool = False  # independent classes: sigmoid scores (a run with data.multi_label)
 
     @property
     def is_video(self) -> bool:
@@ -43,12 +44,13 @@ def run_config(source: Path) -> RunConfig | None:
     return load_config([str(found)], []) if found.is_file() else None
 
 
-def saved_classes(exported: Path | None) -> tuple[str, ...]:
-    """Class names a fine-tuning run wrote into its exported classifier's metadata."""
+def saved_metadata(exported: Path | None, key: str, default: str) -> object:
+    """A JSON value a fine-tuning run wrote into its exported classifier's metadata (FinetuneTask.encoder):
+    "classes" (names), "multi_label" (bool)."""
     if exported is None:
-        return ()
+        return json.loads(default)
     with safe_open(str(exported), framework="pt") as f:
-        return tuple(json.loads((f.metadata() or {}).get("classes", "[]")))
+        return json.loads((f.metadata() or {}).get(key, default))
 
 
 def load_model(source: str | Path, model_name: str | None = None, need_head: bool = True) -> Loaded:
@@ -75,13 +77,14 @@ def load_model(source: str | Path, model_name: str | None = None, need_head: boo
     cfg = run_config(source)
     classes = _classes(exported, cfg, model.config.num_classes)
     data, evaluation = (cfg.data, cfg.eval) if cfg else (DataConfig(), EvalConfig())
-    return Loaded(model.eval(), name, classes, data, evaluation)
+    multi_label = saved_metadata(exported, "multi_label", "false") or data.multi_label
+    return Loaded(model.eval(), name, classes, data, evaluation, multi_label)
 
 
 def _classes(exported: Path | None, cfg: RunConfig | None, num_classes: int) -> tuple[str, ...]:
     """Names from the exported file, else from the run's shards, else Kinetics-400's for 400 outputs, else
     the class indices."""
-    names = saved_classes(exported)
+    names = tuple(saved_metadata(exported, "classes", "[]"))
     if not names and cfg is not None:
         try:
             names = class_names(cfg)

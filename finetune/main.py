@@ -5,7 +5,8 @@
         model.pretrained=runs/demo/finetune
 
 Setup only: the loop is engine.trainer.Trainer; the step and the evaluation are finetune.task.FinetuneTask.
-Results: TensorBoard logs in output_dir/tb, metrics.json (top1, top5, top1_shuffled in percent) in output_dir.
+Results: TensorBoard logs in output_dir/tb, metrics.json (top1, top5, top1_shuffled in percent; mAP for
+data.multi_label) in output_dir.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             announce(task, trainer.logger, trainer.is_main)
             metrics = trainer.fit()
     if accelerator.is_main_process:
-        shown = ", ".join(f"{k} {metrics[k]:.2f}%" for k in ("top1", "top5", "top1_shuffled", "chance")
+        shown = ", ".join(f"{k} {metrics[k]:.2f}%" for k in ("top1", "top5", "top1_shuffled", "chance", "mAP",
+                                                            "mAP_shuffled")
                           if k in metrics)
         print(f"done: {shown or 'no evaluation (data.val not set)'}; metrics in {cfg.output_dir}/metrics.json; "
               f"TensorBoard logs in {cfg.output_dir}/tb (tensorboard --logdir {cfg.output_dir})")

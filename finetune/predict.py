@@ -4,11 +4,13 @@
     python -m finetune.predict --checkpoint hiera_base_16x224.pth --model hiera_base_16x224 clip.mp4 --json
 
 Prints the top classes with their probabilities: softmax scores averaged over spatial x temporal views, as
-in evaluation (the run's views by default). --checkpoint takes a fine-tuning output_dir, one of its
-checkpoint-* directories, its encoder.safetensors, or any checkpoint models.load_pretrained reads (then
---model names the architecture; 400 outputs get the Kinetics-400 class names). A file that cannot be read
-gets one line on stderr and the others are still predicted; the exit code is then 1. --json prints a list
-with one {"file", "predictions": [{"class", "index", "probability"}]} or {"file", "error"} per file.
+in evaluation (the run's views by default). A multi-label model (its run set data.multi_label) prints every
+class whose sigmoid score, the maximum over the views as in evaluation, reaches --threshold (0.5).
+--checkpoint takes a fine-tuning output_dir, one of its checkpoint-* directories, its encoder.safetensors, or
+any checkpoint models.load_pretrained reads (then --model names the architecture; 400 outputs get the
+Kinetics-400 class names). A file that cannot be read gets one line on stderr and the others are still
+predicted; the exit code is then 1. --json prints a list with one {"file", "predictions": [{"class", "index",
+"probability"}]} or {"file", "error"} per file.
 """
 
 from __future__ import annotations
@@ -30,10 +32,21 @@ from .inference import Loaded, file_clips, load_model
 @torch.no_grad()
 def predict_file(loaded: Loaded, path: Path, views: tuple[int | None, int | None], batch_size: int,
                  device: torch.device) -> torch.Tensor:
-    """Class probabilities [K] of one file: the mean of its views' softmax scores (views None: the run's)."""
+    """Class probabilities [K] of one file: the mean of its views' softmax scores, or for a multi-label model
+    the maximum of their sigmoid scores (views None: the run's)."""
     clips = file_clips(path, loaded, views)
-    scores = [loaded.model(part.to(device)).float().softmax(-1) for part in clips.split(batch_size)]
-    return torch.cat(scores).mean(0).cpu()
+    logits = torch.cat([loaded.model(part.to(device)).float() for part in clips.split(batch_size)])
+    if loaded.multi_label:
+        return logits.sigmoid().max(0).values.cpu()
+    return logits.softmax(-1).mean(0).cpu()
+
+
+def chosen(probs: torch.Tensor, loaded: Loaded, top: int, threshold: float) -> list[dict]:
+    """The classes to show, most probable first: the `top` ones, or for a multi-label model every one whose
+    score reaches `threshold`."""
+    order = probs.argsort(descending=True).tolist()
+    picked = [i for i in order if probs[i] >= threshold] if loaded.multi_label else order[:top]
+    return [{"class": loaded.classes[i], "index": i, "probability": float(probs[i])} for i in picked]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spatial-views", type=int, help="crops across the frame (default: the run's)")
     parser.add_argument("--temporal-views", type=int, help="clips along the video (default: the run's)")
     parser.add_argument("--top", type=int, default=5, help="classes shown per file")
+    parser.add_argument("--threshold", type=float, default=0.5,
+                        help="multi-label models: show the classes whose sigmoid score reaches this")
     parser.add_argument("--batch-size", type=int, default=16, help="clips per forward pass")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", action="store_true", help="machine-readable output on stdout")
@@ -66,12 +81,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {path}: {' '.join(reason.split())}", file=sys.stderr)  # one line
             results.append({"file": str(path), "error": reason})
             continue
-        top = probs.topk(min(args.top, len(probs)))
-        predictions = [{"class": loaded.classes[i], "index": i, "probability": p}
-                       for p, i in zip(top.values.tolist(), top.indices.tolist())]
+        predictions = chosen(probs, loaded, args.top, args.threshold)
         results.append({"file": str(path), "predictions": predictions})
         if not args.json:
-            width = max(len(p["class"]) for p in predictions)
+            width = max((len(p["class"]) for p in predictions), default=0)
             lines = [f"  {p['class']:<{width}}  {100 * p['probability']:5.1f}%" for p in predictions]
             print("\n".join([str(path), *lines]), flush=True)
     if args.json:

@@ -127,9 +127,10 @@ def features_suffice(cfg: RunConfig) -> bool:
     """A linear probe of images that asked for no augmentation (crop scale [1, 1], no flip, RandAugment,
     random erasing, mixup, cutmix or repeats) and nothing that `fit_probe` leaves out (label smoothing,
     clipping, EMA): each training image then has one set of frozen features, computed once from its centre
-    view as evaluation cuts it. (Video is left to the training loop: its clips start at random times.)"""
+    view as evaluation cuts it. (Video is left to the training loop: its clips start at random times; so is
+    multi-label data, whose binary cross-entropy `fit_probe` does not fit.)"""
     d, t = cfg.data, cfg.train
-    if t.mode != "linear_probe" or cfg.eval_only or not d.train:
+    if t.mode != "linear_probe" or cfg.eval_only or not d.train or d.multi_label:
         return False
     plain = (list(d.scale) == [1.0, 1.0] and d.hflip == 0 and not d.rand_augment and d.random_erase == 0
              and t.mixup == 0 and t.cutmix == 0 and d.repeat == 1 and t.label_smoothing == 0

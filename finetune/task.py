@@ -1,6 +1,8 @@
 """The fine-tuning task: a classifier initialised from a pretrained checkpoint, trained with the recipe of
 REFERENCE.md §4 (mixup / cutmix with label smoothing, optional EMA; layer-wise lr decay, warmup + cosine and
-clipping come from the engine) and evaluated with multi-view testing after passes over the data."""
+clipping come from the engine) and evaluated with multi-view testing after passes over the data. With
+`data.multi_label` (Charades) the targets are multi-hot rows and the loss is binary cross-entropy on the logits
+(REFERENCE.md §8), through the same step and evaluation."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from engine.trainer import schedule
 from models import CheckpointError, LoadReport, create_model, load_pretrained
 
 from .evaluate import evaluate, write_results
+from .multi_hot import MultiHotMixup, smooth
 from .probe import LinearProbe
 
 # Keys a pretrained encoder may lack and that start fresh: the classifier, and the final norm (an MAE fuses
@@ -115,7 +118,9 @@ class FinetuneTask:
             model = LinearProbe(model)
         t = cfg.train
         self.mixup = None
-        if t.mixup > 0 or t.cutmix > 0:
+        if (t.mixup > 0 or t.cutmix > 0) and cfg.data.multi_label:
+            self.mixup = MultiHotMixup(mixup_alpha=t.mixup, cutmix_alpha=t.cutmix, label_smoothing=t.label_smoothing)
+        elif t.mixup > 0 or t.cutmix > 0:
             self.mixup = Mixup(mixup_alpha=t.mixup, cutmix_alpha=t.cutmix, label_smoothing=t.label_smoothing,
                                num_classes=self.num_classes)
         # timm's recipe (mode "pixel": normal noise in normalised space, one box); built on the first step, where
@@ -131,23 +136,33 @@ class FinetuneTask:
         return self.loader
 
     def step(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        """The loss of one batch: cross-entropy on class ids [B], or on mixup's soft targets [B, K]; with
+        `data.multi_label`, binary cross-entropy on multi-hot targets [B, K], smoothed and mixed as timm's."""
         x, labels, valid = media_of(batch, self.loader.sample), batch["label"], batch["valid"].float()
+        multi_label = self.cfg.data.multi_label
         if self.cfg.data.random_erase > 0:
             if self.erase is None:
                 self.erase = RandomErasing(self.cfg.data.random_erase, mode="pixel", device=x.device)
             # On a 4-D view with time folded into channels, timm erases one box through every frame of a clip
             # (SlowFast's "cube" mode); the view shares x's memory and timm erases in place.
             self.erase(x.flatten(1, 2) if x.dim() == 5 else x)
-        if self.mixup is None:
-            logits = model(x)
-            losses = F.cross_entropy(logits, labels, label_smoothing=self.cfg.train.label_smoothing, reduction="none")
-            hits = (logits.argmax(-1) == labels).float()
-            return {"loss": valid_mean(losses, valid), "acc": valid_mean(hits, valid)}
-        even = len(x) // 2 * 2  # pairs are mixed: an odd batch leaves its last row out
-        x, labels, valid = x[:even], labels[:even], valid[:even]
-        # timm's Mixup boxes the last two dims of a 4-D batch: time folded into channels, as for erasing.
-        folded, targets = self.mixup(x.flatten(1, 2) if x.dim() == 5 else x, labels)
-        return {"loss": valid_mean(F.cross_entropy(model(folded.view_as(x)), targets, reduction="none"), valid)}
+        if self.mixup is not None:
+            even = len(x) // 2 * 2  # pairs are mixed: an odd batch leaves its last row out
+            x, labels, valid = x[:even], labels[:even], valid[:even]
+            # timm's Mixup boxes the last two dims of a 4-D batch: time folded into channels, as for erasing.
+            folded, labels = self.mixup(x.flatten(1, 2) if x.dim() == 5 else x, labels)
+            x = folded.view_as(x)
+        elif multi_label:
+            labels = smooth(labels, self.cfg.train.label_smoothing)
+        logits = model(x)
+        if multi_label:  # the mean over classes, as BCEWithLogitsLoss's mean over a batch's elements
+            losses = F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="none").mean(1)
+            return {"loss": valid_mean(losses, valid)}
+        if self.mixup is not None:
+            return {"loss": valid_mean(F.cross_entropy(logits, labels, reduction="none"), valid)}
+        losses = F.cross_entropy(logits, labels, label_smoothing=self.cfg.train.label_smoothing, reduction="none")
+        hits = (logits.argmax(-1) == labels).float()
+        return {"loss": valid_mean(losses, valid), "acc": valid_mean(hits, valid)}
 
     def after_step(self, model: nn.Module, step: int) -> None:
         if self.ema is not None:
@@ -185,9 +200,10 @@ class FinetuneTask:
         """The whole classifier to export, `final_model`'s (a linear probe as the plain classifier it equals):
         `eval_only=true model.pretrained=<output_dir>` evaluates it."""
         state = model.classifier_state_dict() if isinstance(model, LinearProbe) else model.state_dict()
-        # The class names travel with the weights: finetune.predict names its answers from them.
+        # The class names travel with the weights, and whether the classes are independent (multi-label):
+        # finetune.predict names its answers from them and scores them by sigmoid or softmax.
         return state, {**checkpoint.encoder_metadata(self.name, self.overrides),
-                       "classes": json.dumps(list(self.classes))}
+                       "classes": json.dumps(list(self.classes)), "multi_label": json.dumps(self.cfg.data.multi_label)}
 
     def visualize(self, model, batch, logger, step) -> None:
         """Nothing to draw during fine-tuning: evaluation writes its images after passes."""

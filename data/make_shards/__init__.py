@@ -4,11 +4,13 @@
     python -m data.make_shards list --list train.txt [--root DIR] --out OUT [options]
     python -m data.make_shards folder --root DIR --out OUT [options]
     python -m data.make_shards ssv2 --labels LABELS.json --split SPLIT.json --videos DIR --out OUT [options]
+    python -m data.make_shards charades --csv Charades_v1_train.csv --classes Charades_v1_classes.txt --videos DIR
+        --out OUT [--eval] [options]
     python -m data.make_shards index SHARDS... --out OUT/info.json [--classes FILE]
 
 Each source format is a module of this package that turns its files into ``Input``s and class names
-(``kinetics``, ``listing`` for ``list``, ``folder``, ``ssv2``); ``writer`` shards them. ``index`` writes the
-info.json of shards made by another tool.
+(``kinetics``, ``listing`` for ``list``, ``folder``, ``ssv2``, ``charades``); ``writer`` shards them.
+``index`` writes the info.json of shards made by another tool.
 
 Options: ``--short-side 320`` re-encodes videos (H.264, audio dropped) or re-saves images (JPEG) whose short
 side is larger; the default keeps the original bytes. ``--per-shard``, ``--workers``, ``--seed`` (inputs are
@@ -25,10 +27,11 @@ import argparse
 from ..errors import InputError, one_line_errors
 from ..shards import ShardSetError
 from ..sources import FetchError
-from . import folder, index, kinetics, listing, ssv2, writer
+from . import charades, folder, index, kinetics, listing, ssv2, writer
+from .inputs import is_multi_label
 
 # The modes that collect inputs and write shards: command -> module with HELP, add_arguments and collect.
-SOURCES = {"kinetics": kinetics, "list": listing, "folder": folder, "ssv2": ssv2}
+SOURCES = {"kinetics": kinetics, "list": listing, "folder": folder, "ssv2": ssv2, "charades": charades}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.command == "index":
         return index.run(args)
     inputs, classes = SOURCES[args.command].collect(args)
-    args.media = writer.media_of(inputs)
+    args.media, args.multi_label = writer.media_of(inputs), is_multi_label(inputs)
     info = writer.write_shards(inputs, classes, args.out, args)
     print(f"{info['num_samples']} samples in {len(info['shards'])} shards, {len(info['skipped'])} skipped")
     for s in info["skipped"]:

@@ -1,9 +1,11 @@
-"""The bytes stored for one input: its original file, or, with ``--short-side``, a smaller copy (videos
-re-encoded as H.264 with audio dropped, images re-saved as JPEG)."""
+"""The bytes stored for one input: its original file, or, with ``--short-side`` or a time window, a re-encoded
+copy (videos as H.264 with audio dropped, only the window's frames where the input has one; images re-saved as
+JPEG)."""
 
 from __future__ import annotations
 
 import io
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -37,8 +39,9 @@ def encode_input(item: Input, short_side: int | None) -> tuple[str, bytes]:
                 return "jpg", _resize_image(image, short_side)
             return ext, data
         info = probe_video(data)
-        if short_side and min(info.width, info.height) > short_side:
-            return "mp4", _reencode(data, short_side)
+        smaller = short_side if short_side and min(info.width, info.height) > short_side else None
+        if smaller or item.window:
+            return "mp4", _reencode(data, smaller, item.window)
         return ext, data
     except DecodeError as e:
         raise Skip(str(e)) from e
@@ -67,12 +70,18 @@ def _resize_image(image: np.ndarray, short_side: int) -> bytes:
     return out.getvalue()
 
 
-def _reencode(data: bytes, short_side: int) -> bytes:
-    """H.264 at the new size; keeps every frame's timestamp (variable frame rates survive), drops audio."""
+def _reencode(data: bytes, short_side: int | None, window: tuple[float, float] | None = None) -> bytes:
+    """H.264 with the short side at `short_side` (None: the size stays), of the frames shown in `window` (start,
+    end seconds from the stream's start; None: all); keeps every frame's timestamp (variable frame rates
+    survive), drops audio. Raises Skip for a window that holds no frame."""
     out = io.BytesIO()
     with av.open(io.BytesIO(data)) as source, av.open(out, "w", format="mp4") as target:
         src = source.streams.video[0]
-        width, height = _scaled(src.codec_context.width, src.codec_context.height, short_side)
+        width, height = src.codec_context.width, src.codec_context.height
+        if short_side:
+            width, height = _scaled(width, height, short_side)
+        first = (src.start_time or 0) * src.time_base
+        lower, upper = (first + Fraction(window[0]), first + Fraction(window[1])) if window else (None, None)
         dst = target.add_stream("libx264", rate=src.average_rate or 30)
         dst.width, dst.height, dst.pix_fmt = width, height, "yuv420p"
         dst.time_base = src.time_base
@@ -81,9 +90,13 @@ def _reencode(data: bytes, short_side: int) -> bytes:
         for frame in source.decode(src):
             if frame.pts is None or (last_pts is not None and frame.pts <= last_pts):
                 continue  # the muxer rejects non-increasing timestamps
+            if window and not lower <= frame.pts * src.time_base < upper:
+                continue
             last_pts = frame.pts
             scaled = frame.reformat(width=width, height=height, format="yuv420p")
             scaled.pts, scaled.time_base = frame.pts, src.time_base
             target.mux(dst.encode(scaled))
         target.mux(dst.encode())
+    if last_pts is None:
+        raise Skip(f"no frame in the window {window[0]}-{window[1]} s")
     return out.getvalue()

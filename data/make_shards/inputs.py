@@ -11,9 +11,15 @@ from ..decode import VIDEO_EXTENSIONS
 @dataclass(frozen=True)
 class Input:
     path: str
-    label: int  # -1: unlabelled (Kinetics test lists)
+    label: int | tuple[int, ...]  # a class id (-1: unlabelled, as Kinetics test lists), or a multi-label sample's ids
     name: str  # human-readable origin, used in keys and skip reports
     problem: str = ""  # why it cannot go into a shard, known before it is read (it is listed as skipped)
+    window: tuple[float, float] | None = None  # (start, end) seconds: only this part of the video is stored
+
+
+def is_multi_label(inputs: list[Input]) -> bool:
+    """Whether the inputs' labels are lists of class ids (info.json's "multi_label")."""
+    return any(isinstance(i.label, tuple) for i in inputs)
 
 
 def read_class_names(path: Path | None) -> list[str] | None:

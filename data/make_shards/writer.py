@@ -26,7 +26,7 @@ from tqdm import tqdm
 from ..decode import IMAGE_EXTENSIONS
 from ..shards import INFO_NAME, index_tar
 from .encode import encode_job
-from .inputs import Input
+from .inputs import Input, is_multi_label
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,8 +50,14 @@ def add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     tar.addfile(member, io.BytesIO(payload))
 
 
+def _described(item: Input) -> list:
+    """What of an input the job's signature covers (a window only where there is one, so that jobs begun
+    before windows existed keep their signature)."""
+    return [item.path, item.label, *([item.window] if item.window else [])]
+
+
 def _job_signature(args: argparse.Namespace, inputs: list[Input]) -> str:
-    described = [args.short_side, args.per_shard, args.seed, [(i.path, i.label) for i in inputs]]
+    described = [args.short_side, args.per_shard, args.seed, [_described(i) for i in inputs]]
     return hashlib.sha256(json.dumps(described).encode()).hexdigest()
 
 
@@ -88,7 +94,7 @@ def shard_inputs(inputs: list[Input], classes: list[str], out: Path, *, per_shar
                  workers: int = 1, short_side: int | None = None) -> dict:
     """`write_shards` for callers that already hold their inputs (e.g. a split of a `folder_inputs` list)."""
     args = argparse.Namespace(per_shard=per_shard, seed=seed, workers=workers, short_side=short_side,
-                              media=media_of(inputs))
+                              media=media_of(inputs), multi_label=is_multi_label(inputs))
     return write_shards(inputs, classes, out, args)
 
 
@@ -104,7 +110,8 @@ def _write_shard(out: Path, shard: int, encoded: list) -> None:
             ext, payload = result
             key = sample_key(k, item.name)
             add_member(tar, f"{key}.{ext}", payload)
-            add_member(tar, f"{key}.json", json.dumps({"label": item.label, "source": item.path}).encode())
+            meta = {"label": item.label, "source": item.path, **({"window": item.window} if item.window else {})}
+            add_member(tar, f"{key}.json", json.dumps(meta).encode())
             labels.append(item.label)
     samples = [[key, files, label] for (key, files, _), label in zip(index_tar(out / f"{name}.tar.tmp"), labels)]
     side = {"num_samples": len(labels), "skipped": skipped, "bytes": (out / f"{name}.tar.tmp").stat().st_size,
@@ -129,6 +136,7 @@ def _write_info(out: Path, num_shards: int, classes: list[str], args: argparse.N
         "media": args.media,
         "num_samples": sum(s["num_samples"] for s in shards),
         "classes": classes,
+        "multi_label": args.multi_label,
         "shards": shards,
         "skipped": skipped,
         "short_side": args.short_side,
