@@ -54,7 +54,7 @@ from data.fashion_mnist import FashionMnistError, write_class_folders
 from data.make_shards.folder import folder_inputs
 from data.make_shards.inputs import Input
 from data.make_shards.writer import shard_inputs
-from data.moving_fashion_mnist import DIRECTIONS, clip_inputs
+from data.moving_fashion_mnist import DIRECTIONS, clip_inputs, order_blind_top1
 from engine import checkpoint
 from engine.config import ConfigError, load_config
 from engine.knn import knn_scores, topk_percent
@@ -386,6 +386,8 @@ class Bench:
                         f"[seed {seed}] finetune {init} direction", where / f"finetune_{init}_direction.json",
                         partial(self.finetune, init, 100, seed, "direction"))
         results = collect(parts, self.seeds, dataset=self.data, data=data, classes=self.classes)
+        if self.video:  # the ceiling of the shuffled-frames test
+            results["order_blind_top1"] = order_blind_top1("test", self.budget.clips[1])
         results["wall_seconds_this_call"] = time.perf_counter() - began
         write_report(results, self.out)
         return results

@@ -44,6 +44,10 @@ def write_table(results: dict) -> str:
         row = [f"{cell(top1[i][e])} ({cell(val[i][e])})" if e in top1[i] else "–" for i in (*INITS, "pixels")]
         gain = top1["pretrained"][e]["mean"] - top1["random"][e]["mean"]
         lines.append(f"| {EVAL_NAMES[e]} | " + " | ".join(row) + f" | {gain:+.1f} |")
+    if "order_blind_top1" in results:
+        lines += ["", f"With frames shuffled, a model blind to their order can reach at most "
+                      f"{results['order_blind_top1']:.1f}% on the direction: a clip played backwards is as likely a "
+                      "clip, with the same frames and another direction (data.moving_fashion_mnist.order_blind_top1)."]
     return "\n".join(lines) + "\n"
 
 
