@@ -20,7 +20,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 
 test: lint
-	$(PY) -m pytest -q -n 2 --durations=30 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=30 $(PYTEST_ARGS)
 
 # The main job: synthetic demo videos -> shards -> a small video MAE pretraining run (with the online k-NN of
 # its encoder on the demo classes, from the random initialisation on) -> fine-tuning its encoder on the 4
