@@ -215,3 +215,15 @@ def test_bad_ladder_exits_with_code_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         sweep.main(["--ladder", str(bad), "--out", str(tmp_path / "out")])
     assert exit_info.value.code == 2 and "batchsize" in capsys.readouterr().err
+
+
+
+def test_a_failed_training_run_stops_the_sweep_with_one_line_naming_its_log(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:  # the fine-tuning app refuses the misspelt key with exit code 2
+        sweep.main(["--ladder", str(ladder_path("image_fmnist")), "--out", str(tmp_path / "out"), "--iters", "0",
+                    "--warmup", "0", "--train", "--finetune-args", "train.max_step=1"])
+    log = tmp_path / "out" / "baseline" / "seed0" / "finetune.log"  # the first row is trained from scratch
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 1
+    assert line.startswith("error: ") and line.endswith(f"failed with exit code 2; see {log}")
+    assert "train.max_step" in log.read_text()

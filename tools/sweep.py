@@ -42,6 +42,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from engine.config import ConfigError, RunConfig, load_config
+from engine.preemption import REQUEUE_EXIT_CODE
 from models import create_model
 from models.mae import MAEConfig
 from tools.bench_models import Settings, forward_runner, median_seconds
@@ -69,6 +70,14 @@ class Ladder:
     batch: int = 8  # default timing batch
     rows: dict[str, LadderRow] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # footnotes of the table
+
+
+class RunFailedError(RuntimeError):
+    """A pretraining or fine-tuning run of `--train` that did not finish; its log holds why."""
+
+    def __init__(self, exit_code: int, message: str):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def load_ladder(path: str | Path) -> Ladder:
@@ -202,7 +211,8 @@ def train_row(config: Path, row: LadderRow, out: Path, pretrain_args: list[str],
         with log.open("a") as sink:
             done = subprocess.run(command, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT)
         if done.returncode != 0:
-            raise RuntimeError(f"{shlex.join(command)} failed with exit code {done.returncode}; see {log}")
+            raise RunFailedError(done.returncode, f"{shlex.join(command)} failed with exit code {done.returncode}; "
+                                                  f"see {log}")
     pretrained = out / "pretrain" / "metrics.json"
     history = json.loads(pretrained.read_text()).get("knn_history") if pretrained.is_file() else None
     result = {"top1": float(json.loads((out / "finetune" / "metrics.json").read_text())["top1"]),
@@ -291,6 +301,9 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as err:  # a bad ladder or row config, found before any timing
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
+    except RunFailedError as err:  # a preempted run (75) asks for a requeue: the rerun continues where it stopped
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(REQUEUE_EXIT_CODE if err.exit_code == REQUEUE_EXIT_CODE else 1) from err
     print((Path(args.out) / "table.md").read_text())
     print(f"{len(results['rows'])} rows -> {args.out}/results.json, table.md, chart.png")
 
