@@ -29,3 +29,14 @@ def mae_encoder(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("pretrain") / "encoder.safetensors"
     checkpoint.export_encoder(path, mae.encoder_state_dict(), checkpoint.encoder_metadata("hiera_base_16x224", TINY))
     return path
+
+
+# The files that take longest, longest first: `make test` hands whole files to two workers in collection order
+# (pytest -n 2 --dist loadfile), and a long file handed out last keeps the other core idle at the end.
+LONGEST_FILES = ("test_sharded.py", "test_finetune.py", "test_knn.py", "test_real_bench.py", "test_faults.py",
+                 "test_pretrain.py", "test_sweep.py", "test_trackers.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FILES)))  # stable: a file keeps its order
