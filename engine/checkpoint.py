@@ -25,6 +25,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -187,23 +188,24 @@ def read_encoder_metadata(path: str | Path) -> tuple[str, dict[str, Any]] | None
     return metadata["model"], json.loads(metadata.get("overrides", "{}"))
 
 
-def save_atomically(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """A safetensors file written under a temporary name, flushed to disk, then renamed into place: a reader
-    never sees a partial file, and after a crash it is whole or absent."""
+def _replace_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
+    """`write(temp)` fills a temporary file beside `path`, which is flushed to disk, then renamed into place: a
+    reader never sees a partial file, and after a crash it is whole or absent."""
     path = Path(path)
     temp = path.with_name(path.name + ".tmp")
-    save_tensors(temp, tensors, metadata)
+    write(temp)
     _fsync(temp)
     temp.replace(path)
 
 
+def save_atomically(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file written atomically (_replace_atomically)."""
+    _replace_atomically(path, lambda temp: save_tensors(temp, tensors, metadata))
+
+
 def copy_atomically(source: str | Path, target: str | Path) -> None:
-    """`source` copied to `target` through a temporary file and a rename (a reader sees the old file or the new)."""
-    target = Path(target)
-    temp = target.with_name(target.name + ".tmp")
-    shutil.copyfile(source, temp)
-    _fsync(temp)
-    temp.replace(target)
+    """`source` copied to `target` atomically: a reader sees the old file or the new."""
+    _replace_atomically(target, lambda temp: shutil.copyfile(source, temp))
 
 
 def export_encoder(path: str | Path, encoder_state: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:

@@ -24,9 +24,8 @@ class Preempted(SystemExit):
     """Raised by the trainer after it saved the checkpoint of a signalled stop: the process exits with
     REQUEUE_EXIT_CODE, without a traceback, through every caller."""
 
-    def __init__(self, step: int, signal_name: str):
+    def __init__(self):
         super().__init__(REQUEUE_EXIT_CODE)
-        self.step, self.signal_name = step, signal_name
 
 
 def signal_numbers(names: list[str]) -> list[signal.Signals]:

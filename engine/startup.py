@@ -24,9 +24,7 @@ class StartupClock:
         self._last = now
 
     def finish(self) -> dict[str, float]:
-        """After the first optimizer step: the laps as scalars, once (later calls return {})."""
-        if self.done:
-            return {}
+        """After the first optimizer step: the laps as scalars."""
         self.done = True
         self.lap("first step")
         return {f"startup/{name.replace(' ', '_')}_s": s for name, s in self.seconds.items()} | {

@@ -420,7 +420,7 @@ class Trainer:
                        f"resume=auto (exit code {REQUEUE_EXIT_CODE}: requeue)")
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
-        raise Preempted(step, cause)
+        raise Preempted()
 
     # -- the loop ----------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
