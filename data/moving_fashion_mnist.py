@@ -8,9 +8,9 @@ can do no better than chance on it (evaluated by finetune.evaluate's shuffled-fr
 
 A split's clips come from distinct images of that split of Fashion-MNIST (data/fashion_mnist.py, the offline
 package), drawn with the seed; directions take turns, so each is a quarter of the clips. Writes
-`OUT/<split>/<position>.mp4` (H.264, 16 frames at 16 fps, 64 x 64 px, grey garment on black) and then
-`OUT/<split>.json`, a list of {"file", "class", "direction", "source"} (the source image's position in the
-idx file); a split whose list exists is not written again.
+`OUT/<split>/<position>.mp4` (H.264, 16 frames (`--frames`) at 16 fps, 64 x 64 px, grey garment on black) and
+then `OUT/<split>.json`, a list of {"file", "class", "direction", "source", "frames"} (the source image's position
+in the idx file); a split whose list exists is not written again.
 """
 
 from __future__ import annotations
@@ -69,14 +69,14 @@ def moving_clip(garment: np.ndarray, direction: int, rng: np.random.Generator, f
 
 
 def order_blind_top1(split: str, count: int, seed: int = 0, source: Path | None = None, garment: int = 28,
-                     size: int = SIZE) -> float:
+                     size: int = SIZE, frames: int = FRAMES) -> float:
     """The best direction top-1 (percent) on `write_clips`' clips of `split` for a model blind to frame order.
     A clip played backwards is as likely a clip, with the same frames, whose direction is the OPPOSITE of the
     one the clip ends with; such a model can only guess between the two, except when they are the same (the
     clip ends moving back the way it came)."""
     free = np.full(2, size - garment, dtype=np.float64)
     plan = clip_plan(split, count, seed, len(read_idx(idx_files(source)[split][1], 8)))
-    lasts = [(d, glide(d, np.random.default_rng(s), free)[1]) for _, d, s in plan]
+    lasts = [(d, glide(d, np.random.default_rng(s), free, frames)[1]) for _, d, s in plan]
     return float(np.mean([1.0 if OPPOSITE[last] == d else 0.5 for d, last in lasts]) * 100)
 
 
@@ -88,19 +88,25 @@ def clip_plan(split: str, count: int, seed: int, images: int) -> list[tuple[int,
     return [(source, i % len(DIRECTIONS), int(rng.integers(2**31))) for i, source in enumerate(sources.tolist())]
 
 
-def _write_one(job: tuple[str, np.ndarray, int, int]) -> None:
-    path, garment, direction, seed = job
-    write_video(path, moving_clip(garment, direction, np.random.default_rng(seed)), fps=FPS)
+def _write_one(job: tuple[str, np.ndarray, int, int, int]) -> None:
+    path, garment, direction, seed, frames = job
+    write_video(path, moving_clip(garment, direction, np.random.default_rng(seed), frames), fps=FPS)
 
 
 def write_clips(out: Path, counts: dict[str, int], seed: int = 0, source: Path | None = None,
-                workers: int = 1) -> dict[str, list[dict]]:
-    """Write (or find) the clips of each split in `counts` ({"train": n, "test": m}); returns {split: list}."""
+                workers: int = 1, frames: int = FRAMES) -> dict[str, list[dict]]:
+    """Write (or find) the clips of each split in `counts` ({"train": n, "test": m}), `frames` long; returns
+    {split: list}."""
     found = {}
     for split, count in counts.items():
         listing = out / f"{split}.json"
         if listing.is_file():
-            found[split] = json.loads(listing.read_text())
+            rows = json.loads(listing.read_text())
+            made = {row.get("frames", FRAMES) for row in rows}  # lists written before "frames" hold 16-frame clips
+            if made != {frames}:
+                raise FashionMnistError(f"{listing} lists clips of {sorted(made)} frames, not {frames}: use another "
+                                        f"folder, or delete it to write them again")
+            found[split] = rows
             continue
         images_path, labels_path = idx_files(source)[split]
         images, labels = read_idx(images_path, 16), read_idx(labels_path, 8)
@@ -109,8 +115,9 @@ def write_clips(out: Path, counts: dict[str, int], seed: int = 0, source: Path |
         rows, jobs = [], []
         for i, (position, direction, clip_seed) in enumerate(clip_plan(split, count, seed, len(images))):
             file = f"{split}/{i:06d}.mp4"
-            rows.append({"file": file, "class": int(labels[position]), "direction": direction, "source": position})
-            jobs.append((str(out / file), images[position], direction, clip_seed))
+            rows.append({"file": file, "class": int(labels[position]), "direction": direction, "source": position,
+                         "frames": frames})
+            jobs.append((str(out / file), images[position], direction, clip_seed, frames))
         (out / split).mkdir(parents=True, exist_ok=True)
         with Pool(workers) as pool:
             for _ in pool.imap_unordered(_write_one, jobs, chunksize=64):
@@ -122,10 +129,11 @@ def write_clips(out: Path, counts: dict[str, int], seed: int = 0, source: Path |
     return found
 
 
-def clip_inputs(out: Path, counts: dict[str, int], workers: int = 1) -> dict[str, dict[str, list[Input]]]:
+def clip_inputs(out: Path, counts: dict[str, int], workers: int = 1,
+                frames: int = FRAMES) -> dict[str, dict[str, list[Input]]]:
     """The clips of `write_clips` as shard inputs, once per label set: {"class" | "direction": {split: inputs}},
     in the same order in both."""
-    found = write_clips(out, counts, workers=workers)
+    found = write_clips(out, counts, workers=workers, frames=frames)
     return {labels: {split: [Input(str(out / r["file"]), r[labels], r["file"]) for r in rows]
                      for split, rows in found.items()} for labels in ("class", "direction")}
 
@@ -136,11 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", type=int, default=10000, help="clips made from train images")
     parser.add_argument("--test", type=int, default=2000, help="clips made from test images")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--frames", type=int, default=FRAMES, help="frames per clip (at 16 fps)")
     parser.add_argument("--source", type=Path, help="folder with the *-ubyte.gz files (default: the package's)")
     args = parser.parse_args(argv)
     try:
         found = write_clips(args.out, {"train": args.train, "test": args.test}, args.seed, args.source,
-                            workers=os.cpu_count() or 1)
+                            workers=os.cpu_count() or 1, frames=args.frames)
     except FashionMnistError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,6 +1,7 @@
 """How the end-to-end tests start runs: as users do, in subprocesses, one process or two gloo processes."""
 
 import contextlib
+import gzip
 import os
 import random
 import signal
@@ -110,3 +111,14 @@ def image_tree(root: Path, per_class: dict[str, int]) -> Path:
                 image = Image.fromarray(pixels)
                 (image.convert("L") if i % 2 else image).save(folder / f"{i}.{'png' if i % 3 else 'jpg'}")
     return root
+
+
+def write_idx(source: Path, images: np.ndarray, labels: np.ndarray) -> Path:
+    """The four idx files of Fashion-MNIST (big-endian magic, dimensions, uint8 payload), train and test alike."""
+    source.mkdir(parents=True, exist_ok=True)
+    for prefix in ("train", "t10k"):
+        with gzip.open(source / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(bytes([0, 0, 8, 3]) + b"".join(n.to_bytes(4, "big") for n in images.shape) + images.tobytes())
+        with gzip.open(source / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(bytes([0, 0, 8, 1]) + len(labels).to_bytes(4, "big") + labels.tobytes())
+    return source

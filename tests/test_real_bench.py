@@ -2,7 +2,6 @@
 and on Moving Fashion-MNIST clips of idx files written here; its resume, its errors, and the parts it is built
 from. Accuracy is not checked: that is the benchmark's job."""
 
-import gzip
 import json
 import os
 import subprocess
@@ -12,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from launch import image_tree
+from launch import image_tree, write_idx
 from PIL import Image
 
 from data.decode import decode_video
@@ -76,17 +75,6 @@ def test_quick_run_writes_results_in_shape_and_resumes(tmp_path, capsys):
     # Parts measured with other settings are never mixed in: another model into the same --out stops.
     code, _, err = bench_here(capsys, "--data", str(data), "--out", str(out), "--quick", "--model", "mvitv2")
     assert code == 2 and "holds a benchmark with other model" in err, err
-
-
-def write_idx(source: Path, images: np.ndarray, labels: np.ndarray) -> Path:
-    """The four idx files of Fashion-MNIST (big-endian magic, dimensions, uint8 payload), train and test alike."""
-    source.mkdir(parents=True, exist_ok=True)
-    for prefix in ("train", "t10k"):
-        with gzip.open(source / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
-            f.write(bytes([0, 0, 8, 3]) + b"".join(n.to_bytes(4, "big") for n in images.shape) + images.tobytes())
-        with gzip.open(source / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
-            f.write(bytes([0, 0, 8, 1]) + len(labels).to_bytes(4, "big") + labels.tobytes())
-    return source
 
 
 def test_moving_fashion_mnist_quick_run(tmp_path):
