@@ -12,6 +12,7 @@ from data import SampleConfig, ShardLoader, make_shards
 from data.decode import probe_video
 from data.errors import InputError
 from data.make_shards.charades import Action, charades_inputs, parse_actions
+from data.make_shards.index import _label_map
 from data.shards import SampleError, ShardReader, ShardSet, class_ids
 from data.synthetic import write_video
 
@@ -91,6 +92,16 @@ def test_list_lines_with_several_ids_make_multi_hot_batches(videos, tmp_path):
     sidecar = json.loads((tmp_path / "shards" / "shard-000000.json").read_text())
     by_name = {key.split("_")[1]: label for key, _, label in sidecar["samples"]}
     assert by_name == {"C1": [0, 2], "C2": [1], "C3": []}
+    # make_shards index finds the same lists in the tar (the shards of any tool), and says multi-label
+    tar = next((tmp_path / "shards").glob("*.tar"))
+    indexed = make_shards.main(["index", str(tar), "--out", str(tmp_path / "indexed" / "info.json")])
+    assert indexed["multi_label"] is True and indexed["classes"] == ["0", "1", "2"]
+    rows = json.loads((tmp_path / "indexed" / f"{tar.name}.idx.json").read_text())["samples"]
+    assert {key.split("_")[1]: label for key, _, label in rows} == by_name
+    with pytest.raises(InputError, match="mix lists of class ids"):
+        _label_map([("a.tar", "k1", [0, 2]), ("a.tar", "k2", 1)], None)
+    with pytest.raises(InputError, match="not in the class list of 2 classes"):
+        _label_map([("a.tar", "k1", [0, 2])], ["a", "b"])
 
     sample = SampleConfig(train=False, num_frames=2, crop_size=16, spatial_views=2)
     loader = ShardLoader(tmp_path / "shards", sample, batch_size=3, shuffle=False, drop_last=False)

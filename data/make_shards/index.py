@@ -11,7 +11,9 @@ Samples are grouped as webdataset groups them: the key runs to the first dot of 
 ``clip.001.mp4`` and ``clip.001.cls`` are fields ``001.mp4`` and ``001.cls`` of sample ``clip``. Labels come from
 a ``.cls`` member (an integer), a ``.json`` member (its ``label`` field) or a ``.txt`` member (a class name, or
 an integer). Class names: ``--classes FILE`` (one a line; names in ``.txt`` members are looked up there),
-else the sorted names found in ``.txt`` members, else ``0 .. max label``.
+else the sorted names found in ``.txt`` members, else ``0 .. max label``. Shards whose ``.json`` labels are
+lists of class ids are multi-label (info.json's ``multi_label``); there, a sample with no label member has no
+class (``[]``: a negative for every class), and single ids beside lists are an error.
 """
 
 from __future__ import annotations
@@ -73,20 +75,30 @@ def index_local(path: Path) -> tuple[list, int, list[str]]:
     return samples, size, problems
 
 
-def _label_map(labelled: list[tuple[str, str, int | str]], classes: list[str] | None) -> tuple[list[str], dict]:
+def _label_map(labelled: list[tuple[str, str, int | str | list[int]]], classes: list[str] | None
+               ) -> tuple[list[str], dict]:
     """Class names, and raw label -> int, from (shard, key, raw label) of every labelled sample. Class names
-    and integer ids mixed, an unknown name, or an id outside the class list is an InputError naming a sample."""
+    and integer ids mixed, lists of ids beside single labels, an unknown name, or an id outside the class list
+    is an InputError naming a sample."""
     names = sorted({r for *_, r in labelled if isinstance(r, str)})
     ints = [(shard, key, r) for shard, key, r in labelled if isinstance(r, int) and r != -1]
+    lists = [(shard, key, r) for shard, key, r in labelled if isinstance(r, list)]
+    if lists and (names or ints):
+        shard, key, label = (ints or [(s, k, r) for s, k, r in labelled if isinstance(r, str)])[0]
+        raise InputError(f"the shards mix lists of class ids (multi-label, e.g. {lists[0][2]!r} for {lists[0][1]!r}"
+                         f" in {lists[0][0]}) and single labels ({label!r} for {key!r} in {shard}): label every "
+                         f"sample one way")
     if names and ints:
         shard, key, label = ints[0]
         raise InputError(f"the shards mix class names ({names[0]!r}, ...) and integer labels ({label} for "
                          f"{key!r} in {shard}): label every sample one way")
+    ids = [(shard, key, c) for shard, key, r in lists for c in r]
     if classes is None:
-        used = sorted({r for *_, r in ints})
+        used = sorted({r for *_, r in ids or ints})
         classes = names or [str(i) for i in range(used[-1] + 1 if used else 0)]
-    unknown = [(shard, key, r) for shard, key, r in labelled
-               if (isinstance(r, str) and r not in classes) or (isinstance(r, int) and not -1 <= r < len(classes))]
+    low = 0 if lists else -1  # -1 is "unlabelled" for single labels; a multi-label sample has [] for none
+    unknown = [(shard, key, r) for shard, key, r in [*labelled, *ids]  # a list's ids one by one
+               if (isinstance(r, str) and r not in classes) or (isinstance(r, int) and not low <= r < len(classes))]
     if unknown:
         shard, key, label = unknown[0]
         raise InputError(f"{len(unknown)} labels are not in the class list of {len(classes)} classes, e.g. "
@@ -120,18 +132,24 @@ def index_shards(shards: list[str], out: Path, classes: list[str] | None = None,
             problems += found
     classes, by_name = _label_map([(shard_name(url), key, label) for url, samples, _ in indexed
                                    for key, _, label in samples if label is not None], classes)
+    multi_label = any(isinstance(label, list) for _, samples, _ in indexed for *_, label in samples)
+    if multi_label:  # a sample without a label member is a negative for every class
+        indexed = [(url, [(k, f, [] if label is None else label) for k, f, label in samples], size)
+                   for url, samples, size in indexed]
     entries, media = [], set()
     for url, samples, size in indexed:
         name = shard_name(url)
         local_here = not is_remote(url) and local_path(url).resolve().parent == out.parent.resolve()
         sidecar = f"{name}.idx.json"
-        rows = [[key, files, by_name.get(label, label) if label is not None else -1] for key, files, label in samples]
+        rows = [[key, files, label if multi_label else by_name.get(label, label) if label is not None else -1]
+                for key, files, label in samples]
         (out.parent / sidecar).write_text(json.dumps({"bytes": size, "samples": rows}))
         media.update(last_extension(m) for _, files, _ in samples if (m := media_member(files)))
         entries.append({"name": name if local_here else (url if is_remote(url) else str(local_path(url).resolve())),
                         "num_samples": len(samples), "bytes": size, "index": sidecar})
     info = {"version": 1, "media": "image" if media and media <= set(IMAGE_EXTENSIONS) else "video",
-            "num_samples": sum(e["num_samples"] for e in entries), "classes": classes, "shards": entries,
+            "num_samples": sum(e["num_samples"] for e in entries), "classes": classes, "multi_label": multi_label,
+            "shards": entries,
             "skipped": [], "problems": problems}
     out.write_text(json.dumps(info, indent=1))
     return info
