@@ -63,8 +63,8 @@ def test_scalars_config_and_images_reach_every_tracker_and_a_resume_continues_th
                MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
     # The experiment is made here so that its artifacts go under tmp_path; one made by the run would keep them in
     # ./mlruns of the working directory (MLflow's default for a database store).
-    MlflowClient(env["MLFLOW_TRACKING_URI"]).create_experiment(
-        load_config(["configs/pretrain/demo.yaml"], []).log.project, artifact_location=str(tmp_path / "mlflow-artifacts"))
+    project = load_config(["configs/pretrain/demo.yaml"], []).log.project
+    MlflowClient(env["MLFLOW_TRACKING_URI"]).create_experiment(project, artifact_location=str(tmp_path / "artifacts"))
     command = [sys.executable, "pretrain/main.py", "--config", "configs/pretrain/demo.yaml",
                f"data.train={demo_shards['train']}", f"output_dir={out}", "data.num_workers=0", "log.progress=false",
                "log.every=2", "log.visualize_every=4", "train.checkpoint_every=4",
