@@ -18,7 +18,7 @@ from timm.layers import DropPath, Mlp, resample_abs_pos_embed
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .registry import register_model
+from .registry import KINETICS, register_model
 
 MAE_ONLY_KEY_PREFIXES = ("mask_token", "decoder_", "encoder_norm.", "multi_scale_fusion_heads.")
 
@@ -450,4 +450,4 @@ _SIZES = {
 for _size, _arch in _SIZES.items():
     register_model(f"hiera_{_size}_224", Hiera, HieraConfig(**_IMAGE, **_arch))
     if _size not in ("tiny", "small"):
-        register_model(f"hiera_{_size}_16x224", Hiera, HieraConfig(**_VIDEO, **_arch))
+        register_model(f"hiera_{_size}_16x224", Hiera, HieraConfig(**_VIDEO, **_arch), KINETICS)
