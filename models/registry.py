@@ -29,8 +29,8 @@ class Normalization:
 
 
 IMAGENET = Normalization(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
-# SlowFast's DATA.MEAN / DATA.STD, also mae_st's. The Hiera video notebook divides the blue channel by 0.255,
-# a typo of 0.225 (its other two channels and SlowFast, whose training code Hiera's authors share, say 0.225).
+# SlowFast's DATA.MEAN / DATA.STD, also mae_st's and the Hiera video notebook's, which divides the blue channel by
+# 0.255: read here as a typo of 0.225, the value of its other two channels and of SlowFast, whose authors Hiera's share.
 KINETICS = Normalization((0.45, 0.45, 0.45), (0.225, 0.225, 0.225))
 
 _REGISTRY: dict[str, tuple[type[nn.Module], Any, Normalization]] = {}
