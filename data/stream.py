@@ -78,7 +78,7 @@ class ShardStream(IterableDataset):
         worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
         per_epoch = self.num_batches
         processor = SampleProcessor(self.sample)
-        plan = None
+        plan = window = None
         prefetcher = Prefetcher(self.cache) if self.shards.remote else None
         with ShardReader(self.shards, max_open=self.open_shards(self.shard_mix), cache=self.cache) as reader:
             try:
@@ -93,25 +93,15 @@ class ShardStream(IterableDataset):
                         reader.new_epoch()
                         if prefetcher is not None:
                             prefetcher.forget()
+                            window = PrefetchWindow(plan, len(self.shards.counts), num_workers)
                     batch = self._batch(plan.batch(j % per_epoch), epoch, plan, reader, processor)
                     if prefetcher is not None:  # after the batch: its own shards come first
-                        prefetcher.want(self._upcoming(plan, j % per_epoch, num_workers))
+                        shards = window.entering(j % per_epoch)
+                        prefetcher.want([(self.shards.urls[s], self.shards.sizes[s]) for s in shards])
                     yield batch
             finally:
                 if prefetcher is not None:
                     prefetcher.close()
-
-    def _upcoming(self, plan: EpochPlan, j: int, num_workers: int) -> list[tuple[str, int | None]]:
-        """(URL, size) of the shards this worker's next batches of the epoch read: enough batches for every
-        lane to reach its next shard."""
-        mean_count = plan.length / max(1, len(self.shards.counts))
-        ahead = min(64, max(1, math.ceil(mean_count * plan.lanes / (self.batch_size * num_workers))))
-        later = range(j + num_workers, min(plan.num_batches, j + (ahead + 1) * num_workers), num_workers)
-        if not later:
-            return []
-        positions = np.concatenate([plan.batch(k).positions for k in later])
-        shards = dict.fromkeys(plan.shards(positions).tolist())  # in order of need, once each
-        return [(self.shards.urls[s], self.shards.sizes[s]) for s in shards]
 
     def _batch(self, planned: PlannedBatch, epoch: int, order: EpochPlan, reader: ShardReader, processor) -> dict:
         """Views are written straight into the batch tensor, one fixed slot of rows per planned sample. The
@@ -171,6 +161,32 @@ class ShardStream(IterableDataset):
         if masks is not None:
             batch["mask"] = masks
         return batch
+
+
+class PrefetchWindow:
+    """The shards one worker's next batches of an epoch read, for the prefetcher. After batch j of a worker that
+    builds every K-th batch, the window holds its next `ahead` batches j + K, ..., j + ahead K: enough for every
+    lane to reach its next shard. Consecutive windows share all but one batch, so each batch is planned once,
+    when it enters the window, not again at every step that it stays in it."""
+
+    def __init__(self, plan: EpochPlan, num_shards: int, num_workers: int):
+        self.plan, self.step = plan, num_workers
+        samples_per_shard = plan.length / max(1, num_shards)
+        batches_to_next_shard = samples_per_shard * plan.lanes / (plan.batch_size * num_workers)
+        self.ahead = min(64, max(1, math.ceil(batches_to_next_shard)))
+        self.planned_until = -1  # the last batch of the epoch whose shards were handed out
+
+    def entering(self, j: int) -> list[int]:
+        """The shards, in order of need and once each, of the batches that entered the window of batch j (all
+        of its batches at a worker's first call) that earlier windows did not hold."""
+        end = min(self.plan.num_batches, j + (self.ahead + 1) * self.step)
+        first = max(j + self.step, self.planned_until + self.step)
+        entered = range(first, end, self.step)
+        if not entered:
+            return []
+        self.planned_until = entered[-1]
+        positions = np.concatenate([self.plan.batch(k).positions for k in entered])
+        return list(dict.fromkeys(self.plan.shards(positions).tolist()))
 
 
 def label_rows(num_rows: int, num_classes: int | None) -> np.ndarray:

@@ -71,7 +71,11 @@ class DataConfig:
     # Fine-tuning: labels are lists of class ids (Charades): multi-hot targets, binary cross-entropy, mAP. The
     # shards must say the same (info.json's "multi_label").
     multi_label: bool = False
-    rand_augment: str | None = None  # timm string, e.g. "rand-m7-n4-mstd0.5-inc1"
+    rand_augment: str | None = None  # timm string, e.g. "rand-m7-mstd0.5-inc1"
+    # Per-channel RGB statistics of the input normalisation, (x / 255 - mean) / std. Unset (both): the model's,
+    # that is its exported encoder's (model.pretrained) or else its registry entry's (engine.loaders.normalization).
+    mean: list[float] | None = None
+    std: list[float] | None = None
     random_erase: float = 0.0  # fine-tuning: probability of timm's RandomErasing (pixel mode; video: every frame)
     repeat: int = 1  # repeated sampling: clips drawn per decoded video
     num_workers: int = 4
@@ -241,11 +245,25 @@ def check_values(config: RunConfig) -> None:
         signal_numbers(config.train.stop_signals)
     except ValueError as err:
         raise ConfigError(str(err)) from err
+    check_normalization(config.data.mean, config.data.std)
     if config.data.sampling not in SAMPLINGS:
         raise ConfigError(f"data.sampling={config.data.sampling!r}: use {' or '.join(SAMPLINGS)}")
     check_flip_label_map(config.data.flip_label_map)
     if config.train.mixed_precision not in (None, "no", "bf16", "fp16"):
         raise ConfigError(f"train.mixed_precision={config.train.mixed_precision!r}: use no, bf16 or fp16")
+
+
+def check_normalization(mean: list[float] | None, std: list[float] | None) -> None:
+    """`data.mean` and `data.std` are set together (half of one normalisation and half of another would fit
+    no model), three values each, with positive stds."""
+    if (mean is None) != (std is None):
+        raise ConfigError(f"data.mean={mean} and data.std={std}: set both (or neither: the model's)")
+    if mean is None:
+        return
+    if len(mean) != 3 or len(std) != 3:
+        raise ConfigError(f"data.mean={mean} and data.std={std}: three values each (R, G, B)")
+    if min(std) <= 0:
+        raise ConfigError(f"data.std={std}: must be positive")
 
 
 def check_flip_label_map(pairs: list[list[int]], num_classes: int | None = None) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -11,8 +12,11 @@ from accelerate.utils import gather_object
 
 from data import DataFailureError, SampleConfig, ShardCache, ShardLoader, ShardSet, normalize
 from data.loader import shared_memory_for
+from models import Normalization
+from models import normalization as registered_normalization
 
-from .config import ConfigError, RunConfig, check_flip_label_map
+from .config import ConfigError, DataConfig, RunConfig, check_flip_label_map
+from .exported import encoder_file, saved_normalization
 
 # Batches in page-locked memory let `.to(device, non_blocking=True)` overlap the copy with compute; from
 # pageable memory the copy blocks the host.
@@ -26,6 +30,22 @@ def media_of(batch: dict, sample: SampleConfig, device: torch.device | None = No
     if device is not None:
         pixels = pixels.to(device, non_blocking=True)
     return normalize(pixels, sample.mean, sample.std)
+
+
+def resolve_normalization(data: DataConfig, model_name: str, exported: Path | None) -> Normalization:
+    """The statistics the data are normalised with: `data.mean` / `data.std` when the user set them, else those
+    the model was trained with: the `exported` encoder's (our export it starts from), else the registry's for
+    `model_name` (what its published checkpoints take: Kinetics' for video, ImageNet's for images)."""
+    if data.mean is not None and data.std is not None:
+        return Normalization(tuple(data.mean), tuple(data.std))
+    saved = saved_normalization(exported) if exported is not None else None
+    return saved or registered_normalization(model_name)
+
+
+def normalization(cfg: RunConfig) -> Normalization:
+    """`resolve_normalization` for a run: its data keys, the export `model.pretrained` names, `model.name`."""
+    exported = encoder_file(cfg.model.pretrained) if cfg.model.pretrained else None
+    return resolve_normalization(cfg.data, cfg.model.name, exported)
 
 
 def check_geometry(cfg: RunConfig, input_size: tuple[int, ...]) -> None:
@@ -79,9 +99,10 @@ def eval_sample(cfg: RunConfig, is_image: bool, views: tuple[int, int] | None = 
         (spatial, temporal), crop_pct = ((views[0] if views else e.image_views), 1), e.image_crop_pct
     else:
         (spatial, temporal), crop_pct = views or (e.spatial_views, e.temporal_views), 1.0
+    channel_stats = normalization(cfg)
     return SampleConfig(train=False, num_frames=d.num_frames, sampling_rate=d.sampling_rate,
                         target_fps=d.target_fps, sampling=d.sampling, crop_size=d.crop_size, spatial_views=spatial,
-                        temporal_views=temporal, crop_pct=crop_pct)
+                        temporal_views=temporal, crop_pct=crop_pct, mean=channel_stats.mean, std=channel_stats.std)
 
 
 def evaluation_shared_memory(cfg: RunConfig, is_image: bool) -> int:
@@ -133,11 +154,12 @@ def train_loader(cfg: RunConfig, rank: int, world_size: int, input_size: tuple[i
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be a multiple of data.repeat={d.repeat}")
     if not d.train:
         raise ConfigError("data.train is not set: give a shard directory (python -m data.make_shards ...)")
+    channel_stats = normalization(cfg)
     sample = SampleConfig(train=True, num_frames=d.num_frames, sampling_rate=d.sampling_rate,
                           target_fps=d.target_fps, sampling=d.sampling, crop_size=d.crop_size, scale=tuple(d.scale),
                           hflip=d.hflip, flip_label_map=tuple(tuple(pair) for pair in d.flip_label_map),
-                          rand_augment=d.rand_augment, repeats=d.repeat, mask_grid=mask_grid,
-                          mask_ratio=mask_ratio)
+                          rand_augment=d.rand_augment, mean=channel_stats.mean, std=channel_stats.std,
+                          repeats=d.repeat, mask_grid=mask_grid, mask_ratio=mask_ratio)
     loader = ShardLoader(d.train, sample, cfg.train.batch_size // d.repeat, seed=cfg.seed, rank=rank,
                          world_size=world_size, num_workers=d.num_workers, shuffle=True, drop_last=True,
                          max_fail_fraction=d.max_fail_fraction, max_fail_count=d.max_fail_count,

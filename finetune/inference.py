@@ -17,9 +17,11 @@ from data import SampleConfig, SampleProcessor, normalize
 from data.decode import IMAGE_EXTENSIONS
 from engine import checkpoint
 from engine.config import ConfigError, DataConfig, EvalConfig, RunConfig, load_config
-from models import CheckpointError, create_model
+from engine.exported import encoder_file
+from engine.loaders import resolve_normalization
+from models import CheckpointError, Normalization, create_model
 
-from .task import class_names, encoder_file, initialise, newly_initialised
+from .task import class_names, initialise, newly_initialised
 
 KINETICS400 = Path(__file__).with_name("kinetics400_classes.txt")  # the official list, alphabetical
 
@@ -31,6 +33,7 @@ class Loaded:
     classes: tuple[str, ...]  # one name per output (empty for an encoder without a classifier)
     data: DataConfig  # how its clips are cut: frames, sampling rate, fps, crop size
     evaluation: EvalConfig  # the run's evaluation views
+    normalization: Normalization  # the input statistics it was trained with
     multi_label: bool = False  # independent classes: sigmoid scores (a run with data.multi_label)
 
     @property
@@ -78,7 +81,8 @@ def load_model(source: str | Path, model_name: str | None = None, need_head: boo
     classes = _classes(exported, cfg, model.config.num_classes)
     data, evaluation = (cfg.data, cfg.eval) if cfg else (DataConfig(), EvalConfig())
     multi_label = saved_metadata(exported, "multi_label", "false") or data.multi_label
-    return Loaded(model.eval(), name, classes, data, evaluation, multi_label)
+    return Loaded(model.eval(), name, classes, data, evaluation, resolve_normalization(data, name, exported),
+                  multi_label)
 
 
 def _classes(exported: Path | None, cfg: RunConfig | None, num_classes: int) -> tuple[str, ...]:
@@ -96,9 +100,10 @@ def _classes(exported: Path | None, cfg: RunConfig | None, num_classes: int) -> 
 
 
 def sample_config(loaded: Loaded, views: tuple[int | None, int | None], is_image: bool) -> SampleConfig:
-    """Evaluation's views for this model: its frames and crop size, the run's frame spacing, and views as the
-    run evaluated (engine.loaders.eval_sample: a video's clips of the whole short side, an image's centre
-    crops of `eval.image_crop_pct`); `views` (spatial, temporal) counts that are not None replace the run's."""
+    """Evaluation's views for this model: its frames, crop size and input statistics, the run's frame spacing,
+    and views as the run evaluated (engine.loaders.eval_sample: a video's clips of the whole short side, an
+    image's centre crops of `eval.image_crop_pct`); `views` (spatial, temporal) counts that are not None replace
+    the run's."""
     size, d, e = loaded.model.config.input_size, loaded.data, loaded.evaluation
     if is_image:
         spatial, temporal, crop_pct = views[0] or e.image_views, 1, e.image_crop_pct
@@ -106,7 +111,8 @@ def sample_config(loaded: Loaded, views: tuple[int | None, int | None], is_image
         spatial, temporal, crop_pct = views[0] or e.spatial_views, views[1] or e.temporal_views, 1.0
     return SampleConfig(train=False, num_frames=size[0] if loaded.is_video else 1, sampling_rate=d.sampling_rate,
                         target_fps=d.target_fps, sampling=d.sampling, crop_size=size[-1], spatial_views=spatial,
-                        temporal_views=temporal, crop_pct=crop_pct)
+                        temporal_views=temporal, crop_pct=crop_pct, mean=loaded.normalization.mean,
+                        std=loaded.normalization.std)
 
 
 def file_clips(path: Path, loaded: Loaded, views: tuple[int | None, int | None]) -> torch.Tensor:

@@ -7,7 +7,6 @@ clipping come from the engine) and evaluated with multi-view testing after passe
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -20,7 +19,8 @@ from torch.nn import functional as F
 from data import ShardSet
 from engine import checkpoint
 from engine.config import ConfigError, RunConfig
-from engine.loaders import eval_loader, media_of, train_loader
+from engine.exported import encoder_file, normalization_metadata
+from engine.loaders import eval_loader, media_of, normalization, train_loader
 from engine.tblog import TrainLogger
 from engine.trainer import schedule
 from models import CheckpointError, LoadReport, create_model, load_pretrained
@@ -33,14 +33,6 @@ from .probe import LinearProbe
 # its stages and normalises them with its own `encoder_norm` instead).
 FRESH_OK = ("head.", "norm.")
 RANDOM = "random"  # model.pretrained=random: say explicitly that the encoder starts from its random initialisation
-
-
-def encoder_file(source: str | Path) -> Path | None:
-    """The exported-encoder file of `source` (our checkpoint or output dir, or the file itself), if any."""
-    path = Path(source)
-    if path.is_dir():
-        path = path / "encoder.safetensors"
-    return path if path.suffix == ".safetensors" and path.is_file() else None
 
 
 def architecture(cfg: RunConfig, classes: tuple[str, ...]) -> tuple[str, dict]:
@@ -201,8 +193,10 @@ class FinetuneTask:
         `eval_only=true model.pretrained=<output_dir>` evaluates it."""
         state = model.classifier_state_dict() if isinstance(model, LinearProbe) else model.state_dict()
         # The class names travel with the weights, and whether the classes are independent (multi-label):
-        # finetune.predict names its answers from them and scores them by sigmoid or softmax.
+        # finetune.predict names its answers from them and scores them by sigmoid or softmax; and the input
+        # statistics, which predict, features and a later fine-tuning feed it.
         return state, {**checkpoint.encoder_metadata(self.name, self.overrides),
+                       **normalization_metadata(normalization(self.cfg)),
                        "classes": json.dumps(list(self.classes)), "multi_label": json.dumps(self.cfg.data.multi_label)}
 
     def visualize(self, model, batch, logger, step) -> None:

@@ -10,6 +10,7 @@ as they are.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,7 @@ from timm.layers import DropPath, Mlp, resample_abs_pos_embed
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .registry import register_model
+from .registry import KINETICS, register_model
 
 MAE_ONLY_KEY_PREFIXES = ("mask_token", "decoder_", "encoder_norm.", "multi_scale_fusion_heads.")
 
@@ -96,6 +97,35 @@ def run_block(block: nn.Module, *args, checkpointed: bool = False):
 
 MATMUL_ATTENTION_MAX_KEYS = 640  # measured: matmuls faster at 624 keys (2.2x), flash at 784 (1.2x)
 
+# How `attention` hands q, k and v to SDPA. Hiera passes strided views (slices of one qkv projection, windows
+# folded into the batch); so does MViTv2 for whatever it does not pool (pooling makes new, contiguous tensors).
+# "strided": as they come; "contiguous": each copied into its own memory first; "auto": contiguous on CUDA, strided
+# elsewhere. On the CPU the fused kernel takes the strided views as they are, which saves three copies. On CUDA no
+# measurement has decided yet: `bash tools/gpu_check.sh` times both (its "layout" section), so that a GPU run
+# settles what "auto" picks there.
+QKV_LAYOUTS = ("auto", "strided", "contiguous")
+_qkv_layout = "auto"
+
+
+def set_qkv_layout(layout: str) -> str:
+    """Make every model of this process hand q/k/v to SDPA in `layout` (one of QKV_LAYOUTS); returns the
+    previous one. Outputs are the same either way (to rounding); only the speed differs."""
+    global _qkv_layout
+    if layout not in QKV_LAYOUTS:
+        raise ValueError(f"q/k/v layout {layout!r}: use one of {', '.join(QKV_LAYOUTS)}")
+    previous, _qkv_layout = _qkv_layout, layout
+    return previous
+
+
+@contextmanager
+def use_qkv_layout(layout: str):
+    """`set_qkv_layout(layout)` inside the block, the previous layout after it."""
+    previous = set_qkv_layout(layout)
+    try:
+        yield
+    finally:
+        set_qkv_layout(previous)
+
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + bias) v: q [B, H, Nq, d], k and v [B, H, Nk, d], bias broadcastable to
@@ -105,10 +135,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
     there the flash kernel's backward is 1.5-7x slower than two batched matmuls (AMX) and a softmax (one core,
     Hiera-B MAE shapes, forward + backward: image decoder 84 vs 33 ms, stage-3 global 38 vs 25 ms, mask-unit
     windows 47 vs 14 and 36 vs 7 ms). With longer sequences (the video decoder's 1568 tokens: 150 vs 236 ms)
-    the softmax over the materialised scores costs more than flash's overhead saves.
+    the softmax over the materialised scores costs more than flash's overhead saves. q, k and v reach either in
+    the layout of `set_qkv_layout`.
     """
     bias = None if bias is None else bias.to(q.dtype)  # SDPA outside autocast wants the dtype of q
-    if q.is_cuda:  # callers pass strided views (pooled or windowed q/k/v); CUDA's fused kernels want them contiguous
+    if _qkv_layout == "contiguous" or (_qkv_layout == "auto" and q.is_cuda):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if (q.dtype == torch.bfloat16 and q.device.type == "cpu" and torch.is_grad_enabled()
             and k.shape[-2] <= MATMUL_ATTENTION_MAX_KEYS):
@@ -187,7 +218,8 @@ class MaskUnitAttention(nn.Module):
         tokens = N // windows
         # Windows move into the batch before the projection, where the tensor is a third of qkv's size; q, k
         # and v are then strided 4-D views [B * windows, heads, tokens, head_dim] that SDPA's fused CPU kernel
-        # takes as they are (a 5-D layout would fall back to the slow math kernel). CUDA's wants them contiguous.
+        # takes as they are (a 5-D layout would fall back to the slow math kernel); `attention` copies them
+        # contiguous where the q/k/v layout says so (`set_qkv_layout`).
         x = x.view(B, tokens, windows, -1).transpose(1, 2).reshape(B * windows, tokens, -1)
         qkv = self.qkv(x).view(B * windows, tokens, 3, self.heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
@@ -450,4 +482,4 @@ _SIZES = {
 for _size, _arch in _SIZES.items():
     register_model(f"hiera_{_size}_224", Hiera, HieraConfig(**_IMAGE, **_arch))
     if _size not in ("tiny", "small"):
-        register_model(f"hiera_{_size}_16x224", Hiera, HieraConfig(**_VIDEO, **_arch))
+        register_model(f"hiera_{_size}_16x224", Hiera, HieraConfig(**_VIDEO, **_arch), KINETICS)

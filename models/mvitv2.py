@@ -41,7 +41,7 @@ from .mvitv2_geometry import (
     rel_pos_table,
     to_windows,
 )
-from .registry import register_model
+from .registry import KINETICS, register_model
 
 _POOL_OPS = {"conv": None, "max": (F.max_pool2d, F.max_pool3d), "avg": (F.avg_pool2d, F.avg_pool3d)}
 _HEAD_POOLS = ("cls", "mean", "mean_then_norm")
@@ -560,18 +560,19 @@ _SIZES = {
 }
 for _size, _arch in _SIZES.items():
     register_model(f"mvitv2_{_size}", MViTv2, MViTv2Config(**_IMAGE, **_arch))
-register_model("mvitv2_small_16x4", MViTv2, MViTv2Config(**_VIDEO, **_SIZES["small"], drop_path_rate=0.2))
+register_model("mvitv2_small_16x4", MViTv2, MViTv2Config(**_VIDEO, **_SIZES["small"], drop_path_rate=0.2),
+               KINETICS)
 register_model("mvitv2_base_32x3", MViTv2, MViTv2Config(
-    **{**_VIDEO, "input_size": (32, 224, 224)}, **_SIZES["base"], drop_path_rate=0.3))
+    **{**_VIDEO, "input_size": (32, 224, 224)}, **_SIZES["base"], drop_path_rate=0.3), KINETICS)
 # The published 217.6 M parameters of L 40x3 are those of channel growth in the MLP (REFERENCE.md §2).
 register_model("mvitv2_large_40x3", MViTv2, MViTv2Config(
-    **{**_VIDEO, "input_size": (40, 312, 312)}, **_SIZES["large"], drop_path_rate=0.75))
+    **{**_VIDEO, "input_size": (40, 312, 312)}, **_SIZES["large"], drop_path_rate=0.75), KINETICS)
 # MViT v1: the same skeleton with absolute (separate) positions, no relative positions, no residual pooling,
 # channel growth in the MLP and q pooled only where it downsamples.
 _V1 = dict(_VIDEO, **_SIZES["small"], rel_pos=False, sep_pos_embed=True, residual_pooling=False,
            dim_mul_in_att=False, q_pool_stride1=False, drop_path_rate=0.2)
-register_model("mvit_base_16x4", MViTv2, MViTv2Config(**_V1))
-register_model("mvit_base_32x3", MViTv2, MViTv2Config(**{**_V1, "input_size": (32, 224, 224)}))
+register_model("mvit_base_16x4", MViTv2, MViTv2Config(**_V1), KINETICS)
+register_model("mvit_base_32x3", MViTv2, MViTv2Config(**{**_V1, "input_size": (32, 224, 224)}), KINETICS)
 
 
 def simplification_overrides(row: str, video: bool, stages: int = 4) -> dict:

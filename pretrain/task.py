@@ -6,8 +6,9 @@ import torch
 
 from engine import checkpoint
 from engine.config import ConfigError, RunConfig
+from engine.exported import normalization_metadata
 from engine.knn import KnnMonitor
-from engine.loaders import media_of, train_loader
+from engine.loaders import media_of, normalization, train_loader
 from engine.tblog import TrainLogger
 from engine.trainer import schedule
 from models import create_model, load_pretrained
@@ -62,9 +63,11 @@ class PretrainTask:
 
 
 def encoder_metadata(cfg: RunConfig) -> dict[str, str]:
-    """The encoder's registered name and its (non-MAE) overrides, stored in the exported file."""
+    """The encoder's registered name, its (non-MAE) overrides and the input statistics it was trained with,
+    stored in the exported file."""
     overrides = {k: v for k, v in cfg.model.overrides().items() if k not in MAEConfig.__dataclass_fields__}
-    return checkpoint.encoder_metadata(cfg.model.name.removeprefix("mae_"), overrides)
+    return {**checkpoint.encoder_metadata(cfg.model.name.removeprefix("mae_"), overrides),
+            **normalization_metadata(normalization(cfg))}
 
 
 def write_views(logger: TrainLogger, views: dict[str, torch.Tensor], mean, std, step: int) -> None:

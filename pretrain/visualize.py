@@ -17,6 +17,8 @@ from PIL import Image
 
 from data import SampleConfig, SampleProcessor, normalize
 from engine.config import load_config
+from engine.exported import encoder_file
+from engine.loaders import resolve_normalization
 from engine.tblog import gif_bytes, to_uint8
 from models import create_model, load_pretrained
 
@@ -37,9 +39,11 @@ def main(argv: list[str] | None = None) -> list[Path]:
     load_pretrained(model, checkpoint / "model.safetensors")
 
     d = cfg.data
+    # The statistics the run trained with, which its checkpoint's exported encoder records.
+    channel_stats = resolve_normalization(d, cfg.model.name, encoder_file(checkpoint))
     sample = SampleConfig(train=False, num_frames=d.num_frames, sampling_rate=d.sampling_rate, target_fps=d.target_fps,
                           sampling=d.sampling, crop_size=d.crop_size, mask_grid=model.mask_unit_grid,
-                          mask_ratio=model.mask_ratio)
+                          mask_ratio=model.mask_ratio, mean=channel_stats.mean, std=channel_stats.std)
     source = Path(args.input)
     view = SampleProcessor(sample)(source.read_bytes(), source.suffix.lstrip("."), args.seed, 0, 0)[0]
     x, mask = normalize(view["pixels"][None], sample.mean, sample.std), view["mask"][None]

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from data.loader import DataFailureError, ShardLoader
+from data.plan import EpochPlan
 from data.samples import SampleConfig
-from data.stream import epoch_order, rank_batches
+from data.stream import PrefetchWindow, epoch_order, rank_batches
 from data.synthetic import CLASSES, motion_clip, write_corrupt, write_shard_dir, write_video, write_zero_byte
 
 UNEVEN = (5, 1, 3, 2)  # samples per shard
@@ -207,3 +208,26 @@ def test_synthetic_classes_need_temporal_order():
 
     assert np.all(np.diff(bright_columns(left)) < 0) and np.all(np.diff(bright_columns(left[::-1])) > 0)
     assert np.all(np.diff(bright_area(grow)) >= 0) and bright_area(grow)[-1] > bright_area(grow)[0]
+
+
+def test_the_prefetch_window_plans_each_batch_once_and_keeps_ahead():
+    """Worker 1 of 2 over 40 shards of 7: each of its later batches is planned once, as it enters the window,
+    and after batch j the shards of its batches up to j + ahead * 2 have been asked for, in order of need."""
+    counts, workers, worker = (7,) * 40, 2, 1
+    plan = EpochPlan(counts, 4, seed=0, epoch=0, shard_mix=4)
+    unspied, planned = plan.batch, []
+    plan.batch = lambda k: planned.append(k) or unspied(k)
+    window = PrefetchWindow(plan, len(counts), workers)
+    assert window.ahead == 4  # 7 samples a shard x 4 lanes / (4 a batch x 2 workers), rounded up
+
+    def shards_of(batches) -> list[int]:
+        return list(dict.fromkeys(plan.shards(np.concatenate([unspied(k).positions for k in batches])).tolist()))
+
+    mine = range(worker, plan.num_batches, workers)
+    asked = []
+    for j in mine:
+        asked += [s for s in window.entering(j) if s not in asked]
+        reach = [k for k in mine if j < k <= j + window.ahead * workers]
+        if reach:
+            assert asked == shards_of(range(worker + workers, reach[-1] + 1, workers))
+    assert planned == list(mine[1:])  # each later batch once, in order: not the whole window at every step

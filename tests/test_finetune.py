@@ -17,7 +17,6 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from data import SampleConfig, SampleProcessor, ShardLoader, normalize
 from data.make_shards.folder import folder_inputs
@@ -29,7 +28,7 @@ from engine.loaders import media_of
 from engine.trainer import Trainer
 from finetune.probe import LinearProbe
 from finetune.task import FinetuneTask
-from models import create_model, load_pretrained
+from models import KINETICS, create_model, load_pretrained
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = "configs/finetune/demo.yaml"
@@ -133,10 +132,11 @@ def test_predict_with_an_official_kinetics_checkpoint(demo_shards, tmp_path):
                   str(video)])
     assert result.returncode == 0, result.stderr[-3000:]
     top = json.loads(result.stdout)[0]["predictions"]
-    # The official model on the same clip (16 frames, 4 apart at 30 fps, centre crop; its head softmaxes in eval).
+    # The official model on the same clip (16 frames, 4 apart at 30 fps, centre crop, normalised with the
+    # Kinetics statistics the official video checkpoints were trained with; its head softmaxes in eval).
     clip = SampleProcessor(SampleConfig(train=False))(video.read_bytes(), "mp4", 0, 0, 0)[0]["pixels"]
     with torch.no_grad():
-        expected = reference(normalize(clip[None], IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))[0].topk(5)
+        expected = reference(normalize(clip[None], KINETICS.mean, KINETICS.std))[0].topk(5)
     names = (REPO / "finetune" / "kinetics400_classes.txt").read_text().splitlines()
     assert [p["class"] for p in top] == [names[i] for i in expected.indices.tolist()]
     assert [p["probability"] for p in top] == pytest.approx(expected.values.tolist(), abs=1e-4)

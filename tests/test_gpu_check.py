@@ -13,8 +13,8 @@ def test_quick_cpu_check_writes_its_report(demo_shards, tmp_path):
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     sections = report["sections"]
     assert result.returncode == 0, {n: s.get("log_tail") for n, s in sections.items()}
-    assert {n: s["status"] for n, s in sections.items()} == dict.fromkeys(["tests", "bench", "pretrain", "memory"],
-                                                                          "ok")
+    assert {n: s["status"] for n, s in sections.items()} == dict.fromkeys(
+        ["tests", "bench", "pretrain", "memory", "layout"], "ok")
     tests = sections["tests"]
     assert tests["tests"] == tests["skipped"] > 0  # the CUDA tests exist and skip without a GPU
     bench = sections["bench"]["results"]
@@ -26,4 +26,8 @@ def test_quick_cpu_check_writes_its_report(demo_shards, tmp_path):
     assert 0 <= pretrain["steady_mean"]["perf/data_wait_fraction"] <= 1
     (row,) = sections["memory"]["rows"]
     assert 0 < row["checkpointing"] < row["plain"]
-    assert "| `mae_hiera_base_16x224` | 8 | fp32 |" in (tmp_path / "gpu_check.md").read_text()
+    (layout,) = sections["layout"]["rows"]  # the demo's MAE step in both q/k/v layouts
+    assert layout["case"] == "mae_hiera_base_16x224" and set(layout["seconds"]) == {"strided", "contiguous"}
+    assert layout["contiguous_over_strided"] > 0
+    text = (tmp_path / "gpu_check.md").read_text()
+    assert "| `mae_hiera_base_16x224` | 8 | fp32 |" in text and "| `mae_hiera_base_16x224` | 2 |" in text

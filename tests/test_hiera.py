@@ -6,8 +6,10 @@ import hiera as official
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 
 from models import create_model, load_pretrained
+from models.hiera import set_qkv_layout, use_qkv_layout
 
 # Published parameter counts (official code, REFERENCE.md §1), in millions.
 PUBLISHED_PARAMS_M = {
@@ -109,3 +111,35 @@ def test_overrides_and_gradients():
         create_model("hiera_base_16x224", input_size=(8, 112, 112))
     with pytest.raises(KeyError, match="did you mean"):
         create_model("hiera_bsae_224")
+
+
+def test_both_qkv_layouts_give_the_same_loss_and_gradients(monkeypatch):
+    """A video MAE step (mask-unit windows, pooled q, global attention, the decoder) in either layout."""
+    torch.manual_seed(0)
+    model = create_model("mae_hiera_base_16x224", input_size=(8, 32, 32), embed_dim=16, stages=(1, 1, 2, 1),
+                         decoder_depth=1, decoder_embed_dim=32, mask_ratio=0.75)
+    x = torch.randn(2, 3, 8, 32, 32)
+    keep_idx = model.keep_indices(x)
+    sdpa, contiguous_keys = F.scaled_dot_product_attention, []
+
+    def recording_sdpa(q, k, v, **kwargs):
+        contiguous_keys.append(k.is_contiguous())
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
+    results = {}
+    for layout in ("strided", "contiguous"):
+        contiguous_keys.clear()
+        model.zero_grad(set_to_none=True)
+        with use_qkv_layout(layout):
+            loss = model(x, keep_idx=keep_idx)["loss"]
+        loss.backward()
+        results[layout] = (loss.detach(), [p.grad.clone() for p in model.parameters()])
+        # The setting reaches SDPA: k is a view into the qkv projection in one layout, a copy in the other.
+        assert all(contiguous_keys) == (layout == "contiguous") and len(contiguous_keys) == 6, contiguous_keys
+    (loss_s, grads_s), (loss_c, grads_c) = results["strided"], results["contiguous"]
+    torch.testing.assert_close(loss_c, loss_s, rtol=1e-5, atol=1e-6)
+    for got, expected in zip(grads_c, grads_s):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="use one of auto, strided, contiguous"):
+        set_qkv_layout("channels_last")

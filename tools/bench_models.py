@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from models import create_model, get_config, load_pretrained
+from models.hiera import use_qkv_layout
 from models.mvitv2 import simplification_overrides
 
 Runner = Callable[[], object]
@@ -161,6 +162,29 @@ def mvitv2_mae_train_case(name: str, row: str, batch: int, settings: Settings) -
     keep_idx = ours.keep_indices(x)
     return ours_variants(settings, lambda m, bf16: train_step_runner(
         ours, lambda: m(x, keep_idx=keep_idx)["loss"], settings, bf16), ours)
+
+
+def qkv_layout_case(name: str, batch: int, settings: Settings, **overrides) -> dict[str, Runner]:
+    """Ours alone, with q/k/v handed to SDPA as strided views and as contiguous copies (models.hiera.QKV_LAYOUTS):
+    one MAE training step for an `mae_` name, an inference forward otherwise. The same model and inputs for both."""
+    with settings.device:  # weights made where they live
+        model = create_model(name, **overrides)
+    encoder = model.encoder if name.startswith("mae_") else model
+    x = torch.randn(batch, 3, *encoder.config.input_size, device=settings.device)
+    if name.startswith("mae_"):
+        keep_idx = model.train().keep_indices(x)
+        run = train_step_runner(model, lambda: model(x, keep_idx=keep_idx)["loss"], settings, settings.bf16)
+    else:
+        run = forward_runner(model.eval(), x, settings, settings.bf16)
+
+    def in_layout(layout: str) -> Runner:
+        def run_in_layout():
+            with use_qkv_layout(layout):
+                return run()
+
+        return run_in_layout
+
+    return {layout: in_layout(layout) for layout in ("strided", "contiguous")}
 
 
 CASES: dict[str, Callable[[int, Settings], dict[str, Runner]]] = {

@@ -1,4 +1,4 @@
-"""The whole GPU check in one command, for the few minutes a GPU is lent (under 6 minutes on one GPU).
+"""The whole GPU check in one command, for the few minutes a GPU is lent (under 7 minutes on one GPU).
 
     bash tools/gpu_check.sh [--out runs/gpu_check] [--device cuda] [--quick] [--shards DIR]
 
@@ -11,6 +11,8 @@ Sections, each in its own process under its own time limit, so that a failure or
             320x240 shards: perf/samples_per_s and perf/data_wait_fraction from its TensorBoard log
   memory    peak memory of one training step (torch.cuda.max_memory_allocated), B and L MAE at the recipe's
             batch of 16 clips in bf16, with and without activation checkpointing
+  layout    our Hiera MAE steps and forwards with q/k/v handed to SDPA as strided views and as contiguous copies
+            (models.hiera.QKV_LAYOUTS), bf16: which one the "auto" layout should pick on CUDA
 It writes OUT/gpu_check.json and OUT/gpu_check.md. `--device cpu --quick` runs every section at toy sizes (a
 minute or so): the proof, in CI, that the command works.
 """
@@ -28,9 +30,13 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# Seconds per section on a GPU (estimates: no GPU has run them yet); together 6 minutes. The tests launch
+# Seconds per section on a GPU (estimates: no GPU has run them yet); together under 7 minutes. The tests launch
 # accelerate five times. Quick CPU runs get QUICK_LIMIT each.
-LIMITS = {"tests": 140, "bench": 110, "pretrain": 80, "memory": 30}
+LIMITS = {"tests": 140, "bench": 110, "pretrain": 80, "memory": 30, "layout": 45}
+# (model, batch) timed in both q/k/v layouts: Hiera's MAE steps and classifier forwards, video and image. (MViTv2
+# pools its q/k/v into new, contiguous tensors; only its unpooled simplification rows would see the layout.)
+LAYOUT_CASES = (("mae_hiera_base_16x224", 8), ("hiera_base_16x224", 8), ("mae_hiera_base_224", 64),
+                ("hiera_base_224", 64))
 QUICK_LIMIT = 120
 QUICK_MODEL_CONFIG = REPO / "configs" / "pretrain" / "demo.yaml"  # what --quick measures the memory of
 
@@ -133,7 +139,31 @@ def section_memory(args: argparse.Namespace, out: Path) -> dict:
             "ok": all(r["plain"] is None or (r["checkpointing"] or 0) < r["plain"] for r in rows)}
 
 
-SECTIONS = {"tests": section_tests, "bench": section_bench, "pretrain": section_pretrain, "memory": section_memory}
+def section_layout(args: argparse.Namespace, out: Path) -> dict:
+    import torch
+
+    from engine.config import load_config
+    from tools.bench_models import Settings, qkv_layout_case, time_case
+
+    device = torch.device(args.device)
+    settings = Settings(device, bf16=device.type == "cuda", compile=False)
+    if args.quick:  # the demo's toy video MAE: one step per layout
+        quick = load_config([str(QUICK_MODEL_CONFIG)], []).model
+        cases, overrides, warmup, iters = [(quick.name, 2)], quick.overrides(), 0, 1
+    else:
+        cases, overrides, warmup, iters = LAYOUT_CASES, {}, 2, 5
+    rows = []
+    for name, batch in cases:
+        seconds = time_case(qkv_layout_case(name, batch, settings, **overrides), warmup, iters, device)
+        rows.append({"case": name, "batch": batch, "seconds": seconds,
+                     "contiguous_over_strided": seconds["contiguous"] / seconds["strided"]})
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {"precision": "bf16" if settings.bf16 else "fp32", "rows": rows, "ok": len(rows) == len(cases)}
+
+
+SECTIONS = {"tests": section_tests, "bench": section_bench, "pretrain": section_pretrain, "memory": section_memory,
+            "layout": section_layout}
 
 
 # -- the report -----------------------------------------------------------------------------------------------
@@ -165,6 +195,13 @@ def markdown(report: dict) -> str:
     memory = report["sections"]["memory"]
     if memory.get("rows"):
         lines += ["", "Peak memory of one training step:", "", memory_table(memory["rows"])]
+    layout = report["sections"]["layout"]
+    if layout.get("rows"):
+        lines += ["", f"q/k/v layout for SDPA ({layout['precision']}; median seconds per step; above 1 in the last "
+                      f"column, the strided views are faster; `auto` copies contiguous on CUDA):", "",
+                  "| case | batch | strided | contiguous | contiguous / strided |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| `{r['case']}` | {r['batch']} | {r['seconds']['strided']:.4f} | {r['seconds']['contiguous']:.4f} "
+                  f"| {r['contiguous_over_strided']:.2f} |" for r in layout["rows"]]
     return "\n".join(lines) + "\n"
 
 

@@ -58,7 +58,7 @@ from data.moving_fashion_mnist import DIRECTIONS, clip_inputs, order_blind_top1
 from engine import checkpoint
 from engine.config import ConfigError, load_config
 from engine.knn import knn_scores, topk_percent
-from engine.loaders import eval_sample
+from engine.loaders import eval_sample, normalization
 from finetune.evaluate import evaluate
 from finetune.features import chunk_name, export
 from finetune.inference import Loaded, load_model
@@ -263,7 +263,8 @@ class Bench:
             out = directory / split
             if not (out / "info.json").is_file():
                 loader = self.eval_loader(split)
-                loaded = Loaded(model, name, (), self.eval_config.data, self.eval_config.eval)
+                loaded = Loaded(model, name, (), self.eval_config.data, self.eval_config.eval,
+                                normalization(self.eval_config))
                 job = {"model": name, "split": split, "stages": stages, "batch_size": self.budget.feature_batch,
                        "batches_per_chunk": 64, "views": [1, 1], "shards": loader.shards.fingerprint}
                 out.mkdir(parents=True, exist_ok=True)
