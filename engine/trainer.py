@@ -29,6 +29,7 @@ from . import checkpoint as ckpt
 from . import sharded, tracking
 from .config import ConfigError, RunConfig, flatten, to_yaml
 from .loaders import check_failures, shared_memory_shortfall
+from .optimizer_step import OptimizerStep, WindowMeans, fused_by_default
 from .preemption import REQUEUE_EXIT_CODE, Preempted, StopRequest, clear_marker, signal_numbers, write_marker
 from .startup import StartupClock
 from .tblog import TrainLogger
@@ -74,35 +75,11 @@ class Task(Protocol):
 @dataclass
 class Progress:
     step: int = 0
-    nonfinite_total: int = 0
+    nonfinite_total: int = 0  # skipped steps; these two are counted on the device, read at logging steps and saves
     nonfinite_streak: int = 0
     samples_seen: int = 0
     best_step: int = -1  # the step whose evaluation scored best by `eval.metric` so far (-1: none yet)
     best_value: float | None = None
-
-
-class WindowMeans:
-    """Means of a step's scalar outputs (loss, accuracy) over the micro-batches of a logging window and over
-    the ranks. Sums stay on the device until `read`, so the loop has no extra host sync; non-finite values
-    (skipped steps, counted on their own) are left out, and so are batches added with weight 0 (every sample
-    failed to load: their zero loss is not a value)."""
-
-    def __init__(self):
-        self.sums: dict[str, torch.Tensor] = {}
-
-    def add(self, out: dict[str, torch.Tensor], weight: float = 1.0) -> None:
-        for name, value in out.items():
-            if value.dim() == 0:
-                value = value.detach().float()
-                finite = torch.isfinite(value)
-                entry = torch.stack([torch.where(finite, value, 0.0), finite.float()]) * weight
-                self.sums[name] = self.sums[name] + entry if name in self.sums else entry
-
-    def read(self, accelerator: Accelerator) -> dict[str, float]:
-        names = sorted(self.sums)
-        totals = accelerator.reduce(torch.stack([self.sums[n] for n in names]), reduction="sum").tolist()
-        self.sums = {}
-        return {n: total / count if count else float("nan") for n, (total, count) in zip(names, totals)}
 
 
 # Optimizer steps at the start of a run before each of which the data failures of all ranks are checked (later,
@@ -169,7 +146,7 @@ class Trainer:
         # are dropped by timm for optimizers without them (LARS).
         optimizer = create_optimizer_v2(model, cfg.train.optimizer, lr=lr, weight_decay=cfg.train.weight_decay,
                                         betas=tuple(cfg.train.betas), layer_decay=cfg.train.layer_decay,
-                                        **cfg.train.optimizer_args)
+                                        **fused_by_default(cfg.train.optimizer, cfg.train.optimizer_args))
         self.scheduler = CosineLRScheduler(optimizer, t_initial=max(self.total_steps - warmup, 1),
                                            lr_min=cfg.train.min_lr, warmup_t=warmup, warmup_lr_init=0.0,
                                            warmup_prefix=True, t_in_epochs=False)
@@ -193,6 +170,9 @@ class Trainer:
         self.last_save = time.monotonic()
         self.startup.lap("prepare")
         self._maybe_resume()
+        self.optimizer_step = OptimizerStep(self.accelerator, self.model, self.optimizer, cfg.train.clip_grad,
+                                            cfg.train.max_nonfinite_steps, self.progress.nonfinite_total,
+                                            self.progress.nonfinite_streak)
         self.startup.lap("resume")
         # After a resume, what the interrupted run logged past its checkpoint is purged, not shown twice.
         self.logger = TrainLogger.for_run(self.accelerator, cfg,
@@ -312,6 +292,7 @@ class Trainer:
                               f"0 wrote there. Checkpoints need a filesystem that every node sees.")
 
     def save_checkpoint(self) -> None:
+        self._read_nonfinite()
         step = self.progress.step
         model = self.accelerator.unwrap_model(self.model)
         if self.sharded:  # each rank checks its shards; the verdict is shared, so all stop together
@@ -448,17 +429,18 @@ class Trainer:
                 data_wait += time.perf_counter() - fetched
                 if "first batch" not in self.startup.seconds:
                     self.startup.lap("first batch")
-                has_valid_rows = bool(batch["valid"].any())  # on the host, before the copy
                 batch = to_device(batch, acc.device)
                 with acc.accumulate(self.model):
                     with acc.autocast():
                         out = self.task.step(self.forward_model, batch)
                     acc.backward(out["loss"])
+                    means.add(out, weight=batch["valid"].any())
+                    self.optimizer_step.add_loss(out["loss"])
                     if acc.sync_gradients:
                         if progress.step < EARLY_CHECK_STEPS:
                             check_failures(self.loader, acc, f"before step {progress.step + 1}")
-                        grad_norm = self._optimizer_step()
-                means.add(out, weight=float(has_valid_rows))
+                        skipped, grad_norm = self.optimizer_step.step(wants_norm=self._logs_at(progress.step + 1))
+                        means.commit(skipped)
                 window_samples += len(batch["label"]) * self.world
                 progress.samples_seen += len(batch["label"]) * self.world
                 fetched = time.perf_counter()
@@ -475,9 +457,10 @@ class Trainer:
                     began = time.perf_counter()
                     metrics |= self.task.monitor(acc.unwrap_model(self.model), acc, self.logger, progress.step)
                     window_start += time.perf_counter() - began
-                logs = progress.step % cfg.log.every == 0 or progress.step == self.total_steps
+                logs = self._logs_at(progress.step)
                 stop, save_now = None, False
                 if logs:
+                    self._read_nonfinite()
                     elapsed = time.perf_counter() - window_start
                     failed = check_failures(self.loader, acc, f"step {progress.step}")
                     if failed > failed_shown:  # shown as it grows, with or without the progress bar
@@ -487,7 +470,7 @@ class Trainer:
                     scalars = {f"train/{k}": v for k, v in means.read(acc).items()}
                     # The largest lr: with layer decay, the head's group (group 0 is the most decayed).
                     top_lr = max(g["lr"] for g in self.optimizer.param_groups)
-                    scalars |= {"train/lr": top_lr, "train/grad_norm": grad_norm,
+                    scalars |= {"train/lr": top_lr, "train/grad_norm": grad_norm.item(),
                                 "perf/samples_per_s": window_samples / elapsed,
                                 "perf/data_wait_fraction": data_wait / elapsed,
                                 "data/samples_failed": failed,
@@ -524,26 +507,15 @@ class Trainer:
         acc.end_training()
         return metrics
 
-    def _optimizer_step(self) -> float:
-        """Clip, then step unless the gradients are not finite (counted; too many in a row stop the run).
-        Reading the norm is the loop's one host sync per optimizer step."""
-        clip = self.cfg.train.clip_grad or float("inf")
-        grad_norm = sharded.norm_value(self.accelerator.clip_grad_norm_(self.model.parameters(), clip))
+    def _logs_at(self, step: int) -> bool:
+        """Whether optimizer step `step` logs scalars (the last one always does)."""
+        return step % self.cfg.log.every == 0 or step == self.total_steps
+
+    def _read_nonfinite(self) -> None:
+        """The device's counts of skipped steps into `progress` (at logging steps and saves); too many skipped in a
+        row stop the run here (engine/optimizer_step.py)."""
         progress = self.progress
-        if math.isfinite(grad_norm):
-            self.optimizer.step()
-            progress.nonfinite_streak = 0
-        else:
-            if self.accelerator.scaler is not None:
-                self.optimizer.step()  # fp16: lets the grad scaler skip the update and lower its scale
-            progress.nonfinite_total += 1
-            progress.nonfinite_streak += 1
-            if progress.nonfinite_streak > self.cfg.train.max_nonfinite_steps:
-                raise FloatingPointError(
-                    f"{progress.nonfinite_streak} optimizer steps in a row had non-finite gradients (step "
-                    f"{progress.step}); stopping. Lower train.base_lr, set train.clip_grad, or use bf16.")
-        self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
+        progress.nonfinite_total, progress.nonfinite_streak = self.optimizer_step.read(progress.step)
 
     def _print(self, message: str) -> None:
         if self.is_main:

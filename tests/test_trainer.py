@@ -1,4 +1,4 @@
-"""The shared training loop with a small in-memory task: non-finite steps, schedule, accumulation."""
+"""The shared training loop with a small in-memory task: non-finite steps, host syncs, schedule, accumulation."""
 
 import math
 import random
@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from engine.config import RunConfig
-from engine.trainer import Trainer, WindowMeans, cuda_defaults, schedule
+from engine.optimizer_step import WindowMeans
+from engine.trainer import EARLY_CHECK_STEPS, Trainer, cuda_defaults, schedule
 
 
 class ListLoader:
@@ -64,11 +66,11 @@ class RegressionTask:
         return {}
 
 
-def config(tmp_path, **train) -> RunConfig:
+def config(tmp_path, log_every: int = 10, **train) -> RunConfig:
     cfg = RunConfig(output_dir=str(tmp_path))
     cfg.train.batch_size, cfg.train.epochs, cfg.train.warmup_epochs = 8, 10, 0
     cfg.train.base_lr, cfg.train.weight_decay, cfg.train.checkpoint_every = 8.0, 0.0, 100
-    cfg.log.progress = False
+    cfg.log.progress, cfg.log.every = False, log_every
     for key, value in train.items():
         setattr(cfg.train, key, value)
     return cfg
@@ -83,10 +85,65 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path):
 
 
 def test_too_many_nonfinite_steps_stop_the_run(tmp_path):
+    """Counted on the device, the run of skipped steps is read at the next logging step (here step 10)."""
     trainer = Trainer(RegressionTask(poisoned=set(range(6))), config(tmp_path, max_nonfinite_steps=4))
-    with pytest.raises(FloatingPointError, match="5 optimizer steps in a row had non-finite gradients"):
+    with pytest.raises(FloatingPointError, match="10 optimizer steps in a row had a non-finite loss or gradients"):
         trainer.fit()
     assert not list(tmp_path.glob("checkpoint-*"))
+
+
+@pytest.mark.parametrize("optimizer_args, skips_on_device", [({}, True), ({"foreach": True}, False)])
+def test_a_nonfinite_step_changes_no_weight_or_optimizer_state_and_is_logged(tmp_path, optimizer_args,
+                                                                             skips_on_device):
+    """AdamW is fused by default and skips on the device; the foreach kernel has no such input and the trainer
+    reads the flag on the host. Either way the poisoned step (the third) leaves weights and Adam's state as they
+    were, and the logging step counts it."""
+    trainer = Trainer(RegressionTask(poisoned={2}), config(tmp_path, max_steps=6, optimizer_args=optimizer_args))
+    assert trainer.optimizer_step.skips_on_device == skips_on_device
+    after_step = {}
+
+    def record(model, step):
+        state = trainer.optimizer.state_dict()["state"]
+        after_step[step] = [t.clone() for t in [*model.parameters(), *(v for s in state.values() for v in s.values())]]
+
+    trainer.task.after_step = record
+    trainer.fit()
+    assert all(torch.equal(a, b) for a, b in zip(after_step[2], after_step[3]))
+    assert not any(torch.equal(a, b) for a, b in zip(after_step[3], after_step[4]))
+    assert trainer.progress.nonfinite_total == 1 and trainer.progress.nonfinite_streak == 0
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/nonfinite_steps")] == [(6, 1.0)]
+    assert math.isfinite(events.Scalars("train/loss")[0].value)
+
+
+HOST_READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+def counted(read, reads: list):
+    """`read`, a torch.Tensor method, that also appends to `reads` on each call."""
+    def counting(self, *args, **kwargs):
+        reads.append(read.__name__)
+        return read(self, *args, **kwargs)
+    return counting
+
+
+def test_steps_between_logging_steps_read_nothing_on_the_host(tmp_path, monkeypatch):
+    """On CUDA each read of a device value on the host waits for the GPU. Every way of reading a tensor on the host
+    is counted; past the early data checks, steps that neither log nor save must read none: no gradient norm, no
+    non-finite flag (a poisoned step, 22, is among them), no counter."""
+    reads = []
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name), reads))
+    task = RegressionTask(poisoned={3})  # every 4th step of each pass of 6
+    reads_by_step = {}
+    task.after_step = lambda model, step: reads_by_step.setdefault(step, len(reads))
+    trainer = Trainer(task, config(tmp_path, log_every=100, max_steps=30))
+    trainer.fit()
+    assert reads_by_step[2] > reads_by_step[1]  # the early data checks read, and the counting sees them
+    quiet = range(EARLY_CHECK_STEPS + 2, 30)
+    assert {step: reads_by_step[step] - reads_by_step[step - 1] for step in quiet} == dict.fromkeys(quiet, 0)
+    assert trainer.progress.nonfinite_total == 5  # steps 4, 10, 16, 22 and 28
 
 
 def test_schedule_counts_effective_epochs():
@@ -119,12 +176,15 @@ def test_numpy_and_python_rngs_are_seeded_for_timms_mixup(tmp_path):
     assert draws[0] == draws[1]
 
 
-def test_logged_scalars_are_window_means_without_non_finite_steps():
-    means = WindowMeans()
-    for loss, acc in [(1.0, 0.5), (float("nan"), 0.25), (3.0, 0.0)]:
-        means.add({"loss": torch.tensor(loss), "acc": torch.tensor(acc), "per_sample": torch.ones(2)})
+def test_logged_scalars_are_window_means_without_skipped_steps_or_empty_batches():
+    means, valid, empty = WindowMeans(), torch.tensor(True), torch.tensor(False)
+    for loss, acc, weight, skipped in [(1.0, 0.5, valid, 0.0), (float("nan"), 0.25, valid, 1.0),
+                                       (0.0, 0.9, empty, 0.0), (3.0, 0.0, valid, 0.0)]:
+        means.add({"loss": torch.tensor(loss), "acc": torch.tensor(acc), "per_sample": torch.ones(2)}, weight)
+        means.commit(torch.tensor(skipped))
     assert means.read(Accelerator(cpu=True)) == {"acc": 0.25, "loss": 2.0}
-    means.add({"loss": torch.tensor(float("inf"))})
+    means.add({"loss": torch.tensor(float("inf"))}, valid)
+    means.commit(torch.tensor(1.0))
     assert math.isnan(means.read(Accelerator(cpu=True))["loss"])
 
 
