@@ -6,6 +6,7 @@ clipping, non-finite steps, checkpoints, exact resume, logging, progress) lives 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import random
@@ -18,11 +19,11 @@ from typing import Any, NoReturn, Protocol
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, broadcast_object_list, gather_object
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, broadcast_object_list, gather_object
 from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
-from torch.distributed.fsdp import register_fsdp_forward_method
+from torch.distributed.fsdp import MixedPrecisionPolicy, register_fsdp_forward_method
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
@@ -95,6 +96,18 @@ def cuda_defaults(cfg: RunConfig, device: torch.device) -> None:
     torch.set_float32_matmul_precision("high" if cfg.train.tf32 else "highest")
     torch.backends.cudnn.allow_tf32 = cfg.train.tf32
     torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
+
+
+REDUCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def set_fsdp_reduce_dtype(plugin: FullyShardedDataParallelPlugin, name: str) -> None:
+    """Make FSDP2 reduce-scatter gradients in `name` (`train.fsdp_reduce_dtype`), before `prepare` shards the model.
+    Under bf16 (fp16) mixed precision accelerate's policy computes and reduces in bf16 (fp16): the sum of the ranks'
+    gradients is rounded to 8 (11) bits of mantissa, where DDP sums the fp32 gradients. Parameters stay gathered
+    and computed in the policy's dtype."""
+    policy = plugin.mixed_precision_policy or MixedPrecisionPolicy()
+    plugin.mixed_precision_policy = dataclasses.replace(policy, reduce_dtype=REDUCE_DTYPES[name])
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -181,16 +194,18 @@ class Trainer:
 
     def _check_sharding(self) -> bool:
         """Whether accelerate shards the model (FSDP2, from `accelerate launch --use_fsdp` or a config file in
-        configs/accelerate/), and whether this run can be sharded."""
+        configs/accelerate/), and whether this run can be sharded; sets the dtype of its gradient reduction."""
         if self.accelerator.distributed_type != DistributedType.FSDP:
             return False
         if not self.accelerator.is_fsdp2:
             raise ConfigError("FSDP: use fsdp_version: 2 (configs/accelerate/1node_8gpu_fsdp.yaml); checkpoints of "
                               "version 1's flat parameters are not supported")
-        if self.accelerator.state.fsdp_plugin.cpu_ram_efficient_loading:  # `--use_fsdp` alone turns it on
+        plugin = self.accelerator.state.fsdp_plugin
+        if plugin.cpu_ram_efficient_loading:  # `--use_fsdp` alone turns it on
             raise ConfigError("FSDP: set fsdp_cpu_ram_efficient_loading: false (configs/accelerate/1node_8gpu_fsdp.yaml"
                               "); accelerate loads that way only Hugging Face Transformers models (it calls their "
                               "get_parameter_or_buffer), and every rank builds the same initial weights here anyway")
+        set_fsdp_reduce_dtype(plugin, self.cfg.train.fsdp_reduce_dtype)
         return True
 
     def _compiled(self, model: torch.nn.Module) -> torch.nn.Module:
