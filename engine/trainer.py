@@ -181,6 +181,8 @@ class Trainer:
         self.progress = Progress()
         self.stop_request = StopRequest(signal_numbers(cfg.train.stop_signals))
         self.last_save = time.monotonic()
+        self.writer = ckpt.BackgroundWriter()  # rank 0's checkpoint and export files, off the training thread
+        self.host_copies = ckpt.HostCopies()  # what the writer reads
         self.startup.lap("prepare")
         self._maybe_resume()
         self.optimizer_step = OptimizerStep(self.accelerator, self.model, self.optimizer, cfg.train.clip_grad,
@@ -307,6 +309,9 @@ class Trainer:
                               f"0 wrote there. Checkpoints need a filesystem that every node sees.")
 
     def save_checkpoint(self) -> None:
+        """All ranks: a checkpoint of this step. The training thread writes each rank's own small files (and under
+        FSDP its shards) and copies the rest to host memory; rank 0's writer thread writes that, renames the
+        checkpoint into place and exports the encoder while training goes on."""
         self._read_nonfinite()
         step = self.progress.step
         model = self.accelerator.unwrap_model(self.model)
@@ -314,6 +319,7 @@ class Trainer:
             ckpt.refuse_nonfinite(sharded.nonfinite(model))
         else:
             ckpt.check_finite(model.state_dict())
+        self._wait_for_writer()  # one background write at a time (the same step may be saved again)
         temp = self.output_dir / f"{ckpt.TEMP_PREFIX}{step:08d}"
         if self.is_main:
             ckpt.begin_save(self.output_dir, step)
@@ -327,18 +333,38 @@ class Trainer:
             state["optimizer_groups"] = sharded.save_sharded(temp / ckpt.SHARDED_DIR, model, self.optimizer,
                                                              self._task_state())
         elif self.is_main:
-            model_state, optimizer_state = model.state_dict(), self.optimizer.state_dict()
-            task_state = self._task_state()
+            model_state, optimizer_state, task_state = model.state_dict(), self.optimizer.state_dict(), \
+                self._task_state()
         exported = self._whole_final_model()
-        self.accelerator.wait_for_everyone()
+        self.accelerator.wait_for_everyone()  # every rank's files are in `temp` before rank 0 may rename it
         if self.is_main:
-            encoder_state, encoder_meta = self.task.encoder(exported)
-            ckpt.write_main_state(temp, model_state, encoder_state, encoder_meta, optimizer_state, state,
-                                  to_yaml(self.cfg), task_state)
-            ckpt.commit_save(temp, self.cfg.train.keep_checkpoints)
-            ckpt.export_encoder(self.output_dir / "encoder.safetensors", encoder_state, encoder_meta)
-        self.accelerator.wait_for_everyone()
+            model_state, optimizer_state, task_state, (encoder_state, encoder_meta) = self.host_copies.copy(
+                "checkpoint", (model_state, optimizer_state, task_state, self.task.encoder(exported)))
+            state, config_yaml, keep = copy.deepcopy(state), to_yaml(self.cfg), self.cfg.train.keep_checkpoints
+
+            def write() -> None:
+                ckpt.write_main_state(temp, model_state, encoder_state, encoder_meta, optimizer_state, state,
+                                      config_yaml, task_state)
+                ckpt.commit_save(temp, keep)
+                ckpt.export_encoder(self.output_dir / "encoder.safetensors", encoder_state, encoder_meta)
+
+            self.writer.start(temp.name, write)
         self.last_save = time.monotonic()
+
+    def _wait_for_writer(self) -> None:
+        """All ranks: rank 0 waits for its background write. When that failed, every rank raises (one broadcast)
+        instead of the others waiting for rank 0 in their next collective."""
+        failure = None
+        if self.is_main:
+            try:
+                self.writer.wait()
+            except RuntimeError as err:
+                failure = err
+        message = broadcast_object_list([str(failure) if failure else None])[0]
+        if failure is not None:
+            raise failure
+        if message:
+            raise RuntimeError(f"rank 0: {message}")
 
     def _whole_final_model(self) -> torch.nn.Module | None:
         """What is exported (the task's `final_model`, e.g. its EMA), whole, on the main process; None elsewhere.
@@ -363,11 +389,14 @@ class Trainer:
             return metrics
         progress.best_step, progress.best_value = progress.step, value
         exported = self._whole_final_model()
-        if self.is_main:
-            encoder_state, encoder_meta = self.task.encoder(exported)
+        self._wait_for_writer()
+        if self.is_main:  # written in the background, like a checkpoint
+            encoder_state, encoder_meta = self.host_copies.copy(ckpt.BEST_DIR, self.task.encoder(exported))
+            encoder_meta |= {"step": str(progress.step), self.cfg.eval.metric: str(value)}
             (self.output_dir / ckpt.BEST_DIR).mkdir(exist_ok=True)
-            ckpt.export_encoder(self.output_dir / ckpt.BEST_DIR / "encoder.safetensors", encoder_state,
-                                {**encoder_meta, "step": str(progress.step), self.cfg.eval.metric: str(value)})
+            path = self.output_dir / ckpt.BEST_DIR / "encoder.safetensors"
+            self.writer.start(f"{ckpt.BEST_DIR}/{path.name}", lambda: ckpt.export_encoder(path, encoder_state,
+                                                                                          encoder_meta))
         return metrics
 
     def _finish_export(self) -> None:
@@ -393,14 +422,18 @@ class Trainer:
     def _agree_to_save(self) -> tuple[str | None, bool]:
         """(the signal that asks to stop or None, save now) at a logging step: the largest signal number any rank
         received, and whether rank 0's clock says that `train.checkpoint_minutes` passed since the last save.
-        One small all-reduce, so that every rank takes the same decision at the same step."""
+        One small all-reduce, so that every rank takes the same decision at the same step; it also carries whether
+        rank 0's background write failed, which then stops every rank here."""
         minutes = self.cfg.train.checkpoint_minutes
         due = self.is_main and minutes is not None and time.monotonic() - self.last_save >= 60 * minutes
         received = self.stop_request.received
-        votes = torch.tensor([received.value if received else 0, int(due)], device=self.accelerator.device)
+        votes = torch.tensor([received.value if received else 0, int(due), int(self.writer.failed)],
+                             device=self.accelerator.device)
         if self.world > 1:
             torch.distributed.all_reduce(votes, op=torch.distributed.ReduceOp.MAX)
-        number, due = votes.tolist()
+        number, due, write_failed = votes.tolist()
+        if write_failed:
+            self._wait_for_writer()
         return signal.Signals(number).name if number else None, bool(due)
 
     def _stop_for_requeue(self, cause: str, bar: tqdm) -> NoReturn:
@@ -409,6 +442,7 @@ class Trainer:
         step = self.progress.step
         bar.close()
         self.logger.close()
+        self._wait_for_writer()  # the checkpoint is in place before the marker names it and the process exits
         if self.is_main:
             saved = self.output_dir / ckpt.checkpoint_name(step)
             write_marker(self.output_dir, step, cause, saved)
@@ -422,7 +456,10 @@ class Trainer:
     def fit(self) -> dict[str, float]:
         """Train to the end, or to a signalled stop (engine.preemption: then Preempted, a SystemExit)."""
         with self.stop_request:
-            return self._fit()
+            try:
+                return self._fit()
+            finally:  # after another error: the write in progress still completes, and its own failure is shown
+                self.writer.close()
 
     def _fit(self) -> dict[str, float]:
         cfg, acc, progress = self.cfg, self.accelerator, self.progress
@@ -515,6 +552,7 @@ class Trainer:
                 evaluated_at = progress.step
         if evaluated_at != progress.step:
             metrics |= self._after_pass()
+        self._wait_for_writer()
         self._finish_export()
         bar.close()
         self.logger.hparams(flatten(cfg), {f"hparam/{k}": v for k, v in metrics.items()})

@@ -1,7 +1,12 @@
-"""The shared training loop with a small in-memory task: non-finite steps, host syncs, schedule, accumulation."""
+"""The shared training loop with a small in-memory task: non-finite steps, host syncs, background checkpoint
+writes, schedule, accumulation."""
 
+import json
 import math
 import random
+import signal
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -9,8 +14,10 @@ import torch
 from accelerate import Accelerator
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from engine import checkpoint as ckpt
 from engine.config import RunConfig
 from engine.optimizer_step import WindowMeans
+from engine.preemption import Preempted
 from engine.trainer import EARLY_CHECK_STEPS, Trainer, cuda_defaults, schedule
 
 
@@ -166,6 +173,93 @@ def test_resume_auto_skips_a_damaged_newest_checkpoint(tmp_path, capsys):
     assert "checkpoint-00000004: SafetensorError" in capsys.readouterr().out
     resumed.fit()
     assert resumed.progress.step == 6 and resumed.progress.samples_seen == 6 * 8
+
+
+def final_state(trainer: Trainer) -> list[torch.Tensor]:
+    """The trained weights and the optimizer's state."""
+    state = trainer.optimizer.state_dict()["state"]
+    return [*trainer.accelerator.unwrap_model(trainer.model).state_dict().values(),
+            *(v for s in state.values() for v in s.values())]
+
+
+def test_training_goes_on_while_a_checkpoint_is_written(tmp_path, monkeypatch):
+    """The writer thread writes, renames and exports while the loop trains on: held until step 3 has trained, the
+    save of step 2 is renamed into place only then. Every checkpoint ends complete, and a run resumed from the held
+    one ends where the straight run did."""
+    commit, release, released = ckpt.commit_save, threading.Event(), []
+
+    def held_commit(temp, keep):
+        if temp.name.endswith("00000002"):
+            released.append(release.wait(timeout=20))  # a save that blocks the loop never sees step 3
+        return commit(temp, keep)
+
+    monkeypatch.setattr(ckpt, "commit_save", held_commit)
+    task, renamed_at_step_3 = RegressionTask(poisoned=set()), []
+
+    def after_step(model, step):
+        if step == 3:
+            renamed_at_step_3.append((tmp_path / "straight" / "checkpoint-00000002").exists())
+            release.set()
+
+    task.after_step = after_step
+    straight = Trainer(task, config(tmp_path / "straight", max_steps=6, checkpoint_every=2))
+    straight.fit()
+    assert renamed_at_step_3 == [False] and released == [True]
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "straight")] == [
+        "checkpoint-00000002", "checkpoint-00000004", "checkpoint-00000006"]
+    cfg = config(tmp_path / "resumed", max_steps=6, checkpoint_every=2)
+    cfg.resume = str(tmp_path / "straight" / "checkpoint-00000002")
+    resumed = Trainer(RegressionTask(poisoned=set()), cfg)
+    resumed.fit()
+    assert all(torch.equal(a, b) for a, b in zip(final_state(straight), final_state(resumed), strict=True))
+
+
+def test_a_failed_background_write_stops_the_run_with_its_error(tmp_path, monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "write_main_state", full_disk)
+    trainer = Trainer(RegressionTask(poisoned=set()), config(tmp_path, log_every=1, max_steps=6, checkpoint_every=2))
+    with pytest.raises(RuntimeError, match="writing .tmp-checkpoint-00000002 failed: OSError: .*No space left") as err:
+        trainer.fit()
+    assert isinstance(err.value.__cause__, OSError)
+    assert trainer.progress.step in (3, 4)  # seen at the next logging step, or at the latest by the next save
+    assert not ckpt.list_checkpoints(tmp_path)
+
+
+def test_a_signalled_stop_exits_after_its_checkpoint_is_in_place(tmp_path, monkeypatch):
+    commit = ckpt.commit_save
+
+    def slow_commit(temp, keep):
+        time.sleep(1.0)
+        return commit(temp, keep)
+
+    monkeypatch.setattr(ckpt, "commit_save", slow_commit)
+    task = RegressionTask(poisoned=set())
+    trainer = Trainer(task, config(tmp_path, log_every=2, max_steps=6))
+    task.after_step = lambda model, step: setattr(trainer.stop_request, "received", signal.SIGTERM)
+    with pytest.raises(Preempted):
+        trainer.fit()
+    assert json.loads((tmp_path / "requeue.json").read_text())["checkpoint"] == "checkpoint-00000002"
+    assert ckpt.read_checkpoint(tmp_path / "checkpoint-00000002", rank=0)["state"]["progress"]["step"] == 2
+
+
+def test_host_copies_are_independent_of_training_and_reuse_their_memory():
+    weight, step = torch.ones(3, 2), torch.tensor(1.0)
+    copies = ckpt.HostCopies()
+    first = copies.copy("checkpoint", ({"weight": weight}, [step, "adamw"]))
+    weight.add_(1.0)  # training goes on in place
+    assert torch.equal(first[0]["weight"], torch.ones(3, 2)) and first[1] == [step, "adamw"]
+    second = copies.copy("checkpoint", ({"weight": weight}, [step, "adamw"]))
+    assert second[0]["weight"].data_ptr() == first[0]["weight"].data_ptr()  # the previous save's buffer
+    assert torch.equal(second[0]["weight"], weight) and second[0]["weight"] is not weight
+
+
+def test_check_finite_refuses_nan_and_inf_but_not_a_norm_that_overflows():
+    ckpt.check_finite({"big": torch.full((4,), 1e30), "steps": torch.tensor([3])})  # norm inf, values finite
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(FloatingPointError, match=r"non-finite weights \(w\)"):
+            ckpt.check_finite({"ok": torch.ones(2), "w": torch.tensor([1.0, bad])})
 
 
 def test_numpy_and_python_rngs_are_seeded_for_timms_mixup(tmp_path):
