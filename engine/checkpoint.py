@@ -15,7 +15,8 @@
         config.yaml            the resolved config
 
 A crash at any moment leaves either the previous checkpoints or the new one complete, never half a one.
-Nothing here unpickles code.
+Nothing here unpickles code. The big files are written by a `BackgroundWriter`, from `HostCopies`, while
+training goes on.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import os
 import random
 import re
 import shutil
+import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -88,6 +91,81 @@ def restore_rng(state: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(list(state["cuda"]))
 
 
+class HostCopies:
+    """Host copies of state (nested dicts, lists and tuples of tensors) for a background write to read while training
+    goes on changing the originals in place (on a CPU too, hence always a copy). A slot's copy reuses the buffers
+    of its previous copy, whose write has ended by then (one write at a time): after the first save a copy costs
+    one memory copy, without the page faults of fresh memory (4x faster on this CPU). The buffers stay allocated
+    between saves: host memory of the size of what is copied."""
+
+    def __init__(self):
+        self._buffers: dict[str, dict[str, torch.Tensor]] = {}  # slot -> {path in the tree: buffer}
+
+    def copy(self, slot: str, tree: Any) -> Any:
+        previous, current = self._buffers.get(slot, {}), {}
+
+        def copy_of(node: Any, path: str) -> Any:
+            if isinstance(node, torch.Tensor):
+                buffer = previous.get(path)
+                if buffer is None or buffer.shape != node.shape or buffer.dtype != node.dtype:
+                    buffer = torch.empty(node.shape, dtype=node.dtype)
+                current[path] = buffer.copy_(node.detach())
+                return buffer
+            if isinstance(node, dict):
+                return {key: copy_of(value, f"{path}/{key}") for key, value in node.items()}
+            if isinstance(node, (list, tuple)):
+                return type(node)(copy_of(value, f"{path}/{i}") for i, value in enumerate(node))
+            return node
+
+        copied = copy_of(tree, "")
+        self._buffers[slot] = current
+        return copied
+
+
+class BackgroundWriter:
+    """One write at a time on a thread of its own, so that the training thread does not wait while a checkpoint
+    reaches the disk. A job must read only what it was handed (`HostCopies`). `start` first waits for
+    the previous job; `wait` joins the job and raises what it raised. The thread is not a daemon: a process that
+    ends for another reason still finishes the write (the rename makes it all or nothing anyway)."""
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._failure: Exception | None = None
+        self._what = ""
+
+    def start(self, what: str, write: Callable[[], None]) -> None:
+        self.wait()
+
+        def run() -> None:
+            try:
+                write()
+            except Exception as err:  # kept for `wait`, which raises it on the training thread
+                self._failure = err
+
+        self._what, self._thread = what, threading.Thread(target=run, name=f"write {what}")
+        self._thread.start()
+
+    @property
+    def failed(self) -> bool:
+        """Whether the last job failed (known without waiting once it ended)."""
+        return self._failure is not None
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            raise RuntimeError(f"writing {self._what} failed: {type(failure).__name__}: {failure}") from failure
+
+    def close(self) -> None:
+        """`wait`, for a run that is stopping with another error: a failed write is printed, not lost behind it."""
+        try:
+            self.wait()
+        except RuntimeError as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+
+
 def begin_save(output_dir: str | Path, step: int) -> Path:
     """A fresh temporary directory for checkpoint `step` (main process)."""
     temp = Path(output_dir) / f"{TEMP_PREFIX}{step:08d}"
@@ -105,8 +183,12 @@ def write_rank_state(temp: Path, rank: int, state: dict[str, Any]) -> None:
 
 def check_finite(model_state: dict[str, torch.Tensor]) -> None:
     """Refuse to save non-finite weights. Every rank calls it (their weights are equal), so all of them stop
-    together instead of the others waiting for the main process at the next barrier."""
-    refuse_nonfinite([k for k, v in model_state.items() if v.is_floating_point() and not torch.isfinite(v).all()])
+    together instead of the others waiting for the main process at the next barrier. A tensor's norm is finite
+    when all its values are, and reads them without writing a mask as large (10x faster); only a tensor whose norm
+    is not (which overflow may also cause) has its values checked one by one."""
+    suspects = [(k, v) for k, v in model_state.items() if v.is_floating_point() and not torch.linalg.vector_norm(
+        v.detach()).isfinite()]
+    refuse_nonfinite([k for k, v in suspects if not torch.isfinite(v).all()])
 
 
 def refuse_nonfinite(bad: list[str]) -> None:

@@ -106,6 +106,9 @@ class TrainConfig:
     tf32: bool = True  # CUDA: TF32 matmuls and convolutions where the run computes in fp32
     cudnn_benchmark: bool = True  # CUDA: let cuDNN pick its fastest kernels for the run's fixed shapes
     mixed_precision: str | None = None  # no, bf16 or fp16; unset: accelerate launch's --mixed_precision
+    # FSDP: the dtype gradients are reduce-scattered in, fp32 as DDP all-reduces them (accelerate's mixed precision
+    # policy would use bf16 under bf16); bf16 or fp16 halve that traffic.
+    fsdp_reduce_dtype: str = "fp32"
     checkpoint_every: int = 1000  # optimizer steps
     checkpoint_minutes: float | None = None  # also save when this much wall time passed since the last save
     # Signals that stop the run with a checkpoint and exit code 75, "requeue me" (engine/preemption.py).
@@ -251,6 +254,8 @@ def check_values(config: RunConfig) -> None:
     check_flip_label_map(config.data.flip_label_map)
     if config.train.mixed_precision not in (None, "no", "bf16", "fp16"):
         raise ConfigError(f"train.mixed_precision={config.train.mixed_precision!r}: use no, bf16 or fp16")
+    if config.train.fsdp_reduce_dtype not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"train.fsdp_reduce_dtype={config.train.fsdp_reduce_dtype!r}: use fp32, bf16 or fp16")
 
 
 def check_normalization(mean: list[float] | None, std: list[float] | None) -> None:

@@ -14,7 +14,6 @@ shards onto whatever the receiving state dict holds). The encoder export needs t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -100,6 +99,7 @@ def nonfinite(model: torch.nn.Module) -> list[str]:
     return [n for n, b in zip(names, bad.tolist()) if b]
 
 
-def norm_value(norm: Any) -> float:
-    """A gradient norm as a float; a sharded model's norm is a DTensor whose full value needs a gather."""
-    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+def full_norm(norm: torch.Tensor) -> torch.Tensor:
+    """A gradient norm as a plain tensor, left on its device; a sharded model's norm is a DTensor whose full value
+    is gathered (a collective, without a host sync)."""
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm

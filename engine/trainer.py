@@ -6,6 +6,7 @@ clipping, non-finite steps, checkpoints, exact resume, logging, progress) lives 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import random
@@ -18,17 +19,18 @@ from typing import Any, NoReturn, Protocol
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, broadcast_object_list, gather_object
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, broadcast_object_list, gather_object
 from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
-from torch.distributed.fsdp import register_fsdp_forward_method
+from torch.distributed.fsdp import MixedPrecisionPolicy, register_fsdp_forward_method
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import sharded, tracking
 from .config import ConfigError, RunConfig, flatten, to_yaml
 from .loaders import check_failures, shared_memory_shortfall
+from .optimizer_step import OptimizerStep, WindowMeans, fused_by_default
 from .preemption import REQUEUE_EXIT_CODE, Preempted, StopRequest, clear_marker, signal_numbers, write_marker
 from .startup import StartupClock
 from .tblog import TrainLogger
@@ -74,35 +76,11 @@ class Task(Protocol):
 @dataclass
 class Progress:
     step: int = 0
-    nonfinite_total: int = 0
+    nonfinite_total: int = 0  # skipped steps; these two are counted on the device, read at logging steps and saves
     nonfinite_streak: int = 0
     samples_seen: int = 0
     best_step: int = -1  # the step whose evaluation scored best by `eval.metric` so far (-1: none yet)
     best_value: float | None = None
-
-
-class WindowMeans:
-    """Means of a step's scalar outputs (loss, accuracy) over the micro-batches of a logging window and over
-    the ranks. Sums stay on the device until `read`, so the loop has no extra host sync; non-finite values
-    (skipped steps, counted on their own) are left out, and so are batches added with weight 0 (every sample
-    failed to load: their zero loss is not a value)."""
-
-    def __init__(self):
-        self.sums: dict[str, torch.Tensor] = {}
-
-    def add(self, out: dict[str, torch.Tensor], weight: float = 1.0) -> None:
-        for name, value in out.items():
-            if value.dim() == 0:
-                value = value.detach().float()
-                finite = torch.isfinite(value)
-                entry = torch.stack([torch.where(finite, value, 0.0), finite.float()]) * weight
-                self.sums[name] = self.sums[name] + entry if name in self.sums else entry
-
-    def read(self, accelerator: Accelerator) -> dict[str, float]:
-        names = sorted(self.sums)
-        totals = accelerator.reduce(torch.stack([self.sums[n] for n in names]), reduction="sum").tolist()
-        self.sums = {}
-        return {n: total / count if count else float("nan") for n, (total, count) in zip(names, totals)}
 
 
 # Optimizer steps at the start of a run before each of which the data failures of all ranks are checked (later,
@@ -118,6 +96,18 @@ def cuda_defaults(cfg: RunConfig, device: torch.device) -> None:
     torch.set_float32_matmul_precision("high" if cfg.train.tf32 else "highest")
     torch.backends.cudnn.allow_tf32 = cfg.train.tf32
     torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
+
+
+REDUCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def set_fsdp_reduce_dtype(plugin: FullyShardedDataParallelPlugin, name: str) -> None:
+    """Make FSDP2 reduce-scatter gradients in `name` (`train.fsdp_reduce_dtype`), before `prepare` shards the model.
+    Under bf16 (fp16) mixed precision accelerate's policy computes and reduces in bf16 (fp16): the sum of the ranks'
+    gradients is rounded to 8 (11) bits of mantissa, where DDP sums the fp32 gradients. Parameters stay gathered
+    and computed in the policy's dtype."""
+    policy = plugin.mixed_precision_policy or MixedPrecisionPolicy()
+    plugin.mixed_precision_policy = dataclasses.replace(policy, reduce_dtype=REDUCE_DTYPES[name])
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -169,7 +159,7 @@ class Trainer:
         # are dropped by timm for optimizers without them (LARS).
         optimizer = create_optimizer_v2(model, cfg.train.optimizer, lr=lr, weight_decay=cfg.train.weight_decay,
                                         betas=tuple(cfg.train.betas), layer_decay=cfg.train.layer_decay,
-                                        **cfg.train.optimizer_args)
+                                        **fused_by_default(cfg.train.optimizer, cfg.train.optimizer_args))
         self.scheduler = CosineLRScheduler(optimizer, t_initial=max(self.total_steps - warmup, 1),
                                            lr_min=cfg.train.min_lr, warmup_t=warmup, warmup_lr_init=0.0,
                                            warmup_prefix=True, t_in_epochs=False)
@@ -191,8 +181,13 @@ class Trainer:
         self.progress = Progress()
         self.stop_request = StopRequest(signal_numbers(cfg.train.stop_signals))
         self.last_save = time.monotonic()
+        self.writer = ckpt.BackgroundWriter()  # rank 0's checkpoint and export files, off the training thread
+        self.host_copies = ckpt.HostCopies()  # what the writer reads
         self.startup.lap("prepare")
         self._maybe_resume()
+        self.optimizer_step = OptimizerStep(self.accelerator, self.model, self.optimizer, cfg.train.clip_grad,
+                                            cfg.train.max_nonfinite_steps, self.progress.nonfinite_total,
+                                            self.progress.nonfinite_streak)
         self.startup.lap("resume")
         # After a resume, what the interrupted run logged past its checkpoint is purged, not shown twice.
         self.logger = TrainLogger.for_run(self.accelerator, cfg,
@@ -201,16 +196,18 @@ class Trainer:
 
     def _check_sharding(self) -> bool:
         """Whether accelerate shards the model (FSDP2, from `accelerate launch --use_fsdp` or a config file in
-        configs/accelerate/), and whether this run can be sharded."""
+        configs/accelerate/), and whether this run can be sharded; sets the dtype of its gradient reduction."""
         if self.accelerator.distributed_type != DistributedType.FSDP:
             return False
         if not self.accelerator.is_fsdp2:
             raise ConfigError("FSDP: use fsdp_version: 2 (configs/accelerate/1node_8gpu_fsdp.yaml); checkpoints of "
                               "version 1's flat parameters are not supported")
-        if self.accelerator.state.fsdp_plugin.cpu_ram_efficient_loading:  # `--use_fsdp` alone turns it on
+        plugin = self.accelerator.state.fsdp_plugin
+        if plugin.cpu_ram_efficient_loading:  # `--use_fsdp` alone turns it on
             raise ConfigError("FSDP: set fsdp_cpu_ram_efficient_loading: false (configs/accelerate/1node_8gpu_fsdp.yaml"
                               "); accelerate loads that way only Hugging Face Transformers models (it calls their "
                               "get_parameter_or_buffer), and every rank builds the same initial weights here anyway")
+        set_fsdp_reduce_dtype(plugin, self.cfg.train.fsdp_reduce_dtype)
         return True
 
     def _compiled(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -312,12 +309,17 @@ class Trainer:
                               f"0 wrote there. Checkpoints need a filesystem that every node sees.")
 
     def save_checkpoint(self) -> None:
+        """All ranks: a checkpoint of this step. The training thread writes each rank's own small files (and under
+        FSDP its shards) and copies the rest to host memory; rank 0's writer thread writes that, renames the
+        checkpoint into place and exports the encoder while training goes on."""
+        self._read_nonfinite()
         step = self.progress.step
         model = self.accelerator.unwrap_model(self.model)
         if self.sharded:  # each rank checks its shards; the verdict is shared, so all stop together
             ckpt.refuse_nonfinite(sharded.nonfinite(model))
         else:
             ckpt.check_finite(model.state_dict())
+        self._wait_for_writer()  # one background write at a time (the same step may be saved again)
         temp = self.output_dir / f"{ckpt.TEMP_PREFIX}{step:08d}"
         if self.is_main:
             ckpt.begin_save(self.output_dir, step)
@@ -331,18 +333,38 @@ class Trainer:
             state["optimizer_groups"] = sharded.save_sharded(temp / ckpt.SHARDED_DIR, model, self.optimizer,
                                                              self._task_state())
         elif self.is_main:
-            model_state, optimizer_state = model.state_dict(), self.optimizer.state_dict()
-            task_state = self._task_state()
+            model_state, optimizer_state, task_state = model.state_dict(), self.optimizer.state_dict(), \
+                self._task_state()
         exported = self._whole_final_model()
-        self.accelerator.wait_for_everyone()
+        self.accelerator.wait_for_everyone()  # every rank's files are in `temp` before rank 0 may rename it
         if self.is_main:
-            encoder_state, encoder_meta = self.task.encoder(exported)
-            ckpt.write_main_state(temp, model_state, encoder_state, encoder_meta, optimizer_state, state,
-                                  to_yaml(self.cfg), task_state)
-            ckpt.commit_save(temp, self.cfg.train.keep_checkpoints)
-            ckpt.export_encoder(self.output_dir / "encoder.safetensors", encoder_state, encoder_meta)
-        self.accelerator.wait_for_everyone()
+            model_state, optimizer_state, task_state, (encoder_state, encoder_meta) = self.host_copies.copy(
+                "checkpoint", (model_state, optimizer_state, task_state, self.task.encoder(exported)))
+            state, config_yaml, keep = copy.deepcopy(state), to_yaml(self.cfg), self.cfg.train.keep_checkpoints
+
+            def write() -> None:
+                ckpt.write_main_state(temp, model_state, encoder_state, encoder_meta, optimizer_state, state,
+                                      config_yaml, task_state)
+                ckpt.commit_save(temp, keep)
+                ckpt.export_encoder(self.output_dir / "encoder.safetensors", encoder_state, encoder_meta)
+
+            self.writer.start(temp.name, write)
         self.last_save = time.monotonic()
+
+    def _wait_for_writer(self) -> None:
+        """All ranks: rank 0 waits for its background write. When that failed, every rank raises (one broadcast)
+        instead of the others waiting for rank 0 in their next collective."""
+        failure = None
+        if self.is_main:
+            try:
+                self.writer.wait()
+            except RuntimeError as err:
+                failure = err
+        message = broadcast_object_list([str(failure) if failure else None])[0]
+        if failure is not None:
+            raise failure
+        if message:
+            raise RuntimeError(f"rank 0: {message}")
 
     def _whole_final_model(self) -> torch.nn.Module | None:
         """What is exported (the task's `final_model`, e.g. its EMA), whole, on the main process; None elsewhere.
@@ -367,11 +389,14 @@ class Trainer:
             return metrics
         progress.best_step, progress.best_value = progress.step, value
         exported = self._whole_final_model()
-        if self.is_main:
-            encoder_state, encoder_meta = self.task.encoder(exported)
+        self._wait_for_writer()
+        if self.is_main:  # written in the background, like a checkpoint
+            encoder_state, encoder_meta = self.host_copies.copy(ckpt.BEST_DIR, self.task.encoder(exported))
+            encoder_meta |= {"step": str(progress.step), self.cfg.eval.metric: str(value)}
             (self.output_dir / ckpt.BEST_DIR).mkdir(exist_ok=True)
-            ckpt.export_encoder(self.output_dir / ckpt.BEST_DIR / "encoder.safetensors", encoder_state,
-                                {**encoder_meta, "step": str(progress.step), self.cfg.eval.metric: str(value)})
+            path = self.output_dir / ckpt.BEST_DIR / "encoder.safetensors"
+            self.writer.start(f"{ckpt.BEST_DIR}/{path.name}", lambda: ckpt.export_encoder(path, encoder_state,
+                                                                                          encoder_meta))
         return metrics
 
     def _finish_export(self) -> None:
@@ -397,14 +422,18 @@ class Trainer:
     def _agree_to_save(self) -> tuple[str | None, bool]:
         """(the signal that asks to stop or None, save now) at a logging step: the largest signal number any rank
         received, and whether rank 0's clock says that `train.checkpoint_minutes` passed since the last save.
-        One small all-reduce, so that every rank takes the same decision at the same step."""
+        One small all-reduce, so that every rank takes the same decision at the same step; it also carries whether
+        rank 0's background write failed, which then stops every rank here."""
         minutes = self.cfg.train.checkpoint_minutes
         due = self.is_main and minutes is not None and time.monotonic() - self.last_save >= 60 * minutes
         received = self.stop_request.received
-        votes = torch.tensor([received.value if received else 0, int(due)], device=self.accelerator.device)
+        votes = torch.tensor([received.value if received else 0, int(due), int(self.writer.failed)],
+                             device=self.accelerator.device)
         if self.world > 1:
             torch.distributed.all_reduce(votes, op=torch.distributed.ReduceOp.MAX)
-        number, due = votes.tolist()
+        number, due, write_failed = votes.tolist()
+        if write_failed:
+            self._wait_for_writer()
         return signal.Signals(number).name if number else None, bool(due)
 
     def _stop_for_requeue(self, cause: str, bar: tqdm) -> NoReturn:
@@ -413,6 +442,7 @@ class Trainer:
         step = self.progress.step
         bar.close()
         self.logger.close()
+        self._wait_for_writer()  # the checkpoint is in place before the marker names it and the process exits
         if self.is_main:
             saved = self.output_dir / ckpt.checkpoint_name(step)
             write_marker(self.output_dir, step, cause, saved)
@@ -426,7 +456,10 @@ class Trainer:
     def fit(self) -> dict[str, float]:
         """Train to the end, or to a signalled stop (engine.preemption: then Preempted, a SystemExit)."""
         with self.stop_request:
-            return self._fit()
+            try:
+                return self._fit()
+            finally:  # after another error: the write in progress still completes, and its own failure is shown
+                self.writer.close()
 
     def _fit(self) -> dict[str, float]:
         cfg, acc, progress = self.cfg, self.accelerator, self.progress
@@ -448,17 +481,18 @@ class Trainer:
                 data_wait += time.perf_counter() - fetched
                 if "first batch" not in self.startup.seconds:
                     self.startup.lap("first batch")
-                has_valid_rows = bool(batch["valid"].any())  # on the host, before the copy
                 batch = to_device(batch, acc.device)
                 with acc.accumulate(self.model):
                     with acc.autocast():
                         out = self.task.step(self.forward_model, batch)
                     acc.backward(out["loss"])
+                    means.add(out, weight=batch["valid"].any())
+                    self.optimizer_step.add_loss(out["loss"])
                     if acc.sync_gradients:
                         if progress.step < EARLY_CHECK_STEPS:
                             check_failures(self.loader, acc, f"before step {progress.step + 1}")
-                        grad_norm = self._optimizer_step()
-                means.add(out, weight=float(has_valid_rows))
+                        skipped, grad_norm = self.optimizer_step.step(wants_norm=self._logs_at(progress.step + 1))
+                        means.commit(skipped)
                 window_samples += len(batch["label"]) * self.world
                 progress.samples_seen += len(batch["label"]) * self.world
                 fetched = time.perf_counter()
@@ -475,9 +509,10 @@ class Trainer:
                     began = time.perf_counter()
                     metrics |= self.task.monitor(acc.unwrap_model(self.model), acc, self.logger, progress.step)
                     window_start += time.perf_counter() - began
-                logs = progress.step % cfg.log.every == 0 or progress.step == self.total_steps
+                logs = self._logs_at(progress.step)
                 stop, save_now = None, False
                 if logs:
+                    self._read_nonfinite()
                     elapsed = time.perf_counter() - window_start
                     failed = check_failures(self.loader, acc, f"step {progress.step}")
                     if failed > failed_shown:  # shown as it grows, with or without the progress bar
@@ -487,7 +522,7 @@ class Trainer:
                     scalars = {f"train/{k}": v for k, v in means.read(acc).items()}
                     # The largest lr: with layer decay, the head's group (group 0 is the most decayed).
                     top_lr = max(g["lr"] for g in self.optimizer.param_groups)
-                    scalars |= {"train/lr": top_lr, "train/grad_norm": grad_norm,
+                    scalars |= {"train/lr": top_lr, "train/grad_norm": grad_norm.item(),
                                 "perf/samples_per_s": window_samples / elapsed,
                                 "perf/data_wait_fraction": data_wait / elapsed,
                                 "data/samples_failed": failed,
@@ -517,6 +552,7 @@ class Trainer:
                 evaluated_at = progress.step
         if evaluated_at != progress.step:
             metrics |= self._after_pass()
+        self._wait_for_writer()
         self._finish_export()
         bar.close()
         self.logger.hparams(flatten(cfg), {f"hparam/{k}": v for k, v in metrics.items()})
@@ -524,26 +560,15 @@ class Trainer:
         acc.end_training()
         return metrics
 
-    def _optimizer_step(self) -> float:
-        """Clip, then step unless the gradients are not finite (counted; too many in a row stop the run).
-        Reading the norm is the loop's one host sync per optimizer step."""
-        clip = self.cfg.train.clip_grad or float("inf")
-        grad_norm = sharded.norm_value(self.accelerator.clip_grad_norm_(self.model.parameters(), clip))
+    def _logs_at(self, step: int) -> bool:
+        """Whether optimizer step `step` logs scalars (the last one always does)."""
+        return step % self.cfg.log.every == 0 or step == self.total_steps
+
+    def _read_nonfinite(self) -> None:
+        """The device's counts of skipped steps into `progress` (at logging steps and saves); too many skipped in a
+        row stop the run here (engine/optimizer_step.py)."""
         progress = self.progress
-        if math.isfinite(grad_norm):
-            self.optimizer.step()
-            progress.nonfinite_streak = 0
-        else:
-            if self.accelerator.scaler is not None:
-                self.optimizer.step()  # fp16: lets the grad scaler skip the update and lower its scale
-            progress.nonfinite_total += 1
-            progress.nonfinite_streak += 1
-            if progress.nonfinite_streak > self.cfg.train.max_nonfinite_steps:
-                raise FloatingPointError(
-                    f"{progress.nonfinite_streak} optimizer steps in a row had non-finite gradients (step "
-                    f"{progress.step}); stopping. Lower train.base_lr, set train.clip_grad, or use bf16.")
-        self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
+        progress.nonfinite_total, progress.nonfinite_streak = self.optimizer_step.read(progress.step)
 
     def _print(self, message: str) -> None:
         if self.is_main:

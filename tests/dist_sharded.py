@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from timm.utils import ModelEmaV3
 from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-from engine.sharded import full_model_state, load_sharded, nonfinite, norm_value, save_sharded
+from engine.sharded import full_model_state, full_norm, load_sharded, nonfinite, save_sharded
 from models import create_model
 
 STEPS, SAVE_AT, GLOBAL_BATCH = 4, 2, 4
@@ -58,7 +58,7 @@ def train(model, optimizer, ema, steps: range, rows: slice) -> list[float]:
     for step in steps:
         x, mask = global_batch(model, step)
         model(x[rows], mask=mask[rows])["loss"].backward()
-        norms.append(norm_value(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)))
+        norms.append(float(full_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         ema.update(model, step=step + 1)

@@ -49,6 +49,7 @@ def test_base_inheritance_and_overrides(tmp_path):
     ("data.repeat=0", "data.repeat=0: must be at least 1"),
     ("train.max_steps=0", "train.max_steps=0: must be at least 1"),
     ("train.mixed_precision=bf61", "train.mixed_precision='bf61': use no, bf16 or fp16"),
+    ("train.fsdp_reduce_dtype=float32", "train.fsdp_reduce_dtype='float32': use fp32, bf16 or fp16"),
     ("data.sampling=tsn", "data.sampling='tsn': use clip or segment"),
     ("data.flip_label_map=[[86,86]]", "data.flip_label_map: [86, 86] is not a pair of two different class ids"),
     ("data.flip_label_map=[[86,87],[87,88]]", "data.flip_label_map: class 87 is in two pairs"),

@@ -48,6 +48,20 @@ def test_sharded_checkpoint_resumes_exactly_and_matches_unsharded_training(tmp_p
     assert not report.unexpected and not report.mismatched and report.loaded
 
 
+def test_fsdp_reduces_gradients_in_fp32_as_ddp_does_under_bf16(tmp_path):
+    """Under bf16 mixed precision accelerate's FSDP2 policy reduce-scatters gradients in bf16 (about 2e-3 off DDP's
+    fp32 all-reduce here); with `train.fsdp_reduce_dtype` at its default, FSDP's reduced gradients equal DDP's to
+    fp32 round-off, and bf16 can still be chosen (tests/dist_reduce_dtype.py)."""
+    launch = [ACCELERATE, "launch", "--config_file", "configs/accelerate/1node_8gpu_fsdp.yaml", "--mixed_precision",
+              "bf16", "--num_processes", "2", "--main_process_port", str(free_port())]
+    result = run([*launch, "tests/fsdp_cpu.py", "tests/dist_reduce_dtype.py", str(tmp_path)],
+                 env=dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1"), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    differences = json.loads((tmp_path / "differences.json").read_text())
+    assert differences["default"] < 1e-6
+    assert differences["accelerate"] > 1e-4 and differences["bf16"] > 1e-4
+
+
 # The trainer's own FSDP path: on CPUs through tests/fsdp_cpu.py (accelerate 1.15 gives CPUs no FSDP), on a GPU
 # as users launch it. Both use the shipped config (fp32 here, for bit-identical resumes): cpu_ram_efficient_loading
 # off, and sync_module_states unset, as FSDP2 has no use for it (its setup code is CUDA-only).
