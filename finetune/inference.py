@@ -106,7 +106,7 @@ def sample_config(loaded: Loaded, views: tuple[int | None, int | None], is_image
         spatial, temporal, crop_pct = views[0] or e.spatial_views, views[1] or e.temporal_views, 1.0
     return SampleConfig(train=False, num_frames=size[0] if loaded.is_video else 1, sampling_rate=d.sampling_rate,
                         target_fps=d.target_fps, sampling=d.sampling, crop_size=size[-1], spatial_views=spatial,
-                        temporal_views=temporal, crop_pct=crop_pct)
+                        temporal_views=temporal, crop_pct=crop_pct, max_pixels=d.max_pixels)
 
 
 def file_clips(path: Path, loaded: Loaded, views: tuple[int | None, int | None]) -> torch.Tensor:

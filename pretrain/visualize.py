@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     d = cfg.data
     sample = SampleConfig(train=False, num_frames=d.num_frames, sampling_rate=d.sampling_rate, target_fps=d.target_fps,
                           sampling=d.sampling, crop_size=d.crop_size, mask_grid=model.mask_unit_grid,
-                          mask_ratio=model.mask_ratio)
+                          mask_ratio=model.mask_ratio, max_pixels=d.max_pixels)
     source = Path(args.input)
     view = SampleProcessor(sample)(source.read_bytes(), source.suffix.lstrip("."), args.seed, 0, 0)[0]
     x, mask = normalize(view["pixels"][None], sample.mean, sample.std), view["mask"][None]
