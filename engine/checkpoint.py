@@ -31,8 +31,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+from models import CheckpointError
 
 from .config import ConfigError, RunConfig
 from .sharded import saved_keys
@@ -200,9 +202,13 @@ def encoder_metadata(name: str, overrides: dict[str, Any]) -> dict[str, str]:
 
 
 def read_encoder_metadata(path: str | Path) -> tuple[str, dict[str, Any]] | None:
-    """(registered name, overrides) of an exported encoder file, or None for files without them."""
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
+    """(registered name, overrides) of an exported encoder file, or None for files without them. Raises
+    CheckpointError naming a file that is not safetensors (e.g. cut short by a full disk)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except SafetensorError as err:
+        raise CheckpointError(f"{path}: unreadable checkpoint (not a safetensors file, or truncated: {err})") from err
     if "model" not in metadata:
         return None
     return metadata["model"], json.loads(metadata.get("overrides", "{}"))

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -182,7 +183,12 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
         raise ConfigError(f"{path}: _base_ cycle through {' -> '.join(map(str, seen))}")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    node = OmegaConf.load(path)
+    try:
+        node = OmegaConf.load(path)
+    except yaml.YAMLError as err:  # OmegaConf hands PyYAML's error on; its first line says what, the rest where
+        where = getattr(err, "problem_mark", None)
+        line = f", line {where.line + 1}" if where is not None else ""
+        raise ConfigError(f"{path}{line}: not valid YAML: {str(err).splitlines()[0]}") from err
     base = node.pop("_base_", None)
     if base is None:
         return node
