@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 
 from .plan import num_batches
 from .samples import SampleConfig
-from .shards import ShardSet
+from .shards import ShardSet, ShardSetError
 from .sources import ShardCache
 from .stream import ShardStream
 
@@ -152,7 +152,7 @@ class ShardLoader:
         self._batches = None  # the workers' batch iterator, from (epoch, consumed) on
         self._len = num_batches(self.shards.num_samples, batch_size, world_size, drop_last)
         if self._len == 0 and self.shards.num_samples:
-            raise ValueError(
+            raise ShardSetError(
                 f"{self.shards.spec}: {self.shards.num_samples} samples are fewer than one global batch of "
                 f"{batch_size} samples per rank x {world_size} ranks = {batch_size * world_size}"
                 + (f" (each sample gives {sample.num_views} clips: data.repeat)" if sample.num_views > 1 else "")
@@ -240,9 +240,9 @@ class ShardLoader:
 
     def load_state_dict(self, state: dict) -> None:
         if state["seed"] != self.seed:
-            raise ValueError(f"data state was saved with seed {state['seed']}, this loader has {self.seed}")
+            raise ShardSetError(f"data state was saved with seed {state['seed']}, this loader has {self.seed}")
         if state.get("shards", self.shards.fingerprint) != self.shards.fingerprint:
-            raise ValueError(
+            raise ShardSetError(
                 f"the checkpoint's data position belongs to another shard list (fingerprint {state['shards']}; "
                 f"{self.shards.spec} has {self.shards.fingerprint}: shards added, removed or rewritten), so "
                 f"resuming would not continue the same epoch. Point the data at the original shards, or "

@@ -13,13 +13,13 @@ import numpy as np
 import torch
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from .decode import IMAGE_EXTENSIONS, VideoInfo, decode_image, decode_video
+from .decode import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, Crops, VideoInfo, decode_image, decode_video
 from .masking import random_mask
 from .transforms import (
+    Box,
     ClipRandAugment,
     clip_span,
     clip_times,
-    crop_resize,
     random_clip_start,
     random_resized_crop_box,
     random_segment_frames,
@@ -72,6 +72,7 @@ class SampleConfig:
     crop_pct: float = 1.0  # eval: the views cover this fraction of the short side (timm's crop_pct)
     mask_grid: tuple[int, ...] | None = None  # mask-unit grid, e.g. (8, 7, 7); None: no mask
     mask_ratio: float = 0.9
+    max_pixels: float | None = DEFAULT_MAX_PIXELS  # larger frames or images fail the sample; None: no bound
 
     @property
     def num_views(self) -> int:
@@ -105,14 +106,14 @@ class SampleProcessor:
     ) -> list[dict]:
         cfg = self.config
         is_image = ext.lower() in IMAGE_EXTENSIONS
-        if is_image:  # one frame, shared by every view (use temporal_views=1 for images)
-            clips = [decode_image(data)[None]] * cfg.num_views
+        if is_image:  # one frame, cut once per view (use temporal_views=1 for images)
+            clips = decode_image(data, self._crops(seed, epoch, index, 1), cfg.max_pixels)[:, None]
         else:
             clips = self._decode_clips(data, seed, epoch, index)
         views = []
         for v, clip in enumerate(clips):
             target = None if out is None else (out[v].unsqueeze(1) if is_image else out[v])
-            pixels, flipped = self._spatial(torch.from_numpy(clip), seed, epoch, index, v, target)
+            pixels, flipped = self._augment(torch.from_numpy(clip), seed, epoch, index, v, target)
             view = {"pixels": pixels[:, 0] if is_image else pixels,
                     "label": self.mirrored(label) if flipped else label}
             if cfg.mask_grid is not None:
@@ -131,8 +132,8 @@ class SampleProcessor:
         rng = position_rng(seed, epoch, index, view, "mask")
         return torch.from_numpy(random_mask(self.config.mask_grid, self.config.mask_ratio, rng))
 
-    def _decode_clips(self, data: bytes, seed: int, epoch: int, index: int) -> list[np.ndarray]:
-        """One decode for all views; returns [T, H, W, 3] uint8 per view (in view order)."""
+    def _decode_clips(self, data: bytes, seed: int, epoch: int, index: int) -> np.ndarray:
+        """One decode for all views: [num_views, T, S, S, 3] uint8, each view cut to its box."""
         cfg = self.config
 
         def choose_times(info: VideoInfo) -> np.ndarray:
@@ -143,8 +144,24 @@ class SampleProcessor:
                 times = np.repeat([sampled(info, t) for t in range(cfg.temporal_views)], cfg.spatial_views, axis=0)
             return np.concatenate(times)
 
-        frames, _ = decode_video(data, choose_times)
-        return list(frames.reshape(cfg.num_views, cfg.num_frames, *frames.shape[1:]))
+        frames, _ = decode_video(data, choose_times, self._crops(seed, epoch, index, cfg.num_frames), cfg.max_pixels)
+        return frames.reshape(cfg.num_views, cfg.num_frames, *frames.shape[1:])
+
+    def _crops(self, seed: int, epoch: int, index: int, frames_per_view: int) -> Crops:
+        """Every view's box, once for each of its frames (in view order), from the source's size: a random
+        resized crop in training, evaluation's spatial view ``view % spatial_views`` otherwise."""
+        cfg = self.config
+
+        def view_box(height: int, width: int, view: int) -> Box:
+            if cfg.train:
+                return random_resized_crop_box(height, width, cfg.scale, cfg.ratio,
+                                               position_rng(seed, epoch, index, view, "crop"))
+            return spatial_view_boxes(height, width, cfg.spatial_views, cfg.crop_pct)[view % cfg.spatial_views]
+
+        def boxes(height: int, width: int) -> list[Box]:
+            return [box for v in range(cfg.num_views) for box in [view_box(height, width, v)] * frames_per_view]
+
+        return Crops(boxes, cfg.crop_size)
 
     def _clip_times(self, info: VideoInfo, view: int, rng: np.random.Generator | None = None) -> np.ndarray:
         """Times [num_frames] of one clip: random start with ``rng`` (training), else temporal view ``view``
@@ -170,19 +187,13 @@ class SampleProcessor:
             frames = spaced_segment_frames(video_frames, cfg.num_frames, view, cfg.temporal_views)
         return (frames + 0.5) / info.fps
 
-    def _spatial(
+    def _augment(
         self, clip: torch.Tensor, seed: int, epoch: int, index: int, view: int, out: torch.Tensor | None
     ) -> tuple[torch.Tensor, bool]:
-        """clip [T, H, W, 3] uint8 -> ([3, T, S, S] uint8 (written into ``out`` if given), whether it was
-        flipped)."""
+        """clip [T, S, S, 3] uint8 (cut and resized) -> ([3, T, S, S] uint8 (written into ``out`` if given),
+        whether it was flipped)."""
         cfg = self.config
-        _, height, width, _ = clip.shape
-        if cfg.train:
-            box = random_resized_crop_box(height, width, cfg.scale, cfg.ratio,
-                                          position_rng(seed, epoch, index, view, "crop"))
-        else:
-            box = spatial_view_boxes(height, width, cfg.spatial_views, cfg.crop_pct)[view % cfg.spatial_views]
-        clip = crop_resize(clip, box, cfg.crop_size)
+        clip = clip.permute(0, 3, 1, 2)  # [T, 3, S, S], channels-last in memory as crop_resize leaves it
         flipped = cfg.train and position_rng(seed, epoch, index, view, "flip").random() < cfg.hflip
         if flipped:
             clip = clip.flip(-1)

@@ -63,7 +63,8 @@ class SampleError(ValueError):
 
 
 class ShardSetError(ValueError):
-    """A dataset's info.json cannot be used: unreadable, malformed, or listing no shards."""
+    """A dataset that cannot be used as given: its info.json unreadable, malformed, or listing no shards; fewer
+    samples than one batch; or not the shards that a checkpoint's data position counts."""
 
 
 def is_count(value: object) -> bool:

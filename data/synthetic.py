@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import tarfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import av
@@ -30,7 +32,7 @@ CSV_HEADER = ("label", "youtube_id", "time_start", "time_end", "split")
 
 def write_video(
     path: str | Path,
-    frames: np.ndarray,
+    frames: np.ndarray | Iterable[np.ndarray],
     fps: int = 25,
     audio: bool = False,
     gop: int = 8,
@@ -38,8 +40,9 @@ def write_video(
     options: dict[str, str] | None = None,
     muxer_options: dict[str, str] | None = None,
 ) -> Path:
-    """Encode ``frames`` [T, H, W, 3] uint8 RGB (H.264 by default, container from the suffix); any H, W (odd
-    sizes use 4:4:4 chroma).
+    """Encode ``frames`` [T, H, W, 3] uint8 RGB, or any iterable of [H, W, 3] frames (a generator keeps only one
+    8K frame in memory at a time), H.264 by default, container from the suffix; any H, W (odd sizes use 4:4:4
+    chroma).
 
     ``audio`` adds an AAC sine-tone stream, like most real Kinetics clips carry. A short GOP makes seeking
     land close to its target, as it would on pre-resized datasets. ``options`` replace the x264 settings;
@@ -47,7 +50,9 @@ def write_video(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    t, h, w, _ = frames.shape
+    frames = iter(frames)
+    first = next(frames)
+    h, w, _ = first.shape
     with av.open(str(path), "w", options=muxer_options or {}) as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height = w, h
@@ -57,11 +62,13 @@ def write_video(
         tone = container.add_stream("aac", rate=16000) if audio else None
         if tone is not None:
             tone.layout = "mono"
-        for frame in frames:
+        count = 0
+        for frame in itertools.chain([first], frames):
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            count += 1
         container.mux(stream.encode())
         if tone is not None:
-            _encode_tone(container, tone, seconds=t / fps)
+            _encode_tone(container, tone, seconds=count / fps)
     return path
 
 

@@ -34,9 +34,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from models import CheckpointError
+
+from .config import ConfigError, RunConfig
 from .sharded import saved_keys
 
 SHARDED_DIR = "sharded"
@@ -61,6 +64,25 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     found = list_checkpoints(output_dir)
     return found[-1] if found else None
+
+
+def check_output_dir_is_free(cfg: RunConfig) -> None:
+    """A run that does not resume must not start in a folder that holds another run's checkpoints or exported
+    encoder: it would replace that run's config.yaml at once, and its metrics, checkpoints and export later. The
+    apps call this before they write anything. Raises ConfigError naming the folder and the ways on."""
+    if cfg.resume:
+        return
+    root = Path(cfg.output_dir)
+    latest = latest_checkpoint(root)
+    if latest is None and not (root / "encoder.safetensors").is_file():
+        return
+    held = f"the checkpoints of an earlier run (the latest: {latest.name})" if latest else \
+        "an earlier run's encoder.safetensors"
+    if cfg.eval_only:
+        way = "evaluate into a new output_dir (eval_only would replace its config.yaml and metrics.json)"
+    else:
+        way = f"{'continue it with resume=auto, or ' if latest else ''}give a new output_dir"
+    raise ConfigError(f"output_dir={root} holds {held}: {way}")
 
 
 def save_tensors(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -262,9 +284,13 @@ def encoder_metadata(name: str, overrides: dict[str, Any]) -> dict[str, str]:
 
 
 def read_encoder_metadata(path: str | Path) -> tuple[str, dict[str, Any]] | None:
-    """(registered name, overrides) of an exported encoder file, or None for files without them."""
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
+    """(registered name, overrides) of an exported encoder file, or None for files without them. Raises
+    CheckpointError naming a file that is not safetensors (e.g. cut short by a full disk)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except SafetensorError as err:
+        raise CheckpointError(f"{path}: unreadable checkpoint (not a safetensors file, or truncated: {err})") from err
     if "model" not in metadata:
         return None
     return metadata["model"], json.loads(metadata.get("overrides", "{}"))

@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from data.decode import DEFAULT_MAX_PIXELS
 from data.samples import SAMPLINGS
 
 from .preemption import signal_numbers
@@ -81,6 +83,9 @@ class DataConfig:
     num_workers: int = 4
     max_fail_fraction: float = 0.05  # stop when more samples than this fail to decode (0: at the first)...
     max_fail_count: int = 5  # ... and more than this many: checked from the first batch (data.ShardLoader)
+    # A video whose frames, or an image, have more pixels fails as a sample (its key and size in the reason) before
+    # it is decoded: a decoder holds several frames at the source's size (~0.4 GB per worker for 8K, which passes).
+    max_pixels: float = DEFAULT_MAX_PIXELS
     shard_mix: int = 8  # shards each training batch draws from (lanes interleaved per worker)
     cache_dir: str = ""  # node-local folder for remote shards; "": one in the system's temp dir
     cache_gb: float = 0.0  # its size bound (least recently used shards go first); 0: unbounded
@@ -185,7 +190,12 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
         raise ConfigError(f"{path}: _base_ cycle through {' -> '.join(map(str, seen))}")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    node = OmegaConf.load(path)
+    try:
+        node = OmegaConf.load(path)
+    except yaml.YAMLError as err:  # OmegaConf hands PyYAML's error on; its first line says what, the rest where
+        where = getattr(err, "problem_mark", None)
+        line = f", line {where.line + 1}" if where is not None else ""
+        raise ConfigError(f"{path}{line}: not valid YAML: {str(err).splitlines()[0]}") from err
     base = node.pop("_base_", None)
     if base is None:
         return node
@@ -234,6 +244,8 @@ def check_values(config: RunConfig) -> None:
         raise ConfigError("data.fetch_retries, data.cache_gb and data.max_fail_count cannot be negative")
     if not 0 < config.eval.image_crop_pct <= 1:
         raise ConfigError(f"eval.image_crop_pct={config.eval.image_crop_pct}: must be in (0, 1]")
+    if config.data.max_pixels <= 0:
+        raise ConfigError(f"data.max_pixels={config.data.max_pixels:g}: must be positive")
     if not 0 <= config.data.max_fail_fraction <= 1:
         raise ConfigError(f"data.max_fail_fraction={config.data.max_fail_fraction}: must be in [0, 1]")
     if config.train.mode not in ("finetune", "linear_probe"):

@@ -12,8 +12,9 @@ from models import CheckpointError
 
 from .config import ConfigError
 
-USER_ERRORS = (ConfigError, CheckpointError, DataFailureError, ShardSetError, FetchError, FileNotFoundError,
-               InputError)
+# A path given that cannot be used as such: missing, a file where a folder goes (or the other way), not allowed.
+PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+USER_ERRORS = (ConfigError, CheckpointError, DataFailureError, ShardSetError, FetchError, InputError, *PATH_ERRORS)
 
 
 def one_line_errors(*also: type[BaseException]) -> AbstractContextManager[None]:

@@ -102,7 +102,8 @@ def eval_sample(cfg: RunConfig, is_image: bool, views: tuple[int, int] | None = 
     channel_stats = normalization(cfg)
     return SampleConfig(train=False, num_frames=d.num_frames, sampling_rate=d.sampling_rate,
                         target_fps=d.target_fps, sampling=d.sampling, crop_size=d.crop_size, spatial_views=spatial,
-                        temporal_views=temporal, crop_pct=crop_pct, mean=channel_stats.mean, std=channel_stats.std)
+                        temporal_views=temporal, crop_pct=crop_pct, mean=channel_stats.mean, std=channel_stats.std,
+                        max_pixels=d.max_pixels)
 
 
 def evaluation_shared_memory(cfg: RunConfig, is_image: bool) -> int:
@@ -159,7 +160,7 @@ def train_loader(cfg: RunConfig, rank: int, world_size: int, input_size: tuple[i
                           target_fps=d.target_fps, sampling=d.sampling, crop_size=d.crop_size, scale=tuple(d.scale),
                           hflip=d.hflip, flip_label_map=tuple(tuple(pair) for pair in d.flip_label_map),
                           rand_augment=d.rand_augment, mean=channel_stats.mean, std=channel_stats.std,
-                          repeats=d.repeat, mask_grid=mask_grid, mask_ratio=mask_ratio)
+                          repeats=d.repeat, mask_grid=mask_grid, mask_ratio=mask_ratio, max_pixels=d.max_pixels)
     loader = ShardLoader(d.train, sample, cfg.train.batch_size // d.repeat, seed=cfg.seed, rank=rank,
                          world_size=world_size, num_workers=d.num_workers, shuffle=True, drop_last=True,
                          max_fail_fraction=d.max_fail_fraction, max_fail_count=d.max_fail_count,

@@ -12,7 +12,9 @@ float32 [n, C_s] (each stage's output averaged over its positions); the sample k
 once complete (written to a temporary name, then renamed), so a run killed at any point and started again
 with the same command continues after the last complete chunk and ends with the same files. `OUT/info.json`
 is written at the end: counts, dimensions, class names and the samples that could not be decoded.
---checkpoint takes what finetune.predict takes, and also pretraining runs (their encoder).
+--checkpoint takes what finetune.predict takes, and also pretraining runs (their encoder). Images given to a
+video encoder are repeated over its frames, as finetune.predict does. Bad inputs, and data that fails past
+data.max_fail_count / max_fail_fraction, stop it with one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -26,14 +28,14 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from data import DataFailureError, SampleConfig, ShardLoader, ShardSet
+from data import SampleConfig, ShardLoader, ShardSet
 from engine.checkpoint import save_atomically
 from engine.config import ConfigError
+from engine.errors import one_line_errors
 from engine.loaders import media_of
-from models import CheckpointError
 
 from .evaluate import average_views
-from .inference import Loaded, load_model, sample_config
+from .inference import Loaded, at_least_one, fit_to_model, load_model, sample_config
 
 JOB = "job.json"  # what the files in OUT are the features of; a resumed run must match it
 
@@ -47,7 +49,7 @@ def batch_rows(loaded: Loaded, batch: dict, sample: SampleConfig, stages: bool,
                device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """One loader batch -> (index [M], labels [M], {"features": [M, D], "stage0": ...}) of its M samples,
     views averaged, rows of failed samples and padding left out (`valid`)."""
-    x = media_of(batch, sample, device)
+    x = fit_to_model(media_of(batch, sample, device), loaded, sample.num_frames)  # e.g. images, a video model
     if stages:  # one forward pass for both
         features, pooled = loaded.model.forward_pooled(x)
         outputs = {"features": features, **{f"stage{s}": f for s, f in enumerate(pooled)}}
@@ -83,40 +85,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, help="shard set (directory, URL, ...)")
     parser.add_argument("--out", required=True, type=Path, help="output directory")
     parser.add_argument("--stages", action="store_true", help="also every stage's pooled output")
-    parser.add_argument("--spatial-views", type=int, default=1)
-    parser.add_argument("--temporal-views", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=16, help="samples per forward pass")
-    parser.add_argument("--chunk-size", type=int, default=4096, help="samples per file (whole batches)")
+    parser.add_argument("--spatial-views", type=at_least_one, default=1)
+    parser.add_argument("--temporal-views", type=at_least_one, default=1)
+    parser.add_argument("--batch-size", type=at_least_one, default=16, help="samples per forward pass")
+    parser.add_argument("--chunk-size", type=at_least_one, default=4096, help="samples per file (whole batches)")
     parser.add_argument("--num-workers", type=int, default=4)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    try:
+    with one_line_errors(KeyError, TypeError):  # and weights that do not fit the architecture named
         loaded = load_model(args.checkpoint, args.model, need_head=False)
         shards = ShardSet.load(args.data)
         sample = sample_config(loaded, (args.spatial_views, args.temporal_views), shards.media == "image")
         loader = ShardLoader(shards, sample, args.batch_size, num_workers=args.num_workers, shuffle=False,
                              drop_last=False, shard_mix=1)
-    except (CheckpointError, ConfigError, KeyError, TypeError, OSError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        batches_per_chunk = max(1, args.chunk_size // args.batch_size)
+        job = {"checkpoint": str(args.checkpoint), "model": loaded.name, "data": str(args.data),
+               "shards": loader.shards.fingerprint, "stages": args.stages, "batch_size": args.batch_size,
+               "batches_per_chunk": batches_per_chunk, "views": [args.spatial_views, args.temporal_views]}
+        args.out.mkdir(parents=True, exist_ok=True)
+        saved_job = json.loads((args.out / JOB).read_text()) if (args.out / JOB).is_file() else None
+        if saved_job is not None and saved_job != job:
+            raise ConfigError(f"{args.out} holds features of another job ({args.out / JOB}); use a new --out")
     device = torch.device(args.device)
     loaded.model.to(device)
-    batches_per_chunk = max(1, args.chunk_size // args.batch_size)
-    job = {"checkpoint": str(args.checkpoint), "model": loaded.name, "data": str(args.data),
-           "shards": loader.shards.fingerprint, "stages": args.stages, "batch_size": args.batch_size,
-           "batches_per_chunk": batches_per_chunk, "views": [args.spatial_views, args.temporal_views]}
-    args.out.mkdir(parents=True, exist_ok=True)
-    saved_job = json.loads((args.out / JOB).read_text()) if (args.out / JOB).is_file() else None
-    if saved_job is not None and saved_job != job:
-        print(f"error: {args.out} holds features of another job ({args.out / JOB}); use a new --out",
-              file=sys.stderr)
-        return 2
     (args.out / JOB).write_text(json.dumps(job, indent=2))
-    try:
+    with one_line_errors():  # samples that fail to load past data.max_fail_count / max_fail_fraction
         export(loaded, loader, args.out, job, device)
-    except DataFailureError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
     return 0
 
 
@@ -128,18 +122,18 @@ def export(loaded: Loaded, loader: ShardLoader, out: Path, job: dict, device: to
         loader.load_state_dict({**loader.state_dict(), "consumed": min(start * per_chunk, len(loader))})
     failures: list[list[str]] = []
     parts, keys, chunk = [], [], start
-    bar = tqdm(total=len(loader), initial=loader.consumed, desc="features", unit="batch", dynamic_ncols=True)
-    for batch in loader:
-        failures += [list(f) for f in batch["failures"]]
-        index, labels, rows = batch_rows(loaded, batch, loader.sample, job["stages"], device)
-        key_of = dict(zip(batch["index"].tolist(), batch["key"]))
-        parts.append((index, labels, rows))
-        keys += [key_of[i] for i in index.tolist()]
-        bar.update(1)
-        if len(parts) == per_chunk or loader.consumed == len(loader):
-            write_chunk(out, chunk, parts, keys)
-            parts, keys, chunk = [], [], chunk + 1
-    bar.close()
+    # As a context, the bar ends its line also when the data fails: the error is then a line of its own.
+    with tqdm(total=len(loader), initial=loader.consumed, desc="features", unit="batch", dynamic_ncols=True) as bar:
+        for batch in loader:
+            failures += [list(f) for f in batch["failures"]]
+            index, labels, rows = batch_rows(loaded, batch, loader.sample, job["stages"], device)
+            key_of = dict(zip(batch["index"].tolist(), batch["key"]))
+            parts.append((index, labels, rows))
+            keys += [key_of[i] for i in index.tolist()]
+            bar.update(1)
+            if len(parts) == per_chunk or loader.consumed == len(loader):
+                write_chunk(out, chunk, parts, keys)
+                parts, keys, chunk = [], [], chunk + 1
     counts = []
     for c in range(chunk):
         with safe_open(str(out / chunk_name(c)), framework="pt") as f:

@@ -5,6 +5,7 @@ does. Shared by `finetune.predict` and `finetune.features`.
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,14 @@ class Loaded:
     @property
     def is_video(self) -> bool:
         return len(self.model.config.input_size) == 3
+
+
+def at_least_one(text: str) -> int:
+    """An argparse type for counts (views, batch sizes): an integer of at least 1, or a usage error (exit 2)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not at least 1")
+    return value
 
 
 def run_config(source: Path) -> RunConfig | None:
@@ -112,7 +121,7 @@ def sample_config(loaded: Loaded, views: tuple[int | None, int | None], is_image
     return SampleConfig(train=False, num_frames=size[0] if loaded.is_video else 1, sampling_rate=d.sampling_rate,
                         target_fps=d.target_fps, sampling=d.sampling, crop_size=size[-1], spatial_views=spatial,
                         temporal_views=temporal, crop_pct=crop_pct, mean=loaded.normalization.mean,
-                        std=loaded.normalization.std)
+                        std=loaded.normalization.std, max_pixels=d.max_pixels)
 
 
 def file_clips(path: Path, loaded: Loaded, views: tuple[int | None, int | None]) -> torch.Tensor:
@@ -124,8 +133,14 @@ def file_clips(path: Path, loaded: Loaded, views: tuple[int | None, int | None])
     sample = sample_config(loaded, views, is_image)
     views = SampleProcessor(sample)(path.read_bytes(), ext, 0, 0, 0)
     pixels = torch.stack([v["pixels"] for v in views])  # [V, 3, S, S] image, [V, 3, T, S, S] video
-    if is_image and loaded.is_video:
-        pixels = pixels[:, :, None].expand(-1, -1, sample.num_frames, -1, -1)
-    elif not is_image and not loaded.is_video:
-        pixels = pixels[:, :, 0]
-    return normalize(pixels, sample.mean, sample.std)
+    return normalize(fit_to_model(pixels, loaded, sample.num_frames), sample.mean, sample.std)
+
+
+def fit_to_model(pixels: torch.Tensor, loaded: Loaded, num_frames: int) -> torch.Tensor:
+    """Images [N, 3, S, S] or clips [N, 3, T, S, S] -> what `loaded.model` takes: for a video model an image
+    repeated over `num_frames` frames, for an image model a clip's first frame."""
+    if pixels.dim() == 4 and loaded.is_video:
+        return pixels[:, :, None].expand(-1, -1, num_frames, -1, -1)
+    if pixels.dim() == 5 and not loaded.is_video:
+        return pixels[:, :, 0]
+    return pixels

@@ -2,7 +2,7 @@
 
     accelerate launch finetune/main.py --config configs/finetune/demo.yaml [key=value ...]
     accelerate launch finetune/main.py --config configs/finetune/demo.yaml eval_only=true \
-        model.pretrained=runs/demo/finetune
+        model.pretrained=runs/demo/finetune output_dir=runs/demo/evaluation
 
 Setup only: the loop is engine.trainer.Trainer; the step and the evaluation are finetune.task.FinetuneTask.
 Results: TensorBoard logs in output_dir/tb, metrics.json (top1, top5, top1_shuffled in percent; mAP for
@@ -17,6 +17,7 @@ import torch
 from accelerate import Accelerator
 
 from engine import tracking
+from engine.checkpoint import check_output_dir_is_free
 from engine.config import RunConfig, parse_args, to_yaml
 from engine.errors import one_line_errors
 from engine.tblog import TrainLogger
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     cfg = parse_args(__doc__, argv)
     task = FinetuneTask()
     with one_line_errors(TypeError, KeyError):  # bad keys, model overrides or checkpoints: before any work
+        check_output_dir_is_free(cfg)
         if cfg.eval_only or features_suffice(cfg):
             accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
                                       log_with=tracking.log_with(cfg) or None)

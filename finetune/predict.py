@@ -23,10 +23,9 @@ from pathlib import Path
 import torch
 
 from data import DecodeError
-from engine.config import ConfigError
-from models import CheckpointError
+from engine.errors import one_line_errors
 
-from .inference import Loaded, file_clips, load_model
+from .inference import Loaded, at_least_one, file_clips, load_model
 
 
 @torch.no_grad()
@@ -54,20 +53,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("files", nargs="+", type=Path, help="videos and images")
     parser.add_argument("--checkpoint", required=True, help="fine-tuning run, checkpoint dir or file")
     parser.add_argument("--model", help="architecture of a checkpoint that does not name it, e.g. hiera_base_16x224")
-    parser.add_argument("--spatial-views", type=int, help="crops across the frame (default: the run's)")
-    parser.add_argument("--temporal-views", type=int, help="clips along the video (default: the run's)")
-    parser.add_argument("--top", type=int, default=5, help="classes shown per file")
+    parser.add_argument("--spatial-views", type=at_least_one, help="crops across the frame (default: the run's)")
+    parser.add_argument("--temporal-views", type=at_least_one, help="clips along the video (default: the run's)")
+    parser.add_argument("--top", type=at_least_one, default=5, help="classes shown per file")
     parser.add_argument("--threshold", type=float, default=0.5,
                         help="multi-label models: show the classes whose sigmoid score reaches this")
-    parser.add_argument("--batch-size", type=int, default=16, help="clips per forward pass")
+    parser.add_argument("--batch-size", type=at_least_one, default=16, help="clips per forward pass")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     args = parser.parse_args(argv)
-    try:
+    with one_line_errors(KeyError, TypeError):  # and weights that do not fit the architecture named
         loaded = load_model(args.checkpoint, args.model, need_head=True)
-    except (CheckpointError, ConfigError, KeyError, TypeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     device = torch.device(args.device)
     loaded.model.to(device)
     views = (args.spatial_views, args.temporal_views)

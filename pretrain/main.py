@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from engine.checkpoint import check_output_dir_is_free
 from engine.config import parse_args
 from engine.errors import one_line_errors
 from engine.trainer import Trainer
@@ -20,6 +21,7 @@ from pretrain.task import PretrainTask
 def main(argv: list[str] | None = None) -> dict[str, float]:
     cfg = parse_args(__doc__, argv)
     with one_line_errors(TypeError, KeyError):  # and bad model overrides: before any work
+        check_output_dir_is_free(cfg)
         trainer = Trainer(PretrainTask(), cfg)
     with one_line_errors():  # e.g. data that fails to load: the run stops before it writes anything more
         metrics = trainer.fit()

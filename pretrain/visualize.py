@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     channel_stats = resolve_normalization(d, cfg.model.name, encoder_file(checkpoint))
     sample = SampleConfig(train=False, num_frames=d.num_frames, sampling_rate=d.sampling_rate, target_fps=d.target_fps,
                           sampling=d.sampling, crop_size=d.crop_size, mask_grid=model.mask_unit_grid,
-                          mask_ratio=model.mask_ratio, mean=channel_stats.mean, std=channel_stats.std)
+                          mask_ratio=model.mask_ratio, mean=channel_stats.mean, std=channel_stats.std,
+                          max_pixels=d.max_pixels)
     source = Path(args.input)
     view = SampleProcessor(sample)(source.read_bytes(), source.suffix.lstrip("."), args.seed, 0, 0)[0]
     x, mask = normalize(view["pixels"][None], sample.mean, sample.std), view["mask"][None]

@@ -68,24 +68,54 @@ def test_a_first_batch_that_all_fails_stops_at_once(tmp_path):
 
 def digest(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "config.yaml"}
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_garbage_stops_before_the_first_step_and_leaves_a_good_run_alone(good_shards, tmp_path, capsys):
+    """A fresh run pointed at a finished run's output_dir is refused before it writes anything (it used to replace
+    that run's config.yaml at once, and on garbage data its checkpoints and export); in a folder of its own, a run
+    on garbage stops on the data before its first step and writes no checkpoint or export, which leaves that
+    folder free for the run on fixed data."""
     out = tmp_path / "run"
     pretrain_main.main([*RUN, f"data.train={good_shards}", f"output_dir={out}"])
     before = digest(out)
     assert any("checkpoint-00000002" in name for name in before) and "encoder.safetensors" in before
     garbage = mixed_shards(tmp_path / "garbage", good=0, bad=12)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as stopped:
-        pretrain_main.main([*RUN, f"data.train={garbage}", f"output_dir={out}"])
-    assert stopped.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: before step 1, all 1 ranks: 4 of 4 samples failed to load")
-    after = digest(out)  # no checkpoint or export written or replaced (a new, empty event file is all)
-    assert {name: after[name] for name in before} == before
-    assert {name for name in after if name not in before and not name.startswith("tb/")} == set()
+
+    def stopped_with(output_dir: Path) -> str:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as stopped:
+            pretrain_main.main([*RUN, f"data.train={garbage}", f"output_dir={output_dir}"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert stopped.value.code == 2 and len(err) == 1, err
+        return err[0]
+
+    assert stopped_with(out) == (f"error: output_dir={out} holds the checkpoints of an earlier run (the latest: "
+                                 f"checkpoint-00000002): continue it with resume=auto, or give a new output_dir")
+    assert digest(out) == before  # config.yaml included
+    assert stopped_with(tmp_path / "new").startswith("error: before step 1, all 1 ranks: 4 of 4 samples failed")
+    assert {name.split("/")[0] for name in digest(tmp_path / "new")} == {"config.yaml", "tb"}
+    pretrain_main.main([*RUN, f"data.train={good_shards}", f"output_dir={tmp_path / 'new'}"])  # data fixed: free
+    assert (tmp_path / "new" / "checkpoint-00000002").is_dir()
+
+
+def test_finetuning_and_evaluation_refuse_an_output_dir_with_another_runs_files(good_shards, tmp_path, capsys):
+    """The fine-tuning app does the same before it writes anything, for training and for eval_only."""
+    out = tmp_path / "run"
+    pretrain_main.main([*RUN, f"data.train={good_shards}", f"output_dir={out}"])
+    before = digest(out)
+    finetune = ["--config", "configs/finetune/fmnist_hiera.yaml", f"model.pretrained={out}",
+                f"data.train={good_shards}", f"output_dir={out}", *RUN[2:]]
+    for extra, way in (((), "continue it with resume=auto, or give a new output_dir"),
+                       (("eval_only=true",), "evaluate into a new output_dir (eval_only would replace its "
+                                             "config.yaml and metrics.json)")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as stopped:
+            finetune_main.main([*finetune, *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert stopped.value.code == 2 and err == [f"error: output_dir={out} holds the checkpoints of an earlier run "
+                                                   f"(the latest: checkpoint-00000002): {way}"]
+    assert digest(out) == before
 
 
 @pytest.mark.parametrize("info, message", [

@@ -51,6 +51,7 @@ def test_base_inheritance_and_overrides(tmp_path):
     ("train.mixed_precision=bf61", "train.mixed_precision='bf61': use no, bf16 or fp16"),
     ("train.fsdp_reduce_dtype=float32", "train.fsdp_reduce_dtype='float32': use fp32, bf16 or fp16"),
     ("data.sampling=tsn", "data.sampling='tsn': use clip or segment"),
+    ("data.max_pixels=0", "data.max_pixels=0: must be positive"),
     ("data.flip_label_map=[[86,86]]", "data.flip_label_map: [86, 86] is not a pair of two different class ids"),
     ("data.flip_label_map=[[86,87],[87,88]]", "data.flip_label_map: class 87 is in two pairs"),
 ])
@@ -58,3 +59,4 @@ def test_values_the_run_cannot_use_are_named(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config([], [override])
     assert load_config([], []).train.mixed_precision is None  # unset: accelerate launch's flag decides
+    assert load_config([], ["data.max_pixels=8.3e6"]).data.max_pixels == 8.3e6  # a pixel count in any notation

@@ -18,7 +18,7 @@ from data.loader import ShardLoader
 from data.plan import EpochPlan
 from data.samples import SampleConfig
 from data.serve import ShardServer
-from data.shards import SampleError, ShardReader, ShardSet, index_tar, open_raw
+from data.shards import SampleError, ShardReader, ShardSet, ShardSetError, index_tar, open_raw
 from data.sources import FetchError, ShardCache, gopen_s3
 
 SAMPLE = SampleConfig(num_frames=4, sampling_rate=2, crop_size=16, repeats=1)
@@ -255,12 +255,13 @@ def test_a_plain_webdataset_pipeline_reads_our_shards(demo_shards):
 
 
 def test_small_dataset_and_changed_shards_are_named(demo_shards, tmp_path):
-    with pytest.raises(ValueError, match="16 samples are fewer than one global batch of 16 samples per rank "
+    """ShardSetErrors: the apps print them as one line (they were plain ValueErrors, a traceback)."""
+    with pytest.raises(ShardSetError, match="16 samples are fewer than one global batch of 16 samples per rank "
                                          "x 2 ranks"):
         ShardLoader(demo_shards["train"], SAMPLE, batch_size=16, world_size=2)
     state = ShardLoader(demo_shards["train"], SAMPLE, batch_size=2).state_dict()
     info = json.loads((demo_shards["train"] / "info.json").read_text())
     info["shards"] = [{**e, "name": str(demo_shards["train"] / e["name"])} for e in info["shards"][1:]]
     (tmp_path / "info.json").write_text(json.dumps(info))  # one shard fewer
-    with pytest.raises(ValueError, match="another shard list"):
+    with pytest.raises(ShardSetError, match="another shard list"):
         ShardLoader(tmp_path, SAMPLE, batch_size=2).load_state_dict(state)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -106,6 +107,8 @@ def section_pretrain(args: argparse.Namespace, out: Path) -> dict:
                f"data.train={shards}", f"output_dir={out / 'pretrain'}", f"train.max_steps={steps}",
                f"log.every={every}", "log.visualize_every=0",
                "log.progress=false", f"train.checkpoint_every={steps}", f"data.num_workers={workers}"]
+    # A fresh run each time: the check times a start from scratch, and the app refuses a folder holding a run.
+    shutil.rmtree(out / "pretrain", ignore_errors=True)
     started = time.perf_counter()
     code = run_limited(command, LIMITS["pretrain"] - 5, out / "pretrain.log")
     tags = set()

@@ -42,6 +42,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from engine.config import ConfigError, RunConfig, load_config
+from engine.errors import one_line_errors
 from engine.preemption import REQUEUE_EXIT_CODE
 from models import create_model
 from models.mae import MAEConfig
@@ -295,12 +296,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        results = sweep(args.ladder, args.out, torch.device(args.device), args.batch, args.warmup, args.iters,
-                        args.train, tuple(shlex.split(args.pretrain_args)), tuple(shlex.split(args.finetune_args)),
-                        args.seeds)
-    except ConfigError as err:  # a bad ladder or row config, found before any timing
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from err
+        with one_line_errors():  # e.g. a bad ladder or row config, found before any timing
+            results = sweep(args.ladder, args.out, torch.device(args.device), args.batch, args.warmup, args.iters,
+                            args.train, tuple(shlex.split(args.pretrain_args)),
+                            tuple(shlex.split(args.finetune_args)), args.seeds)
     except RunFailedError as err:  # a preempted run (75) asks for a requeue: the rerun continues where it stopped
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(REQUEUE_EXIT_CODE if err.exit_code == REQUEUE_EXIT_CODE else 1) from err
