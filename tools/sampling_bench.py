@@ -71,11 +71,12 @@ def finetune(out: Path, shards: dict[str, Path], sampling: str, seed: int, encod
                  "log.progress=false", "resume=auto", *start, *extra]
     log = out / "logs" / f"seed{seed}_{sampling}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a") as f:
-        code = subprocess.call([sys.executable, "-m", "finetune.main", "--config", str(CONFIG), *overrides],
-                               cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
-    if code:
-        raise BenchError(f"fine-tuning with {sampling} sampling failed (exit {code}); see {log}")
+    if not (run / "metrics.json").is_file():  # written by the final evaluation: the fine-tuning is done
+        with open(log, "a") as f:
+            code = subprocess.call([sys.executable, "-m", "finetune.main", "--config", str(CONFIG), *overrides],
+                                   cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+        if code:
+            raise BenchError(f"fine-tuning with {sampling} sampling failed (exit {code}); see {log}")
     val = json.loads((run / "metrics.json").read_text())
     cfg = load_config([str(CONFIG)], overrides)
     test_shards = ShardSet.load(str(shards["test"]))
