@@ -5,7 +5,7 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score
 
-from finetune.average_precision import multi_label_metrics
+from engine.average_precision import multi_label_metrics
 from finetune.evaluate import average_views
 from finetune.multi_hot import MultiHotMixup, smooth
 
