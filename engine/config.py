@@ -149,6 +149,9 @@ class KnnConfig:
     max_samples: int | None = None  # use only the first this many samples of each set
     k: int = 20
     temperature: float = 0.07
+    # GiB per rank: the decoded views of the rank's share of the sets (the bank first) stay in memory between
+    # measurements when they fit (no decoding, no worker processes after the first); 0: decode every time
+    keep_views_gb: float = 2.0
 
 
 @dataclass
@@ -254,6 +257,8 @@ def check_values(config: RunConfig) -> None:
         raise ConfigError(f"eval.export={config.eval.export!r}: use last or best")
     if config.eval.knn.temperature <= 0:
         raise ConfigError(f"eval.knn.temperature={config.eval.knn.temperature}: must be positive")
+    if config.eval.knn.keep_views_gb < 0:
+        raise ConfigError(f"eval.knn.keep_views_gb={config.eval.knn.keep_views_gb}: cannot be negative")
     if config.train.checkpoint_minutes is not None and config.train.checkpoint_minutes <= 0:
         raise ConfigError(f"train.checkpoint_minutes={config.train.checkpoint_minutes}: must be positive (or unset)")
     try:

@@ -173,9 +173,12 @@ def train_loader(cfg: RunConfig, rank: int, world_size: int, input_size: tuple[i
 
 
 def eval_loader(cfg: RunConfig, rank: int, world_size: int, input_size: tuple[int, ...],
-                shards: str | ShardSet | None = None, views: tuple[int, int] | None = None) -> ShardLoader:
+                shards: str | ShardSet | None = None, views: tuple[int, int] | None = None,
+                labels_follow_config: bool = True) -> ShardLoader:
     """Every sample of `shards` (default `data.val`) exactly once across ranks, in shard order, as the views of
-    `eval_sample` (`views`: other spatial x temporal counts)."""
+    `eval_sample` (`views`: other spatial x temporal counts). The shards' labels must be of the kind that
+    `data.multi_label` says, unless `labels_follow_config` is False (the k-NN monitor's sets, which it judges
+    by their own kind)."""
     check_geometry(cfg, input_size)
     d = cfg.data
     shards = shards if isinstance(shards, ShardSet) else ShardSet.load(shards or d.val, d.fetch_retries)
@@ -185,5 +188,43 @@ def eval_loader(cfg: RunConfig, rank: int, world_size: int, input_size: tuple[in
                          max_fail_fraction=d.max_fail_fraction, max_fail_count=d.max_fail_count,
                          pin_memory=PIN_MEMORY, check_failures=False,
                          cache=shard_cache(cfg), shard_mix=1)  # evaluation gains nothing from mixing shards
-    check_label_kind(cfg, shards)
+    if labels_follow_config:
+        check_label_kind(cfg, shards)
     return loader
+
+
+class RepeatedEvalPass:
+    """Every sample of a shard set once across ranks, one centre view each (`eval_loader`), pass after pass: the
+    k-NN monitor's bank and queries. The first pass decodes. When this rank's share of the decoded views (uint8)
+    fits in `keep_bytes`, it stays in this process's memory and every later pass replays it: no worker
+    processes, no decoding (a sample's eval view never changes). Otherwise each pass decodes again, with workers
+    started for the pass: their start (about a second) is small against decoding more than `keep_bytes`, and
+    workers kept alive between passes would hold processes and shared memory through training."""
+
+    KEPT = ("video", "image", "label", "index", "valid")  # what a replayed pass needs of a batch
+
+    def __init__(self, cfg: RunConfig, rank: int, world_size: int, input_size: tuple[int, ...], shards: ShardSet,
+                 keep_bytes: float, where: str):
+        self.loader = eval_loader(cfg, rank, world_size, input_size, shards=shards, views=(1, 1),
+                                  labels_follow_config=False)
+        self.sample, self.where = self.loader.sample, where
+        frames = 1 if shards.media == "image" else self.sample.num_frames
+        share = len(self.loader) * self.loader.batch_size * 3 * frames * self.sample.crop_size**2
+        self.keep = share <= keep_bytes  # the same on every rank: their shares are padded to equal batches
+        self.kept_bytes = share if self.keep else 0
+        self.kept: list[dict] | None = None
+
+    def batches(self, accelerator: Accelerator):
+        """The batches of one pass; all ranks at once (a decoding pass ends with `check_failures`)."""
+        if self.kept is not None:
+            yield from self.kept
+            return
+        kept = []
+        self.loader.set_epoch(0)  # every pass as the first: the same views
+        for batch in self.loader:
+            if self.keep:  # out of shared memory, where batches from workers live, into this process's
+                kept.append({k: v.clone() if v.is_shared() else v for k, v in batch.items() if k in self.KEPT})
+            yield batch
+        check_failures(self.loader, accelerator, self.where)
+        if self.keep:
+            self.kept, self.loader = kept, None

@@ -4,7 +4,7 @@ Each validation video comes as S spatial x T temporal views (adjacent rows of on
 the video's position in the epoch). Softmax scores are averaged over a video's views, the per-video scores
 of all ranks are gathered, and top-1 / top-5 / per-class accuracy and the confusion matrix are computed from
 them. Multi-label data (Charades) takes sigmoid scores, merged by their maximum over a video's views, and
-reports mean average precision (`average_precision.py`). The shuffled-frames evaluation runs the same views
+reports mean average precision (`engine/average_precision.py`). The shuffled-frames evaluation runs the same views
 with the frames of each clip permuted (a fixed permutation per video, seeded by its position): the accuracy it
 loses measures how much the model relies on temporal order (the MViT paper's test).
 """
@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
+from engine.average_precision import merge_views_by_max, multi_label_metrics
 from engine.gather import gather_rows
 from engine.loaders import check_failures, media_of
 from engine.tblog import TrainLogger
 
 from .ap_chart import ap_picture
-from .average_precision import merge_views_by_max, multi_label_metrics
 from .confusion import confusion_picture, picture_tensor
 
 

@@ -6,12 +6,13 @@
 
 Writes `OUT/features-00000.safetensors`, ... in chunks of `--chunk-size` samples, in shard order. Each holds
 `features` float32 [n, D] (the pooled, normed features of `forward_features`), `labels` int64 [n] (-1 when
-unlabelled), `index` int64 [n] (the sample's position in the shard set) and, with --stages, `stage{s}`
-float32 [n, C_s] (each stage's output averaged over its positions); the sample keys are the JSON list
-`keys` in the file's metadata. Several views of a sample are averaged. A chunk appears under its name only
-once complete (written to a temporary name, then renamed), so a run killed at any point and started again
-with the same command continues after the last complete chunk and ends with the same files. `OUT/info.json`
-is written at the end: counts, dimensions, class names and the samples that could not be decoded.
+unlabelled; for a multi-label shard set, multi-hot float32 [n, K]), `index` int64 [n] (the sample's position in
+the shard set) and, with --stages, `stage{s}` float32 [n, C_s] (each stage's output averaged over its positions);
+the sample keys are the JSON list `keys` in the file's metadata. Several views of a sample are averaged. A chunk
+appears under its name only once complete (written to a temporary name, then renamed), so a run killed at any
+point and started again with the same command continues after the last complete chunk and ends with the same
+files. `OUT/info.json` is written at the end: counts, dimensions, class names, whether the labels are multi-hot
+(`multi_label`) and the samples that could not be decoded.
 --checkpoint takes what finetune.predict takes, and also pretraining runs (their encoder). Images given to a
 video encoder are repeated over its frames, as finetune.predict does. Bad inputs, and data that fails past
 data.max_fail_count / max_fail_fraction, stop it with one line on stderr and exit code 2.
@@ -139,6 +140,7 @@ def export(loaded: Loaded, loader: ShardLoader, out: Path, job: dict, device: to
         with safe_open(str(out / chunk_name(c)), framework="pt") as f:
             counts.append(f.get_slice("index").get_shape()[0])
     info = {**job, "chunks": chunk, "num_samples": sum(counts), "classes": list(loader.shards.classes),
+            "multi_label": loader.shards.multi_label,
             "failed_since_start": failures}  # a resumed run lists the failures of its own part only
     (out / "info.json").write_text(json.dumps(info, indent=2))
     print(f"done: {info['num_samples']} samples in {chunk} chunk(s) in {out}")

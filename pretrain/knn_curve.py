@@ -2,9 +2,9 @@
 
     python -m pretrain.knn_curve runs/demo/pretrain [--out knn_curve.png]
 
-The picture shows k-NN top-1 and top-5 (percent) against the optimizer step, from the initial weights at
-step 0, with the chance level dotted. pretrain/main.py writes it to output_dir/knn_curve.png at the end of a
-run with the monitor on.
+The picture shows k-NN top-1 and top-5 (percent; and mAP for multi-label sets) against the optimizer step, from
+the initial weights at step 0, with the chance level dotted (single-label sets). pretrain/main.py writes it to
+output_dir/knn_curve.png at the end of a run with the monitor on.
 """
 
 from __future__ import annotations
@@ -18,12 +18,14 @@ from PIL import Image, ImageDraw
 from engine.tblog import font
 
 WIDTH, HEIGHT, LEFT, RIGHT, TOP, BOTTOM = 520, 320, 56, 20, 40, 44
-INK, GRID, TOP1, TOP5 = (30, 30, 30), (225, 225, 225), (31, 119, 180), (160, 160, 160)
+INK, GRID, TOP1, TOP5, MAP = (30, 30, 30), (225, 225, 225), (31, 119, 180), (160, 160, 160), (214, 39, 40)
 
 
 def draw_curve(metrics: dict, title: str) -> Image.Image:
-    """The k-NN history of a metrics.json (list of {"step", "top1", "top5"}) as an RGB picture."""
+    """The k-NN history of a metrics.json (list of {"step", "top1", "top5"(, "mAP")}) as an RGB picture."""
     history = metrics["knn_history"]
+    lines = (("k-NN top-1", "top1", TOP1), ("top-5", "top5", TOP5)) + (
+        (("mAP", "mAP", MAP),) if "mAP" in history[0] else ())  # (legend, key, colour)
     last_step = max(max(h["step"] for h in history), 1)
     image = Image.new("RGB", (WIDTH, HEIGHT), "white")
     draw = ImageDraw.Draw(image)
@@ -40,7 +42,7 @@ def draw_curve(metrics: dict, title: str) -> Image.Image:
     for step in (0, last_step // 2, last_step):
         draw.text((point(step, 0)[0], TOP + plot_h + 6), str(step), fill=INK, font=small, anchor="mt")
     draw.text((LEFT + plot_w / 2, HEIGHT - 8), "optimizer step", fill=INK, font=small, anchor="mb")
-    for i, (name, color) in enumerate((("k-NN top-1", TOP1), ("top-5", TOP5))):
+    for i, (name, _, color) in enumerate(lines):
         x = 8 + 90 * i
         draw.ellipse((x, HEIGHT - 17, x + 6, HEIGHT - 11), fill=color)
         draw.text((x + 10, HEIGHT - 8), name, fill=color, font=small, anchor="lb")
@@ -49,7 +51,7 @@ def draw_curve(metrics: dict, title: str) -> Image.Image:
         for x in range(LEFT, LEFT + plot_w, 8):
             draw.line((x, point(0, chance)[1], x + 3, point(0, chance)[1]), fill=INK)
         draw.text((LEFT + plot_w, point(0, chance)[1] - 2), "chance", fill=INK, font=small, anchor="rb")
-    for key, color in (("top5", TOP5), ("top1", TOP1)):
+    for _, key, color in reversed(lines):  # top-1 drawn last, over the others
         points = [point(h["step"], h[key]) for h in history]
         if len(points) > 1:
             draw.line(points, fill=color, width=2)

@@ -35,11 +35,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 def report_knn(output_dir: Path) -> None:
-    """The k-NN top-1 of the initial and the final encoder, and the curve's picture."""
+    """The k-NN top-1 (mAP for multi-label sets) of the initial and the final encoder, and the curve's picture."""
     history = json.loads((output_dir / "metrics.json").read_text())["knn_history"]
     first, last = history[0], history[-1]
-    print(f"k-NN top-1: {first['top1']:.1f}% at step {first['step']}"
-          f"{' (the random initialisation)' if first['step'] == 0 else ''}, {last['top1']:.1f}% at step "
+    key = "mAP" if "mAP" in first else "top1"
+    print(f"k-NN {key.replace('top1', 'top-1')}: {first[key]:.1f}% at step {first['step']}"
+          f"{' (the random initialisation)' if first['step'] == 0 else ''}, {last[key]:.1f}% at step "
           f"{last['step']}; curve: {write_curve(output_dir)}")
 
 

@@ -1,4 +1,5 @@
-"""How the end-to-end tests start runs: as users do, in subprocesses, one process or two gloo processes."""
+"""How the end-to-end tests start runs (as users do, in subprocesses, one process or two gloo processes), and the
+small data sets they run on."""
 
 import contextlib
 import gzip
@@ -15,6 +16,9 @@ from pathlib import Path
 import numpy as np
 import psutil
 from PIL import Image
+
+from data.make_shards.inputs import Input
+from data.make_shards.writer import shard_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
@@ -122,3 +126,21 @@ def write_idx(source: Path, images: np.ndarray, labels: np.ndarray) -> Path:
         with gzip.open(source / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
             f.write(bytes([0, 0, 8, 1]) + len(labels).to_bytes(4, "big") + labels.tobytes())
     return source
+
+
+def labelled_images(root: Path, count: int, seed: int, multi_label: bool = True) -> Path:
+    """Shards of `count` 32x32 images with 1 to 3 of 4 classes each (or only the first of them, as a class id
+    when not `multi_label`); a class brightens its own quarter of the picture."""
+    rng = np.random.default_rng(seed)
+    inputs = []
+    for i in range(count):
+        classes = tuple(sorted(rng.choice(4, size=1 + i % 3, replace=False).tolist()))
+        pixels = rng.integers(0, 120, (32, 32, 3), dtype=np.uint8)
+        for c in classes:
+            pixels[16 * (c // 2): 16 * (c // 2) + 16, 16 * (c % 2): 16 * (c % 2) + 16] += 100
+        path = root / "images" / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(path)
+        inputs.append(Input(str(path), classes if multi_label else classes[0], f"image{i}"))
+    shard_inputs(inputs, ["a", "b", "c", "d"], root / "shards", per_shard=8)
+    return root / "shards"

@@ -1,12 +1,22 @@
-"""Multi-label pieces on hand-made tensors: the multi-hot mixup, the view merge and the mAP."""
+"""Multi-label pieces on hand-made tensors: the multi-hot mixup, the view merge and the mAP; and the feature
+export of a multi-label set."""
+
+import json
 
 import numpy as np
 import pytest
 import torch
+from launch import labelled_images
+from safetensors.torch import load_file
 from sklearn.metrics import average_precision_score
 
-from finetune.average_precision import multi_label_metrics
+from data import ShardLoader
+from engine.average_precision import multi_label_metrics
+from engine.config import DataConfig, EvalConfig, load_config
+from engine.loaders import eval_sample
 from finetune.evaluate import average_views
+from finetune.features import chunk_name, export
+from finetune.inference import Loaded
 from finetune.multi_hot import MultiHotMixup, smooth
 
 
@@ -64,3 +74,20 @@ def test_views_merge_by_max_and_map_matches_sklearn():
     assert metrics["mAP"] == pytest.approx(100 * expected.mean())
     assert metrics["per_class_ap"][3] is None and metrics["classes_scored"] == 4
     assert [metrics["per_class_ap"][k] for k in kept] == pytest.approx(list(100 * expected))
+
+
+class MeanColour(torch.nn.Module):
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean((2, 3))
+
+
+def test_feature_export_of_a_multi_label_set_writes_its_multi_hot_rows(tmp_path):
+    shards = labelled_images(tmp_path / "set", 10, 0)
+    sample = eval_sample(load_config([], ["data.crop_size=32"]), is_image=True, views=(1, 1))
+    loader = ShardLoader(shards, sample, 4, shuffle=False, drop_last=False, shard_mix=1)
+    expected = torch.cat([batch["label"][batch["valid"]] for batch in loader])
+    loaded = Loaded(model=MeanColour(), name="stub", classes=(), data=DataConfig(), evaluation=EvalConfig())
+    export(loaded, loader, tmp_path, {"stages": False, "batches_per_chunk": 2}, torch.device("cpu"))
+    labels = torch.cat([load_file(tmp_path / chunk_name(c))["labels"] for c in range(2)])
+    assert expected.shape == (10, 4) and torch.equal(labels, expected)
+    assert json.loads((tmp_path / "info.json").read_text())["multi_label"] is True
