@@ -38,8 +38,11 @@ class Loaded:
     multi_label: bool = False  # independent classes: sigmoid scores (a run with data.multi_label)
 
     @property
-    def is_video(self) -> bool:
-        return len(self.model.config.input_size) == 3
+    def is_video(self) -> bool | None:
+        """Whether the model takes clips; None for a model without a registry config (a stand-in such as the
+        benchmark's raw pixels), which takes what it is given."""
+        config = getattr(self.model, "config", None)
+        return None if config is None else len(config.input_size) == 3
 
 
 def at_least_one(text: str) -> int:
@@ -139,8 +142,9 @@ def file_clips(path: Path, loaded: Loaded, views: tuple[int | None, int | None])
 def fit_to_model(pixels: torch.Tensor, loaded: Loaded, num_frames: int) -> torch.Tensor:
     """Images [N, 3, S, S] or clips [N, 3, T, S, S] -> what `loaded.model` takes: for a video model an image
     repeated over `num_frames` frames, for an image model a clip's first frame."""
-    if pixels.dim() == 4 and loaded.is_video:
+    video = loaded.is_video
+    if pixels.dim() == 4 and video is True:
         return pixels[:, :, None].expand(-1, -1, num_frames, -1, -1)
-    if pixels.dim() == 5 and not loaded.is_video:
+    if pixels.dim() == 5 and video is False:
         return pixels[:, :, 0]
     return pixels

@@ -74,4 +74,7 @@ def test_a_signal_to_one_rank_stops_both_at_one_step_with_the_requeue_code(demo_
     for rank in (0, 1):
         saved = checkpoint.read_checkpoint(latest, rank)
         assert saved["rank"]["step"] == saved["state"]["progress"]["step"] == stopped["step"]
-    assert (out / "checkpoint-00000003").is_dir()  # the earlier checkpoints stay
+    # The earlier checkpoints stay (the last train.keep_checkpoints of them: with background writes the ranks may
+    # pass step 6 before the signal arrives).
+    kept = sorted(p.name for p in out.glob("checkpoint-*"))
+    assert len(kept) >= 2 and kept[-1] == latest.name, kept

@@ -18,6 +18,7 @@ from finetune.evaluate import average_views
 from finetune.features import chunk_name, export
 from finetune.inference import Loaded
 from finetune.multi_hot import MultiHotMixup, smooth
+from models import IMAGENET
 
 
 def numbered_images(batch: int, size: int = 16) -> torch.Tensor:
@@ -86,7 +87,8 @@ def test_feature_export_of_a_multi_label_set_writes_its_multi_hot_rows(tmp_path)
     sample = eval_sample(load_config([], ["data.crop_size=32"]), is_image=True, views=(1, 1))
     loader = ShardLoader(shards, sample, 4, shuffle=False, drop_last=False, shard_mix=1)
     expected = torch.cat([batch["label"][batch["valid"]] for batch in loader])
-    loaded = Loaded(model=MeanColour(), name="stub", classes=(), data=DataConfig(), evaluation=EvalConfig())
+    loaded = Loaded(model=MeanColour(), name="stub", classes=(), data=DataConfig(), evaluation=EvalConfig(),
+                    normalization=IMAGENET)
     export(loaded, loader, tmp_path, {"stages": False, "batches_per_chunk": 2}, torch.device("cpu"))
     labels = torch.cat([load_file(tmp_path / chunk_name(c))["labels"] for c in range(2)])
     assert expected.shape == (10, 4) and torch.equal(labels, expected)
