@@ -3,7 +3,8 @@
     output_dir/checkpoint-00001000/
         model.safetensors      the whole model (for the MAE: encoder + decoder)
         encoder.safetensors    the encoder alone, for fine-tuning; metadata {"model": registered name,
-                               "overrides": JSON of the create_model overrides}
+                               "overrides": JSON of the create_model overrides, "mean" / "std": the input
+                               normalisation (engine/exported.py)}
         optimizer.pt           optimizer state (tensors and plain containers: torch.load(weights_only=True))
         rng-rank{r}.pt         each rank's torch / numpy / python RNG states (tensors only)
         rank{r}.json           each rank's step and data position with its own failure counters
