@@ -42,3 +42,11 @@ def test_clip_and_segment_sampling_fine_tune_the_same_clips(tmp_path):
     assert len([r for r in (out / "table.md").read_text().splitlines() if r.startswith("| ")]) == 1 + 2
     with pytest.raises(FashionMnistError, match="clips of \\[24\\] frames, not 16"):
         write_clips(out / "clips", {"train": 20})
+
+
+def test_a_missing_encoder_stops_with_one_line(tmp_path):
+    missing = tmp_path / "encoder.safetensors"
+    run = subprocess.run([sys.executable, "-m", "tools.sampling_bench", "--out", str(tmp_path / "b"), "--encoder",
+                          str(missing)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and run.stderr.strip().splitlines() == [f"error: --encoder {missing}: no such file"]
+    assert not (tmp_path / "b").exists()  # stopped before writing anything

@@ -26,15 +26,15 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from data import DataFailureError, ShardLoader, ShardSet
+from data import ShardLoader, ShardSet
 from data.fashion_mnist import FashionMnistError
 from data.make_shards.writer import shard_inputs
 from data.moving_fashion_mnist import DIRECTIONS, clip_inputs
-from engine.config import ConfigError, load_config
+from engine.config import load_config
+from engine.errors import one_line_errors
 from engine.loaders import eval_sample
 from finetune.evaluate import evaluate
 from finetune.inference import load_model
-from models import CheckpointError
 from tools.real_bench import SPLIT_SEED, VAL_FRACTION, BenchError, class_balanced, split_off
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = {"frames": args.frames, "clips": list(args.clips), "epochs": args.epochs, "seeds": args.seeds,
                 "encoder": str(args.encoder) if args.encoder else None}
-    try:
+    with one_line_errors(BenchError, FashionMnistError):
         if args.encoder and not args.encoder.is_file():
             raise BenchError(f"--encoder {args.encoder}: no such file")
         shards = make_shards(args.out, tuple(args.clips), args.frames)
@@ -133,9 +133,6 @@ def main(argv: list[str] | None = None) -> int:
                                                QUICK if args.quick else ()))
                 print(f"seed {seed}, {sampling}: {runs[sampling][-1]['top1']:.1f}% on test", flush=True)
         report(runs, args.out, settings)
-    except (BenchError, FashionMnistError, ConfigError, CheckpointError, DataFailureError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     print(f"{args.out}/results.json, table.md")
     return 0
 
