@@ -8,13 +8,14 @@ from contextlib import AbstractContextManager
 from data import DataFailureError, FetchError, ShardSetError
 from data.errors import InputError
 from data.errors import one_line_errors as _one_line_errors
-from models import CheckpointError
+from models import CheckpointError, ModelConfigError
 
 from .config import ConfigError
 
 # A path given that cannot be used as such: missing, a file where a folder goes (or the other way), not allowed.
 PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
-USER_ERRORS = (ConfigError, CheckpointError, DataFailureError, ShardSetError, FetchError, InputError, *PATH_ERRORS)
+USER_ERRORS = (ConfigError, CheckpointError, ModelConfigError, DataFailureError, ShardSetError, FetchError, InputError,
+               *PATH_ERRORS)
 
 
 def one_line_errors(*also: type[BaseException]) -> AbstractContextManager[None]:

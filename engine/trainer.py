@@ -151,7 +151,9 @@ class Trainer:
         self.startup.lap("shards")
         self.steps_per_pass = len(self.loader) // cfg.train.accum_steps
         if self.steps_per_pass == 0:
-            raise ValueError(f"{cfg.data.train}: fewer batches than train.accum_steps={cfg.train.accum_steps}")
+            raise ConfigError(f"{cfg.data.train}: {len(self.loader)} batches of {cfg.train.batch_size}, fewer than "
+                              f"train.accum_steps={cfg.train.accum_steps}: lower train.accum_steps or "
+                              "train.batch_size, or add data")
         self.total_steps, warmup = schedule(cfg, self.steps_per_pass)
         total_batch = cfg.train.batch_size * self.world * cfg.train.accum_steps
         lr = cfg.train.base_lr * total_batch / 256

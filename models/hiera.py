@@ -19,7 +19,7 @@ from timm.layers import DropPath, Mlp, resample_abs_pos_embed
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .registry import KINETICS, register_model
+from .registry import KINETICS, ModelConfigError, register_model
 
 MAE_ONLY_KEY_PREFIXES = ("mask_token", "decoder_", "encoder_norm.", "multi_scale_fusion_heads.")
 
@@ -51,20 +51,20 @@ class HieraConfig:
         dims = len(self.input_size)
         for field in ("q_stride", "mask_unit_size", "patch_kernel", "patch_stride", "patch_padding"):
             if len(getattr(self, field)) != dims:
-                raise ValueError(f"Hiera: {field}={getattr(self, field)} needs {dims} entries like input_size")
+                raise ModelConfigError(f"Hiera: {field}={getattr(self, field)} needs {dims} entries like input_size")
         if not 0 <= self.q_pool < len(self.stages):
-            raise ValueError(f"Hiera: q_pool={self.q_pool} must be in [0, {len(self.stages) - 1}]")
+            raise ModelConfigError(f"Hiera: q_pool={self.q_pool} must be in [0, {len(self.stages) - 1}]")
         if len(self.mask_unit_attn) != len(self.stages):
-            raise ValueError("Hiera: mask_unit_attn needs one flag per stage")
+            raise ModelConfigError("Hiera: mask_unit_attn needs one flag per stage")
         unroll = tuple(s ** (len(self.stages) - 1) for s in self.q_stride)
         if self.mask_unit_size != unroll:
-            raise ValueError(f"Hiera: mask_unit_size {self.mask_unit_size} must equal q_stride ** (stages - 1) "
-                             f"= {unroll}")
+            raise ModelConfigError(f"Hiera: mask_unit_size {self.mask_unit_size} must equal q_stride ** (stages - 1) "
+                                   f"= {unroll}")
         if self.sep_pos_embed and dims != 3:
-            raise ValueError("Hiera: sep_pos_embed needs a video input_size (T, H, W)")
+            raise ModelConfigError("Hiera: sep_pos_embed needs a video input_size (T, H, W)")
         for size, patch, unit in zip(self.input_size, self.patch_stride, self.mask_unit_size):
             if size % patch or (size // patch) % unit:
-                raise ValueError(
+                raise ModelConfigError(
                     f"Hiera: input_size {self.input_size} / patch_stride {self.patch_stride} must give a token "
                     f"grid divisible by the mask unit {self.mask_unit_size}"
                 )

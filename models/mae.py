@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .hiera import MAE_ONLY_KEY_PREFIXES, HieraBlock, mask_to_keep_indices, run_block
-from .registry import create_model, model_class, register_prefix, replace_config
+from .registry import ModelConfigError, create_model, model_class, register_prefix, replace_config
 from .targets import denorm_pix, hog_targets, norm_pix, patchify, unpatchify
 
 
@@ -41,9 +41,9 @@ class MAEConfig:
 
     def __post_init__(self):
         if self.target not in ("pixel", "hog"):
-            raise ValueError(f"MAE target must be 'pixel' or 'hog', not {self.target!r}")
+            raise ModelConfigError(f"MAE target must be 'pixel' or 'hog', not {self.target!r}")
         if self.mask_ratio is not None and not 0.0 <= self.mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in [0, 1), not {self.mask_ratio}")
+            raise ModelConfigError(f"mask_ratio must be in [0, 1), not {self.mask_ratio}")
 
 
 def random_keep_indices(batch: int, num_units: int, num_keep: int, device: torch.device,
@@ -70,8 +70,8 @@ class MaskedAutoencoder(nn.Module):
         self.num_mask_units = enc.num_mask_units
         self.num_keep = int(self.num_mask_units * (1 - self.mask_ratio))
         if self.num_keep < 1:
-            raise ValueError(f"mask_ratio {self.mask_ratio} keeps no unit of {self.num_mask_units}: lower it or use "
-                             f"a larger input_size")
+            raise ModelConfigError(f"mask_ratio {self.mask_ratio} keeps no unit of {self.num_mask_units}: lower it "
+                                   f"or use a larger input_size")
         self.mask_unit_grid = tuple(enc.mask_unit_grid)
 
         # Fuse each stage whose resolution differs from the next one, and the last stage.

@@ -41,7 +41,7 @@ from .mvitv2_geometry import (
     rel_pos_table,
     to_windows,
 )
-from .registry import KINETICS, register_model
+from .registry import KINETICS, ModelConfigError, register_model
 
 _POOL_OPS = {"conv": None, "max": (F.max_pool2d, F.max_pool3d), "avg": (F.avg_pool2d, F.avg_pool3d)}
 _HEAD_POOLS = ("cls", "mean", "mean_then_norm")
@@ -87,20 +87,20 @@ class MViTv2Config:
         for field in ("q_stride", "kv_stride", "pool_kernel", "patch_kernel", "patch_stride", "patch_padding",
                       "mask_unit_size"):
             if len(getattr(self, field)) != dims:
-                raise ValueError(f"MViTv2: {field}={getattr(self, field)} needs {dims} entries like input_size")
+                raise ModelConfigError(f"MViTv2: {field}={getattr(self, field)} needs {dims} entries like input_size")
         if self.pool_mode not in _POOL_OPS:
-            raise ValueError(f"MViTv2: pool_mode={self.pool_mode!r} must be one of {sorted(_POOL_OPS)}")
+            raise ModelConfigError(f"MViTv2: pool_mode={self.pool_mode!r} must be one of {sorted(_POOL_OPS)}")
         if self.head_pool not in _HEAD_POOLS or (self.head_pool == "cls") != self.cls_token:
-            raise ValueError(f"MViTv2: head_pool={self.head_pool!r} must be one of {_HEAD_POOLS}, 'cls' exactly "
-                             f"when cls_token (={self.cls_token})")
+            raise ModelConfigError(f"MViTv2: head_pool={self.head_pool!r} must be one of {_HEAD_POOLS}, 'cls' exactly "
+                                   f"when cls_token (={self.cls_token})")
         if not 0 <= self.q_pool < len(self.stages) or len(self.mask_unit_attn) != len(self.stages):
-            raise ValueError("MViTv2: q_pool must be below the number of stages; mask_unit_attn needs one flag "
-                             "per stage")
+            raise ModelConfigError("MViTv2: q_pool must be below the number of stages; mask_unit_attn needs one flag "
+                                   "per stage")
         if any(self.mask_unit_attn) and (self.kv_pool or self.cls_token):
-            raise ValueError("MViTv2: mask-unit attention replaces kv pooling and has no place for a cls token: "
-                             "set kv_pool=False, cls_token=False")
+            raise ModelConfigError("MViTv2: mask-unit attention replaces kv pooling and has no place for a cls token: "
+                                   "set kv_pool=False, cls_token=False")
         if self.sep_pos_embed and (self.rel_pos or dims != 3):
-            raise ValueError("MViTv2: sep_pos_embed is for absolute positions (rel_pos=False) of video")
+            raise ModelConfigError("MViTv2: sep_pos_embed is for absolute positions (rel_pos=False) of video")
 
     @property
     def token_grid(self) -> Grid:
@@ -488,15 +488,16 @@ class MViTv2(nn.Module):
         that a unit's pooled tokens are exactly its share of the dense pooled grid (true positions stay exact)."""
         unit, shapes = self.config.mask_unit_size, []
         if any(t % u for t, u in zip(self.token_grid, unit)):
-            raise ValueError(f"MViTv2: the token grid {self.token_grid} is not a whole number of mask units {unit}")
+            raise ModelConfigError(f"MViTv2: the token grid {self.token_grid} is not a whole number of mask units "
+                                   f"{unit}")
         for i, spec in enumerate(self.plan):
             for kernel, stride in ((spec.q_kernel, spec.q_stride), (spec.kv_kernel, spec.kv_stride),
                                    (spec.skip_kernel, spec.q_stride)):
                 share = tuple(u // s for u, s in zip(unit, stride))
                 if kernel is not None and (any(u % s for u, s in zip(unit, stride))
                                            or pooled_grid(unit, kernel, stride) != share):
-                    raise ValueError(f"MViTv2 block {i}: pooling stride {stride} (kernel {kernel}) does not tile "
-                                     f"the mask unit of {unit} tokens; masked pretraining needs it to")
+                    raise ModelConfigError(f"MViTv2 block {i}: pooling stride {stride} (kernel {kernel}) does not tile "
+                                           f"the mask unit of {unit} tokens; masked pretraining needs it to")
             unit = pooled_grid(unit, spec.q_kernel, spec.q_stride)
             if i in self.stage_ends:
                 shapes.append(unit)

@@ -14,7 +14,9 @@ from data.make_shards.folder import folder_inputs
 from data.make_shards.writer import shard_inputs
 from data.synthetic import write_shard_dir
 from finetune import features, predict
+from finetune import main as finetune_main
 from models import CheckpointError
+from pretrain import main as pretrain_main
 from tools import sweep
 
 LADDER = "configs/ablation/image_cpu.ladder.yaml"
@@ -97,3 +99,21 @@ def test_sweep_names_a_ladder_that_is_not_yaml_and_an_output_that_is_a_file(tmp_
     (tmp_path / "taken").write_text("")
     line = one_line_error(capsys, sweep.main, "--ladder", LADDER, "--out", tmp_path / "taken", "--iters", "0")
     assert line == f"error: [Errno 17] File exists: '{tmp_path / 'taken'}'"
+
+
+@pytest.mark.parametrize("main", [pretrain_main.main, finetune_main.main], ids=["pretrain", "finetune"])
+def test_a_model_override_that_cannot_be_built_is_one_line(main, image_shards, tmp_path, capsys):
+    """A mask unit that the pooling does not tile was the model's ValueError with a traceback."""
+    config = "configs/pretrain/demo.yaml" if main is pretrain_main.main else "configs/finetune/demo.yaml"
+    line = one_line_error(capsys, main, "--config", config, "model.extra.mask_unit_size=[2,4,4]",
+                          f"data.train={image_shards}", f"data.val={image_shards}", f"output_dir={tmp_path / 'run'}")
+    assert line.startswith("error: Hiera: mask_unit_size (2, 4, 4) must equal q_stride"), line
+
+
+def test_fewer_batches_than_accumulation_steps_is_one_line(image_shards, tmp_path, capsys):
+    line = one_line_error(capsys, pretrain_main.main, "--config", "configs/pretrain/demo.yaml",
+                          "model.input_size=[64,64]", "data.crop_size=64", "model.name=mae_hiera_tiny_224", "model.extra={}",
+                          f"data.train={image_shards}", "train.batch_size=2", "train.accum_steps=64",
+                          f"output_dir={tmp_path / 'run'}")
+    assert line == (f"error: {image_shards}: 6 batches of 2, fewer than train.accum_steps=64: lower "
+                    "train.accum_steps or train.batch_size, or add data"), line
