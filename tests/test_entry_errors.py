@@ -112,7 +112,8 @@ def test_a_model_override_that_cannot_be_built_is_one_line(main, image_shards, t
 
 def test_fewer_batches_than_accumulation_steps_is_one_line(image_shards, tmp_path, capsys):
     line = one_line_error(capsys, pretrain_main.main, "--config", "configs/pretrain/demo.yaml",
-                          "model.input_size=[64,64]", "data.crop_size=64", "model.name=mae_hiera_tiny_224", "model.extra={}",
+                          "model.input_size=[64,64]", "data.crop_size=64", "model.name=mae_hiera_tiny_224",
+                          "model.extra={}",
                           f"data.train={image_shards}", "train.batch_size=2", "train.accum_steps=64",
                           f"output_dir={tmp_path / 'run'}")
     assert line == (f"error: {image_shards}: 6 batches of 2, fewer than train.accum_steps=64: lower "

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -200,6 +201,13 @@ def test_train_measures_each_row_per_seed_with_knn_and_resumes(tmp_path):
     before = log.stat().st_mtime_ns
     assert sweep.sweep(ladder, tmp_path / "out", torch.device("cpu"), **args)["rows"][0]["accuracy_runs"] == \
         row["accuracy_runs"] and log.stat().st_mtime_ns == before  # nothing ran again
+    shutil.rmtree(tmp_path / "out" / "f" / "seed1")  # seed 1 again, and its fine-tuning fails: the report that is
+    broken = {**args, "finetune_args": (*args["finetune_args"], "train.max_step=1")}  # left holds seed 0's run
+    with pytest.raises(RuntimeError, match="failed with exit code 2"):
+        sweep.sweep(ladder, tmp_path / "out", torch.device("cpu"), **broken)
+    [partial] = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
+    assert partial["accuracy_runs"] == row["accuracy_runs"][:1] and partial["accuracy_std"] is None
+    assert f"| {row['accuracy_runs'][0]:.1f} (1 of 2 seeds) |" in (tmp_path / "out" / "table.md").read_text()
 
 
 def test_train_refuses_without_the_finetuning_app(tmp_path, monkeypatch):

@@ -228,6 +228,21 @@ def spread(name: str, values: list[float]) -> dict:
             f"{name}_std": statistics.stdev(values) if len(values) > 1 else None, f"{name}_runs": values}
 
 
+def accuracy_fields(runs: list[dict]) -> dict:
+    """A row's accuracy and k-NN fields (mean, std, runs) from its finished train_row results."""
+    return {**spread("accuracy", [r["top1"] for r in runs]),
+            **spread("knn", [r["knn"] for r in runs if r["knn"] is not None])}
+
+
+def write_report(results: dict, out: Path) -> None:
+    """results.json, table.md, chart.png and, once a row has an accuracy, accuracy.png."""
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_table(results, out / "table.md")
+    write_chart(results, out / "chart.png")
+    if any(r["accuracy"] is not None for r in results["rows"]):
+        write_accuracy_chart(results, out / "accuracy.png")
+
+
 def sweep(ladder_path: str | Path, out: str | Path, device: torch.device, batch: int | None = None,
           warmup: int = 2, iters: int = 5, train: bool = False, pretrain_args: tuple[str, ...] = (),
           finetune_args: tuple[str, ...] = (), seeds: int = 1) -> dict:
@@ -252,14 +267,10 @@ def sweep(ladder_path: str | Path, out: str | Path, device: torch.device, batch:
     records = []
     for (row, spec), times in zip(ladder.rows.items(), seconds):
         name, overrides = encoder_spec(cfgs[row])
-        runs = [train_row(paths[row], spec, out / row / f"seed{s}", list(pretrain_args), list(finetune_args), s)
-                for s in range(seeds)] if train else []
         records.append({
             "row": row, "label": spec.label, "config": str(paths[row]), "model": name, "overrides": overrides,
             **counts[row], "throughput": batch / statistics.median(times) if times else None, "unit": ladder.unit,
-            "seconds_per_batch": times, "spread": relative_iqr(times),
-            **spread("accuracy", [r["top1"] for r in runs]),
-            **spread("knn", [r["knn"] for r in runs if r["knn"] is not None]),
+            "seconds_per_batch": times, "spread": relative_iqr(times), **accuracy_fields([]),
             **{k: v for k, v in asdict(spec).items() if k.startswith("paper_")},
         })
     base = records[0]
@@ -269,11 +280,14 @@ def sweep(ladder_path: str | Path, out: str | Path, device: torch.device, batch:
                                    if record["paper_speed"] and base["paper_speed"] else None)
     results = {"title": ladder.title, "ladder": str(ladder_path), "unit": ladder.unit, "notes": ladder.notes,
                "settings": meta, "rows": records}
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    write_table(results, out / "table.md")
-    write_chart(results, out / "chart.png")
-    if any(r["accuracy"] is not None for r in records):
-        write_accuracy_chart(results, out / "accuracy.png")
+    write_report(results, out)
+    for record, (row, spec) in zip(records, ladder.rows.items() if train else ()):
+        runs = []
+        for seed in range(seeds):  # the report follows every finished run: a long sweep shows its rows so far
+            runs.append(train_row(paths[row], spec, out / row / f"seed{seed}", list(pretrain_args),
+                                  list(finetune_args), seed))
+            record.update(accuracy_fields(runs))
+            write_report(results, out)
     return results
 
 

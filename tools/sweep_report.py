@@ -15,10 +15,12 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
     return "–" if value is None else f"{value:{spec}}{suffix}"
 
 
-def _mean_std(row: dict, name: str) -> str:
-    """'mean ± std' of a measured quantity over seeds (just the mean for one run, "–" for none)."""
-    std = row.get(f"{name}_std")
-    return _fmt(row[name], ".1f") + ("" if std is None else f" ± {std:.1f}")
+def _mean_std(row: dict, name: str, seeds: int = 1) -> str:
+    """'mean ± std' of a measured quantity over seeds (just the mean for one run, "–" for none), and how many of
+    the `seeds` runs it has while a sweep is still running them."""
+    std, done = row.get(f"{name}_std"), len(row.get(f"{name}_runs") or [])
+    return (_fmt(row[name], ".1f") + ("" if std is None else f" ± {std:.1f}")
+            + (f" ({done} of {seeds} seeds)" if 0 < done < seeds else ""))
 
 
 def describe_settings(s: dict) -> str:
@@ -34,6 +36,7 @@ def write_table(results: dict, path: Path) -> None:
     unit = results["unit"]
     settings = results["settings"]
     trained = "train" in settings
+    seeds = settings["train"].get("seeds", 1) if trained else 1
     lines = [
         f"### {results['title']}", "",
         f"| setting | params (M) | GMACs | acc, paper | acc, ours |{' k-NN, ours |' * trained} {unit}, paper "
@@ -42,10 +45,10 @@ def write_table(results: dict, path: Path) -> None:
     ]
     for r in results["rows"]:
         paper_speed = _fmt(r["paper_speed"], ".1f") + (f" {r['paper_note']}" if r["paper_note"] else "")
-        knn = f" {_mean_std(r, 'knn')} |" if trained else ""
+        knn = f" {_mean_std(r, 'knn', seeds)} |" if trained else ""
         lines.append(
             f"| {r['label']} | {r['params']:.1f} | {r['gmacs']:.2f} | {_fmt(r['paper_acc'], '.1f')} "
-            f"| {_mean_std(r, 'accuracy')} |{knn} {paper_speed} | {_fmt(r['throughput'], '.1f')} "
+            f"| {_mean_std(r, 'accuracy', seeds)} |{knn} {paper_speed} | {_fmt(r['throughput'], '.1f')} "
             f"| {_fmt(None if r['spread'] is None else 100 * r['spread'], '.0f', '%')} "
             f"| {_fmt(r['paper_speedup'], '.2f', '×')} | **{_fmt(r['speedup'], '.2f', '×')}** |")
     lines += [
@@ -54,7 +57,7 @@ def write_table(results: dict, path: Path) -> None:
         "paper's speed column) on random inputs; spread: interquartile range of its timed runs over their "
         "median. GMACs per sample (torch.utils.flop_counter; the papers' \"FLOPs\" are multiply-adds: "
         "GFLOPs = 2 × GMACs). Paper: Hiera-L size, A100, fp16 (REFERENCE.md §3). "
-        + (f"Our accuracy: fine-tuned top-1 (mean ± std over {settings['train'].get('seeds', 1)} seed(s)), and "
+        + (f"Our accuracy: fine-tuned top-1 (mean ± std over {seeds} seed(s)), and "
            f"the k-NN top-1 of the MAE-pretrained encoder, after `--train` with {settings['train']}." if trained
            else "Our accuracy is not measured (`--train` runs a pretrain + fine-tune per row)."),
     ]
