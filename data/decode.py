@@ -381,6 +381,20 @@ def decode_image(data: bytes, crops: Crops | None = None, max_pixels: float | No
         raise DecodeError(f"unreadable image: {e}") from e
 
 
+def decode_image_at_least(data: bytes, short_side: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """(image [h, w, 3] uint8 RGB, the source's (height, width)): the image shrunk by the largest whole factor that
+    keeps its short side at least ``short_side``, as it decodes (see ``_reduced_rgb``), so that memory follows the
+    size asked for, not the source's. Raises ``DecodeError``."""
+    if not data:
+        raise DecodeError("zero-byte input")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            return _reduced_rgb(image, max(1, min(width, height) // short_side)), (height, width)
+    except (OSError, Image.DecompressionBombError, SyntaxError) as e:
+        raise DecodeError(f"unreadable image: {e}") from e
+
+
 # Modes that Image.reduce averages as they are; any other (a palette's indices, 1-bit, 16-bit) goes to RGB first.
 _REDUCIBLE_MODES = ("RGB", "L", "RGBA", "LA")
 

@@ -3,6 +3,10 @@ frame far larger than its crops is converted to RGB shrunk, and a source above d
 by name and size."""
 
 import io
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +17,8 @@ from PIL import Image
 import data.decode
 from data.decode import Crops, DecodeError, decode_image, decode_video
 from data.loader import DataFailureError, ShardLoader
+from data.make_shards.encode import encode_input
+from data.make_shards.inputs import Input
 from data.samples import SampleConfig
 from data.synthetic import write_shard_dir, write_video
 from data.transforms import crop_resize
@@ -140,3 +146,42 @@ def test_a_sample_above_max_pixels_is_a_failure_naming_its_key_and_size(tmp_path
         list(loader)
     assert ("1 x 'image larger than data.max_pixels' (e.g. huge in shard-000000.tar: image larger than "
             "data.max_pixels: 160x120 = 0.0192 MP > 0.01 MP") in str(caught.value)
+
+
+_SHARD_ONE = """
+import io, json, sys
+from PIL import Image
+from data.make_shards.encode import encode_input
+from data.make_shards.inputs import Input
+def status_kib(field):
+    return int(next(l for l in open("/proc/self/status") if l.startswith(field + ":")).split()[1])
+before = status_kib("VmRSS")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+ext, payload = encode_input(Input(sys.argv[1], 0, "photo"), 224)
+print(json.dumps({"before_kib": before, "peak_kib": status_kib("VmHWM"), "ext": ext,
+                  "size": Image.open(io.BytesIO(payload)).size}))
+"""
+
+
+@pytest.mark.parametrize("fmt", ["jpg", "png"])
+def test_make_shards_short_side_decodes_a_large_image_shrunk(tmp_path, fmt):
+    """make_shards --short-side 224 on a 6000x4000 photo, in a fresh process. The JPEG decodes at 1/8 scale: the
+    peak RSS that encoding adds stays under 25 MiB. A PNG cannot decode at reduced scale, so it holds one
+    full-size decode (69 MiB here) and its file, and no RGB copies: under 1.5 copies. The old code added 322 MiB
+    to both (the full image in RGB several times over). The result is as before: the short side at 224 and the
+    picture of the full-size resize."""
+    path = tmp_path / f"photo.{fmt}"
+    photo = Image.fromarray(next(moving_pattern(6000, 4000, 1)))
+    photo.save(path, **({"quality": 90} if fmt == "jpg" else {"compress_level": 1}))
+    env = {**os.environ, "PYTHONPATH": str(Path(data.decode.__file__).parents[1])}
+    done = subprocess.run([sys.executable, "-c", _SHARD_ONE, str(path)], env=env, capture_output=True, text=True,
+                          check=True)
+    rss = json.loads(done.stdout.strip().splitlines()[-1])
+    added = (rss["peak_kib"] - rss["before_kib"]) * 1024
+    assert added < (25 * MiB if fmt == "jpg" else 1.5 * 6000 * 4000 * 3), f"encoding added {added / MiB:.0f} MiB"
+    assert rss["ext"] == "jpg" and rss["size"] == [336, 224]
+    ext, payload = encode_input(Input(str(path), 0, "photo"), 224)
+    shrunk = np.asarray(Image.open(io.BytesIO(payload)).convert("RGB"), dtype=int)
+    full = np.asarray(photo.resize((336, 224), Image.BICUBIC), dtype=int)
+    assert np.abs(shrunk - full).mean() < 3.0

@@ -1,6 +1,6 @@
 """The bytes stored for one input: its original file, or, with ``--short-side`` or a time window, a re-encoded
 copy (videos as H.264 with audio dropped, only the window's frames where the input has one; images re-saved as
-JPEG)."""
+JPEG, decoded already shrunk towards the new size)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import av
 import numpy as np
 from PIL import Image
 
-from ..decode import IMAGE_EXTENSIONS, DecodeError, decode_image, probe_video
+from ..decode import IMAGE_EXTENSIONS, DecodeError, decode_image, decode_image_at_least, probe_video
 from .inputs import Input
 
 
@@ -34,9 +34,12 @@ def encode_input(item: Input, short_side: int | None) -> tuple[str, bytes]:
     ext = path.suffix.lstrip(".").lower()
     try:
         if ext in IMAGE_EXTENSIONS:
-            image = decode_image(data)
-            if short_side and min(image.shape[:2]) > short_side:
-                return "jpg", _resize_image(image, short_side)
+            if not short_side:
+                decode_image(data)  # only to refuse what does not decode
+                return ext, data
+            image, (height, width) = decode_image_at_least(data, short_side)
+            if min(height, width) > short_side:
+                return "jpg", _resize_image(image, _scaled(width, height, short_side))
             return ext, data
         info = probe_video(data)
         smaller = short_side if short_side and min(info.width, info.height) > short_side else None
@@ -63,10 +66,10 @@ def _scaled(width: int, height: int, short_side: int) -> tuple[int, int]:
     return max(2, round(width * scale / 2) * 2), max(2, round(height * scale / 2) * 2)
 
 
-def _resize_image(image: np.ndarray, short_side: int) -> bytes:
-    width, height = _scaled(image.shape[1], image.shape[0], short_side)
+def _resize_image(image: np.ndarray, size: tuple[int, int]) -> bytes:
+    """JPEG bytes of `image` [H, W, 3] resized to `size` (width, height)."""
     out = io.BytesIO()
-    Image.fromarray(image).resize((width, height), Image.BICUBIC).save(out, format="JPEG", quality=90)
+    Image.fromarray(image).resize(size, Image.BICUBIC).save(out, format="JPEG", quality=90)
     return out.getvalue()
 
 
