@@ -17,7 +17,7 @@ from PIL import Image
 from data.decode import decode_video
 from data.fashion_mnist import CLASSES, FashionMnistError, read_idx, write_class_folders
 from data.make_shards.inputs import Input
-from data.moving_fashion_mnist import DIRECTIONS, FRAMES, SIZE, STEPS, glide, moving_clip, write_clips
+from data.moving_fashion_mnist import DIRECTIONS, FRAMES, SIZE, STEPS, glide, moving_clip, order_blind_top1, write_clips
 from finetune.probe import fit_probe
 from tools import real_bench
 from tools.real_bench import FRACTIONS, class_balanced
@@ -129,6 +129,30 @@ def test_moving_clips_keep_their_direction_until_a_wall_and_bounce(tmp_path):
                                 lambda info: np.arange(FRAMES) / info.fps)
     assert frames.shape == (FRAMES, SIZE, SIZE, 3) and info.duration * info.fps == pytest.approx(FRAMES)
     assert write_clips(tmp_path / "clips", {"train": 12}, source=tmp_path / "missing")["train"] == found["train"]
+
+
+def test_straight_clips_never_bounce_and_hold_an_order_blind_model_to_half(tmp_path):
+    """`paths="straight"`: each clip moves one way along its diagonal from first frame to last, never turning at
+    a wall, so a clip played backwards is a clip of the opposite direction: no model blind to frame order can do
+    better than 50%, where bouncing clips allow more."""
+    garment = np.full((28, 28), 200, np.uint8)
+    for direction, name in enumerate(DIRECTIONS):
+        for seed in range(20):
+            clip = moving_clip(garment, direction, np.random.default_rng(seed), paths="straight")
+            corners = np.array([np.argwhere(frame[..., 0])[0] for frame in clip])
+            assert ((corners >= 0) & (corners <= SIZE - 28)).all()
+            steps = np.sign(np.diff(corners, axis=0))
+            assert ((steps == STEPS[name]) | (steps == 0)).all() and (corners[-1] - corners[0] != 0).all()
+            assert glide(direction, np.random.default_rng(seed), np.full(2, SIZE - 28.0), paths="straight")[1] \
+                == direction
+    rng = np.random.default_rng(2)
+    source = write_idx(tmp_path / "idx", rng.integers(0, 256, (40, 28, 28), dtype=np.uint8),
+                       (np.arange(40) % 10).astype(np.uint8))
+    assert order_blind_top1("train", 40, source=source, paths="straight") == 50.0
+    assert order_blind_top1("train", 40, source=source) > 50.0
+    write_clips(tmp_path / "clips", {"train": 4}, source=source, paths="straight")
+    with pytest.raises(FashionMnistError, match=r"lists clips of \(frames, paths\) \[\(16, 'straight'\)\]"):
+        write_clips(tmp_path / "clips", {"train": 4}, source=source)  # bouncing clips asked of that folder
 
 
 def test_bad_inputs_stop_with_one_line(tmp_path, capsys):

@@ -40,7 +40,9 @@ def test_clip_and_segment_sampling_fine_tune_the_same_clips(tmp_path):
         config = (out / "seed0" / sampling / "config.yaml").read_text()
         assert f"sampling: {sampling}" in config
     assert len([r for r in (out / "table.md").read_text().splitlines() if r.startswith("| ")]) == 1 + 2
-    with pytest.raises(FashionMnistError, match="clips of \\[24\\] frames, not 16"):
+    assert results["paths"] == "bounce" and 50 <= results["order_blind_top1"] <= 100
+    assert "A model blind to frame order can reach at most" in (out / "table.md").read_text()
+    with pytest.raises(FashionMnistError, match=r"clips of \(frames, paths\) \[\(24, 'bounce'\)\], not \(16,"):
         write_clips(out / "clips", {"train": 20})
 
 
