@@ -460,13 +460,14 @@ def normalize_stages(x: torch.Tensor, widths: list[int]) -> torch.Tensor:
     return torch.cat([F.normalize(part, dim=1) for part in x.split(widths, dim=1)], dim=1)
 
 
+def mean_std(values: list[float]) -> dict:
+    """{"mean", "std" (the sample std over seeds; 0 for one run), "runs"}."""
+    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+            "runs": values}
+
+
 def collect(parts: dict, seeds: int, dataset: str, data: dict, classes: list[str]) -> dict:
     """The results.json content: top-1 (test) and val_top1 as {INIT: {EVAL: {mean, std, runs}}}."""
-
-    def stats(values: list[float]) -> dict:
-        return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
-                "runs": values}
-
     found: dict[str, dict[str, dict[str, list[float]]]] = {}
 
     def add(init: str, evaluation: str, part: dict, suffix: str = "") -> None:
@@ -481,7 +482,7 @@ def collect(parts: dict, seeds: int, dataset: str, data: dict, classes: list[str
             add(key[1], f"finetune_{key[2]}", part)
             if key[2] == "direction":
                 add(key[1], "finetune_direction_shuffled", part, "_shuffled")
-    summary = {key: {init: {e: stats(v) for e, v in evals.items()} for init, evals in table.items()}
+    summary = {key: {init: {e: mean_std(v) for e, v in evals.items()} for init, evals in table.items()}
                for key, table in found.items()}
     return {**summary, "dataset": dataset, "seeds": seeds, "counts": data["counts"], "classes": classes,
             "seconds": sum(p["seconds"] for p in parts.values()) + data["seconds"],

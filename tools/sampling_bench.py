@@ -37,7 +37,7 @@ from engine.errors import one_line_errors
 from engine.loaders import eval_sample
 from finetune.evaluate import evaluate
 from finetune.inference import load_model
-from tools.real_bench import SPLIT_SEED, VAL_FRACTION, BenchError, class_balanced, split_off
+from tools.real_bench import SPLIT_SEED, VAL_FRACTION, BenchError, class_balanced, mean_std, split_off
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs/finetune/mfmnist_hiera.yaml"
@@ -94,14 +94,10 @@ def finetune(out: Path, shards: dict[str, Path], sampling: str, seed: int, encod
     return result
 
 
-def spread(values: list[float]) -> dict:
-    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "runs": values}
-
-
 def report(runs: dict[str, list[dict]], out: Path, settings: dict) -> dict:
     """OUT/results.json ({sampling: {metric: mean, std, runs}}) and OUT/table.md."""
     metrics = ("top1", "top1_shuffled", "val_top1")
-    results = {**settings, **{s: {m: spread([r[m] for r in rs]) for m in metrics} for s, rs in runs.items()}}
+    results = {**settings, **{s: {m: mean_std([r[m] for r in rs]) for m in metrics} for s, rs in runs.items()}}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     rows = [f"| {s} | " + " | ".join(f"{results[s][m]['mean']:.1f} ± {results[s][m]['std']:.1f}" for m in metrics)
             + " |" for s in runs]
