@@ -210,6 +210,25 @@ def test_train_measures_each_row_per_seed_with_knn_and_resumes(tmp_path):
     assert f"| {row['accuracy_runs'][0]:.1f} (1 of 2 seeds) |" in (tmp_path / "out" / "table.md").read_text()
 
 
+def test_rows_split_a_ladder_between_sweeps_that_share_the_output(tmp_path):
+    """`rows` trains only those rows; the report also holds the runs that another sweep (here: the result.json
+    files it leaves) finished for the other rows, and an unknown row is refused before anything runs."""
+    out = tmp_path / "out"
+    done = {("baseline", 0): 81.0, ("baseline", 1): 80.0, ("c", 1): 82.5}
+    for (row, seed), top1 in done.items():
+        (out / row / f"seed{seed}").mkdir(parents=True)
+        (out / row / f"seed{seed}" / "result.json").write_text(json.dumps({"top1": top1, "knn": None}))
+    args = dict(iters=0, train=True, seeds=2)  # baseline's seeds are both recorded: nothing trains
+    results = sweep.sweep(ladder_path("image_fmnist"), out, torch.device("cpu"), rows=("baseline",), **args)
+    rows = {r["row"]: r for r in results["rows"]}
+    assert rows["baseline"]["accuracy_runs"] == [81.0, 80.0] and rows["c"]["accuracy_runs"] == [82.5]
+    assert all(rows[r]["accuracy"] is None for r in "abdef") and results["settings"]["train"]["rows"] == ["baseline"]
+    assert "| 82.5 (1 of 2 seeds) |" in (out / "table.md").read_text()
+    with pytest.raises(ConfigError, match="--rows g: .* has the rows baseline, a, b"):
+        sweep.sweep(ladder_path("image_fmnist"), tmp_path / "other", torch.device("cpu"), rows=("a", "g"), **args)
+    assert not (tmp_path / "other").exists()
+
+
 def test_train_refuses_without_the_finetuning_app(tmp_path, monkeypatch):
     monkeypatch.setattr(sweep, "REPO", tmp_path)  # a checkout without finetune/main.py
     with pytest.raises(ConfigError, match="finetune/main.py"):

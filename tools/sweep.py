@@ -18,7 +18,8 @@ and `model.extra`) doing classification inference, as the paper's speed column:
 apps, `--seeds N` times (seeds 0..N-1), and records the fine-tuned top-1 (`accuracy`, mean, std and runs) and,
 when the pretraining runs the k-NN monitor, its last k-NN top-1 (`knn`). Each (row, seed) writes
 `OUT/<row>/seed<s>/result.json` when done, so a rerun skips finished runs, and the apps resume interrupted ones
-(`resume=auto`). The sweep then also draws `accuracy.png`, top-1 against relative speed. The runs' length and
+(`resume=auto`). `--rows a,b` trains only those rows: sweeps that share OUT split a ladder, and each one's
+report holds every finished run. The sweep then also draws `accuracy.png`, top-1 against relative speed. The runs' length and
 data are yours to set, e.g. (Fashion-MNIST: docs/ablation.md)
     --train --pretrain-args "data.train=SHARDS train.max_steps=200" \\
             --finetune-args "--config configs/finetune/X.yaml data.train=SHARDS data.val=VAL train.max_steps=200"
@@ -222,6 +223,12 @@ def train_row(config: Path, row: LadderRow, out: Path, pretrain_args: list[str],
     return result
 
 
+def finished_runs(out: Path, seeds: int) -> list[dict]:
+    """The train_row results that a row's seeds 0..seeds-1 have recorded under `out` so far."""
+    found = (out / f"seed{seed}" / "result.json" for seed in range(seeds))
+    return [json.loads(path.read_text()) for path in found if path.is_file()]
+
+
 def spread(name: str, values: list[float]) -> dict:
     """{name: mean, name_std: sample std (None below two runs), name_runs: values}; None for no values."""
     return {name: statistics.mean(values) if values else None,
@@ -245,9 +252,16 @@ def write_report(results: dict, out: Path) -> None:
 
 def sweep(ladder_path: str | Path, out: str | Path, device: torch.device, batch: int | None = None,
           warmup: int = 2, iters: int = 5, train: bool = False, pretrain_args: tuple[str, ...] = (),
-          finetune_args: tuple[str, ...] = (), seeds: int = 1) -> dict:
-    """Measure every row of the ladder and write results.json, table.md and chart.png into `out`."""
+          finetune_args: tuple[str, ...] = (), seeds: int = 1, rows: tuple[str, ...] = ()) -> dict:
+    """Measure every row of the ladder and write results.json, table.md and chart.png into `out`.
+
+    `rows` (default: all) are the rows that `train` runs; the others report the runs that other sweeps into
+    the same `out` have finished, so that jobs can share a ladder.
+    """
     ladder = load_ladder(ladder_path)
+    unknown = sorted(set(rows) - set(ladder.rows))
+    if unknown:
+        raise ConfigError(f"--rows {','.join(unknown)}: {ladder_path} has the rows {', '.join(ladder.rows)}")
     if train and not (REPO / "finetune" / "main.py").exists():
         raise ConfigError("--train needs the fine-tuning app finetune/main.py (issue 7), which this checkout "
                          "does not have yet; run without --train for params, FLOPs and throughput")
@@ -263,7 +277,7 @@ def sweep(ladder_path: str | Path, out: str | Path, device: torch.device, batch:
             "load_avg_after": os.getloadavg()}
     if train:
         meta["train"] = {"pretrain_args": shlex.join(pretrain_args), "finetune_args": shlex.join(finetune_args),
-                         "seeds": seeds}
+                         "seeds": seeds, "rows": list(rows or ladder.rows)}
     records = []
     for (row, spec), times in zip(ladder.rows.items(), seconds):
         name, overrides = encoder_spec(cfgs[row])
@@ -280,8 +294,12 @@ def sweep(ladder_path: str | Path, out: str | Path, device: torch.device, batch:
                                    if record["paper_speed"] and base["paper_speed"] else None)
     results = {"title": ladder.title, "ladder": str(ladder_path), "unit": ladder.unit, "notes": ladder.notes,
                "settings": meta, "rows": records}
+    for record in records if train else ():
+        record.update(accuracy_fields(finished_runs(out / record["row"], seeds)))
     write_report(results, out)
     for record, (row, spec) in zip(records, ladder.rows.items() if train else ()):
+        if rows and row not in rows:
+            continue
         runs = []
         for seed in range(seeds):  # the report follows every finished run: a long sweep shows its rows so far
             runs.append(train_row(paths[row], spec, out / row / f"seed{seed}", list(pretrain_args),
@@ -304,6 +322,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pretrain-args", default="", help="extra pretrain/main.py arguments, one string")
     parser.add_argument("--finetune-args", default="", help="extra finetune/main.py arguments, one string")
     parser.add_argument("--seeds", type=int, default=1, help="--train: runs per row, with seeds 0..N-1")
+    parser.add_argument("--rows", default="", help="--train: only these rows, comma-separated (default: all); "
+                                                   "the report also shows the other rows' finished runs")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
@@ -313,7 +333,8 @@ def main(argv: list[str] | None = None) -> None:
         with one_line_errors():  # e.g. a bad ladder or row config, found before any timing
             results = sweep(args.ladder, args.out, torch.device(args.device), args.batch, args.warmup, args.iters,
                             args.train, tuple(shlex.split(args.pretrain_args)),
-                            tuple(shlex.split(args.finetune_args)), args.seeds)
+                            tuple(shlex.split(args.finetune_args)), args.seeds,
+                            tuple(r for r in args.rows.split(",") if r))
     except RunFailedError as err:  # a preempted run (75) asks for a requeue: the rerun continues where it stopped
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(REQUEUE_EXIT_CODE if err.exit_code == REQUEUE_EXIT_CODE else 1) from err
