@@ -19,8 +19,8 @@ apps, `--seeds N` times (seeds 0..N-1), and records the fine-tuned top-1 (`accur
 when the pretraining runs the k-NN monitor, its last k-NN top-1 (`knn`). Each (row, seed) writes
 `OUT/<row>/seed<s>/result.json` when done, so a rerun skips finished runs, and the apps resume interrupted ones
 (`resume=auto`). `--rows a,b` trains only those rows: sweeps that share OUT split a ladder, and each one's
-report holds every finished run. The sweep then also draws `accuracy.png`, top-1 against relative speed. The runs' length and
-data are yours to set, e.g. (Fashion-MNIST: docs/ablation.md)
+report holds every finished run. The sweep then also draws `accuracy.png`, top-1 against relative speed. The
+runs' length and data are yours to set, e.g. (Fashion-MNIST: docs/ablation.md)
     --train --pretrain-args "data.train=SHARDS train.max_steps=200" \\
             --finetune-args "--config configs/finetune/X.yaml data.train=SHARDS data.val=VAL train.max_steps=200"
 """
