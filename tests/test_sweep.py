@@ -210,9 +210,10 @@ def test_train_measures_each_row_per_seed_with_knn_and_resumes(tmp_path):
     assert f"| {row['accuracy_runs'][0]:.1f} (1 of 2 seeds) |" in (tmp_path / "out" / "table.md").read_text()
 
 
-def test_rows_split_a_ladder_between_sweeps_that_share_the_output(tmp_path):
+def test_rows_split_a_ladder_between_sweeps_that_share_the_output(tmp_path, monkeypatch):
     """`rows` trains only those rows; the report also holds the runs that another sweep (here: the result.json
-    files it leaves) finished for the other rows, and an unknown row is refused before anything runs."""
+    files it leaves) finished for the other rows, before and while this one runs, and an unknown row is refused
+    before anything runs."""
     out = tmp_path / "out"
     done = {("baseline", 0): 81.0, ("baseline", 1): 80.0, ("c", 1): 82.5}
     for (row, seed), top1 in done.items():
@@ -224,6 +225,17 @@ def test_rows_split_a_ladder_between_sweeps_that_share_the_output(tmp_path):
     assert rows["baseline"]["accuracy_runs"] == [81.0, 80.0] and rows["c"]["accuracy_runs"] == [82.5]
     assert all(rows[r]["accuracy"] is None for r in "abdef") and results["settings"]["train"]["rows"] == ["baseline"]
     assert "| 82.5 (1 of 2 seeds) |" in (out / "table.md").read_text()
+    def meanwhile(config, row, out_dir, *args):  # this sweep trains a seed while another finishes one of row f
+        for done_dir, top1 in ((out_dir, 83.0), (out / "f" / "seed0", 79.5)):  # c's seed 1 is recorded already
+            done_dir.mkdir(parents=True, exist_ok=True)
+            if not (done_dir / "result.json").exists():
+                (done_dir / "result.json").write_text(json.dumps({"top1": top1, "knn": 77.0}))
+
+    monkeypatch.setattr(sweep, "train_row", meanwhile)
+    rows = {r["row"]: r for r in sweep.sweep(ladder_path("image_fmnist"), out, torch.device("cpu"), rows=("c",),
+                                             **args)["rows"]}
+    assert rows["c"]["accuracy_runs"] == [83.0, 82.5] and rows["f"]["accuracy_runs"] == [79.5]
+    assert "| 79.5 (1 of 2 seeds) |" in (out / "table.md").read_text()
     with pytest.raises(ConfigError, match="--rows g: .* has the rows baseline, a, b"):
         sweep.sweep(ladder_path("image_fmnist"), tmp_path / "other", torch.device("cpu"), rows=("a", "g"), **args)
     assert not (tmp_path / "other").exists()

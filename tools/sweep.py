@@ -294,18 +294,19 @@ def sweep(ladder_path: str | Path, out: str | Path, device: torch.device, batch:
                                    if record["paper_speed"] and base["paper_speed"] else None)
     results = {"title": ladder.title, "ladder": str(ladder_path), "unit": ladder.unit, "notes": ladder.notes,
                "settings": meta, "rows": records}
-    for record in records if train else ():
-        record.update(accuracy_fields(finished_runs(out / record["row"], seeds)))
-    write_report(results, out)
-    for record, (row, spec) in zip(records, ladder.rows.items() if train else ()):
+
+    def report() -> None:  # every row's runs finished so far, by this sweep or by others sharing `out`
+        for record in records if train else ():
+            record.update(accuracy_fields(finished_runs(out / record["row"], seeds)))
+        write_report(results, out)
+
+    report()
+    for row, spec in ladder.rows.items() if train else ():
         if rows and row not in rows:
             continue
-        runs = []
         for seed in range(seeds):  # the report follows every finished run: a long sweep shows its rows so far
-            runs.append(train_row(paths[row], spec, out / row / f"seed{seed}", list(pretrain_args),
-                                  list(finetune_args), seed))
-            record.update(accuracy_fields(runs))
-            write_report(results, out)
+            train_row(paths[row], spec, out / row / f"seed{seed}", list(pretrain_args), list(finetune_args), seed)
+            report()
     return results
 
 
