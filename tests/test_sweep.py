@@ -201,8 +201,12 @@ def test_train_measures_each_row_per_seed_with_knn_and_resumes(tmp_path):
     before = log.stat().st_mtime_ns
     assert sweep.sweep(ladder, tmp_path / "out", torch.device("cpu"), **args)["rows"][0]["accuracy_runs"] == \
         row["accuracy_runs"] and log.stat().st_mtime_ns == before  # nothing ran again
+    other = {**args, "pretrain_args": (*args["pretrain_args"], "model.mask_ratio=0.9")}
+    with pytest.raises(ConfigError, match="train_args.json: this folder's runs were trained with"):
+        sweep.sweep(ladder, tmp_path / "out", torch.device("cpu"), **other)  # would mix two recipes in one row
     shutil.rmtree(tmp_path / "out" / "f" / "seed1")  # seed 1 again, and its fine-tuning fails: the report that is
     broken = {**args, "finetune_args": (*args["finetune_args"], "train.max_step=1")}  # left holds seed 0's run
+    (tmp_path / "out" / "train_args.json").unlink()  # forget the recipe, so that the broken one may run
     with pytest.raises(RuntimeError, match="failed with exit code 2"):
         sweep.sweep(ladder, tmp_path / "out", torch.device("cpu"), **broken)
     [partial] = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]

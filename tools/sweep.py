@@ -18,9 +18,10 @@ and `model.extra`) doing classification inference, as the paper's speed column:
 apps, `--seeds N` times (seeds 0..N-1), and records the fine-tuned top-1 (`accuracy`, mean, std and runs) and,
 when the pretraining runs the k-NN monitor, its last k-NN top-1 (`knn`). Each (row, seed) writes
 `OUT/<row>/seed<s>/result.json` when done, so a rerun skips finished runs, and the apps resume interrupted ones
-(`resume=auto`). `--rows a,b` trains only those rows: sweeps that share OUT split a ladder, and each one's
-report holds every finished run. The sweep then also draws `accuracy.png`, top-1 against relative speed. The
-runs' length and data are yours to set, e.g. (Fashion-MNIST: docs/ablation.md)
+(`resume=auto`); a rerun with other training arguments is refused (OUT/train_args.json). `--rows a,b` trains
+only those rows: sweeps that share OUT split a ladder, and each one's report holds every finished run. The
+sweep then also draws `accuracy.png`, top-1 against relative speed. The runs' length and data are yours to set,
+e.g. (Fashion-MNIST: docs/ablation.md)
     --train --pretrain-args "data.train=SHARDS train.max_steps=200" \\
             --finetune-args "--config configs/finetune/X.yaml data.train=SHARDS data.val=VAL train.max_steps=200"
 """
@@ -223,6 +224,15 @@ def train_row(config: Path, row: LadderRow, out: Path, pretrain_args: list[str],
     return result
 
 
+def same_runs(path: Path, train_args: dict) -> None:
+    """Record the training arguments of the runs in an output folder, or refuse others than those recorded: a
+    rerun skips finished runs, which must not be mixed with runs of another recipe or data."""
+    if path.is_file() and (recorded := json.loads(path.read_text())) != train_args:
+        raise ConfigError(f"{path}: this folder's runs were trained with {recorded}, not {train_args}; pass the "
+                          f"same --pretrain-args and --finetune-args, or use another --out")
+    path.write_text(json.dumps(train_args, indent=2) + "\n")
+
+
 def finished_runs(out: Path, seeds: int) -> list[dict]:
     """The train_row results that a row's seeds 0..seeds-1 have recorded under `out` so far."""
     found = (out / f"seed{seed}" / "result.json" for seed in range(seeds))
@@ -271,6 +281,8 @@ def sweep(ladder_path: str | Path, out: str | Path, device: torch.device, batch:
     paths = {row: row_config_path(ladder_path, ladder, row) for row in ladder.rows}
     cfgs = {row: load_config([str(path)], []) for row, path in paths.items()}
     counts = {row: count(cfgs[row], paths[row]) for row in cfgs}  # also checks that every row builds
+    if train:
+        same_runs(out / "train_args.json", {"pretrain_args": list(pretrain_args), "finetune_args": list(finetune_args)})
     load_before = os.getloadavg()
     seconds = timings(list(cfgs.values()), batch, warmup, iters, device) if iters else [[]] * len(cfgs)
     meta = {**settings(device, batch, warmup, iters), "load_avg_before": load_before,
