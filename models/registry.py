@@ -33,6 +33,7 @@ IMAGENET = Normalization(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
 # 0.255: read here as a typo of 0.225, the value of its other two channels and of SlowFast, whose authors Hiera's share.
 KINETICS = Normalization((0.45, 0.45, 0.45), (0.225, 0.225, 0.225))
 
+
 class ModelConfigError(ValueError):
     """A model config that cannot be built (e.g. a mask unit that the pooling does not tile): the user's to fix."""
 
