@@ -77,6 +77,31 @@ def test_quick_run_writes_results_in_shape_and_resumes(tmp_path, capsys):
     assert code == 2 and "holds a benchmark with other model" in err, err
 
 
+def test_processes_that_share_the_output_measure_one_seed_each_and_the_last_reports(tmp_path, capsys):
+    data = image_tree(tmp_path / "shapes", {"train": 12, "test": 3})
+    out = tmp_path / "bench"
+    args = [sys.executable, "-m", "tools.real_bench", "--data", str(data), "--out", str(out), "--quick",
+            "--seeds", "2", "--only-seed"]
+    # Started together, so the data and the pixels' features are asked for by both at once (a lock makes one
+    # process write them and the other read them).
+    runs = [subprocess.Popen([*args, str(seed)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for seed in (0, 1)]
+    outputs = [run.communicate(timeout=600) for run in runs]
+    for run, (stdout, stderr) in zip(runs, outputs):
+        assert run.returncode == 0, stdout[-2000:] + stderr[-3000:]
+    reported = [stdout for stdout, _ in outputs if "done in " in stdout]
+    assert reported, outputs  # the process that finished last found both seeds' parts
+    for stdout, _ in outputs:
+        assert "done in " in stdout or "the report waits for seed" in stdout, stdout
+    results = json.loads((out / "results.json").read_text())
+    assert results["seeds"] == 2 and len(results["top1"]["random"]["finetune_100"]["runs"]) == 2
+    pixels = results["top1"]["pixels"]["knn"]["runs"]
+    assert pixels[0] == pixels[1]  # both seeds read the same features
+    with pytest.raises(SystemExit) as stop:
+        real_bench.main(["--data", str(data), "--out", str(out), "--seeds", "2", "--only-seed", "2"])
+    assert stop.value.code == 2 and "--only-seed must be one of 0..1" in capsys.readouterr().err
+
+
 def test_moving_fashion_mnist_quick_run(tmp_path):
     rng = np.random.default_rng(0)
     source = write_idx(tmp_path / "idx", rng.integers(0, 256, (64, 28, 28), dtype=np.uint8),

@@ -3,6 +3,7 @@
     python -m tools.real_bench --data fashion-mnist --out runs/bench/fmnist [--seeds 2]
     python -m tools.real_bench --data my_images/ --out runs/bench/mine [--quick]
     python -m tools.real_bench --data moving-fashion-mnist --out runs/bench/mfmnist
+    python -m tools.real_bench ... --seeds 2 --only-seed 1   # one seed per process, all sharing --out
 
 `--data` is `fashion-mnist` (the offline system package, data/fashion_mnist.py) or a folder with `train/` and
 `test/`, each holding one sub-folder of images per class, of any size (the loader resizes them to the
@@ -13,13 +14,13 @@ and its test clips are scored again with their frames shuffled (chance is 25%).
 
 For each seed, the encoder is pretrained (configs/pretrain/fmnist_<model>.yaml, with the online k-NN monitor)
 and then, for the pretrained encoder and for the same architecture at its random initialisation:
-- `knn`: weighted k-NN of frozen features (the monitor's: k 20, T 0.07, cosine);
+- `knn`: weighted k-NN of frozen features (the monitor's T 0.07 and cosine; k 10, 20 or 50);
 - `linear`: a linear probe (BatchNorm + linear layer, finetune.probe.fit_probe) on frozen features computed
   once (no augmentation: the fast path of `train.mode=linear_probe`);
 - `finetune_1`, `finetune_10`, `finetune_100`: fine-tuning (configs/finetune/fmnist_<model>.yaml) on 1%, 10%
   and 100% of the train labels (class-balanced subsets drawn from the seed).
 Raw pixels (the eval view, flattened) get the same `knn` and `linear`. Settings of the frozen protocols
-(features: pooled last stage or all stages; centring; probe lr and weight decay) are chosen on validation.
+(features: pooled last stage or all stages; centring; k; probe lr and weight decay) are chosen on validation.
 Test is scored once per measurement, with the chosen settings. Every part writes its result when done,
 so a rerun after an interruption skips the finished parts (pretraining and fine-tuning resume from their
 checkpoints). Writes OUT/results.json, OUT/table.md and OUT/plot.png; logs of each run go to OUT/logs/.
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import functools
 import hashlib
 import json
@@ -82,9 +84,10 @@ class Budget:
     images_per_class: int | None = None  # cap on train and test images per class (None: all)
     pretrain: tuple[str, ...] = ()  # overrides of the pretraining config
     finetune: tuple[str, ...] = ()  # overrides of the fine-tuning config
-    finetune_epochs: dict[int, float] = field(default_factory=lambda: {1: 40, 10: 8, 100: 2})
+    finetune_epochs: dict[int, float] = field(default_factory=lambda: {1: 40, 10: 8, 100: 4})
+    knn_ks: tuple[int, ...] = (10, 20, 50)  # neighbours (the monitor's: 20)
     probe_epochs: int = 15
-    probe_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
+    probe_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2)
     probe_weight_decays: tuple[float, ...] = (0.0, 1e-3)
     feature_batch: int = 256
     clips: tuple[int, int] = (8000, 2000)  # moving-fashion-mnist: train and test clips
@@ -99,8 +102,8 @@ QUICK = Budget(images_per_class=24,
                pretrain=("train.max_steps=8", "train.batch_size=16", "eval.knn.every=5", "log.every=4",
                          "log.visualize_every=6", "train.checkpoint_every=6", "data.num_workers=1"),
                finetune=("train.max_steps=6", "train.batch_size=16", "log.every=2", "data.num_workers=1"),
-               finetune_epochs={1: 4, 10: 2, 100: 1}, probe_epochs=3, probe_lrs=(1e-2,), probe_weight_decays=(0.0,),
-               feature_batch=32, clips=(60, 20), direction_epochs=1)
+               finetune_epochs={1: 4, 10: 2, 100: 1}, knn_ks=(20,), probe_epochs=3, probe_lrs=(1e-2,),
+               probe_weight_decays=(0.0,), feature_batch=32, clips=(60, 20), direction_epochs=1)
 
 
 class Pixels(torch.nn.Module):
@@ -133,11 +136,14 @@ class Bench:
     # ---------------------------------------------------------------- bookkeeping
 
     def phase(self, name: str, result_path: Path, work) -> dict:
-        """Run `work()` -> result dict unless `result_path` holds its result; print one line with the time."""
+        """Run `work()` -> result dict unless `result_path` holds its result (None when it does not and this
+        process does not measure the seed); print one line with the time."""
         if result_path.is_file():
             result = json.loads(result_path.read_text())
             print(f"{name}: done before ({result['seconds']:.0f} s)", flush=True)
             return result
+        if not self.measuring:  # another process measures this seed (--only-seed)
+            return None
         began = time.perf_counter()
         self.log = self.out / "logs" / f"{result_path.parent.name}_{result_path.stem}.log"
         self.log.parent.mkdir(parents=True, exist_ok=True)
@@ -259,18 +265,19 @@ class Bench:
         `model`, computed once into `directory` (chunks of finetune.features)."""
         model.to(self.accelerator.device).eval()
         found = {}
-        for split in ("train", "val", "test"):
-            out = directory / split
-            if not (out / "info.json").is_file():
-                loader = self.eval_loader(split)
-                loaded = Loaded(model, name, (), self.eval_config.data, self.eval_config.eval,
-                                normalization(self.eval_config))
-                job = {"model": name, "split": split, "stages": stages, "batch_size": self.budget.feature_batch,
-                       "batches_per_chunk": 64, "views": [1, 1], "shards": loader.shards.fingerprint}
-                out.mkdir(parents=True, exist_ok=True)
-                with self.accelerator.autocast():
-                    export(loaded, loader, out, job, self.accelerator.device)
-            found[split] = read_features(out)
+        with locked(directory / "lock"):  # processes that share OUT (--only-seed) share the pixels' features
+            for split in ("train", "val", "test"):
+                out = directory / split
+                if not (out / "info.json").is_file():
+                    loader = self.eval_loader(split)
+                    loaded = Loaded(model, name, (), self.eval_config.data, self.eval_config.eval,
+                                    normalization(self.eval_config))
+                    job = {"model": name, "split": split, "stages": stages, "batch_size": self.budget.feature_batch,
+                           "batches_per_chunk": 64, "views": [1, 1], "shards": loader.shards.fingerprint}
+                    out.mkdir(parents=True, exist_ok=True)
+                    with self.accelerator.autocast():
+                        export(loaded, loader, out, job, self.accelerator.device)
+                found[split] = read_features(out)
         return found
 
     def frozen(self, found: dict[str, dict], seed: int) -> dict:
@@ -279,7 +286,7 @@ class Bench:
         labels = {split: f["labels"] for split, f in found.items()}
         kinds = [k for k in ("last", "stages") if k in found["train"]]
 
-        def knn(kind: str, centre: bool) -> Callable:
+        def knn(kind: str, centre: bool, k: int) -> Callable:
             bank = found["train"][kind]
             shift = bank.mean(0) if centre else torch.zeros(bank.shape[1])
 
@@ -287,7 +294,8 @@ class Bench:
                 x = x - shift
                 return normalize_stages(x, found["train"]["widths"]) if kind == "stages" else x
 
-            return lambda query: knn_scores(prepare(bank), labels["train"], prepare(found[query][kind]), num_classes)
+            return lambda query: knn_scores(prepare(bank), labels["train"], prepare(found[query][kind]), num_classes,
+                                            k=k)
 
         def probe(kind: str, lr: float, weight_decay: float) -> Callable:
             head, _ = fit_probe(found["train"][kind], labels["train"], num_classes, lr, weight_decay,
@@ -295,8 +303,8 @@ class Bench:
             return lambda query: head(found[query][kind].float()).detach()
 
         b = self.budget
-        knn_grid = {f"{kind}, {'centred' if centre else 'raw'}": (kind, centre) for kind in kinds
-                    for centre in (False, True)}
+        knn_grid = {f"{kind}, {'centred' if centre else 'raw'}, k {k}": (kind, centre, k) for kind in kinds
+                    for centre in (False, True) for k in b.knn_ks}
         probe_grid = {f"{kind}, lr {lr:g}, wd {wd:g}": (kind, lr, wd) for kind in kinds for lr in b.probe_lrs
                       for wd in b.probe_weight_decays}
         return {"knn": chosen_on_val(knn_grid, knn, labels), "linear": chosen_on_val(probe_grid, probe, labels)}
@@ -363,13 +371,19 @@ class Bench:
             result["summary"] += f", {test['shuffled']['top1']:.1f}% with frames shuffled"
         return result
 
-    def run(self) -> dict:
+    def run(self, only_seed: int | None = None) -> dict | None:
+        """Measure every seed, or only `only_seed` (processes that share OUT, one seed each); then the report,
+        once every seed's parts are in OUT (None until then)."""
         began = time.perf_counter()
+        self.measuring = True
         self.splits, self.classes = self.split_inputs()
         self.check_settings()
-        data = self.phase("data", self.out / "parts" / "data.json", self.prepare_data)
+        with locked(self.out / "parts" / "data.lock"):  # processes that share OUT (--only-seed) write it once
+            data = self.phase("data", self.out / "parts" / "data.json", self.prepare_data)
         parts = {}
-        for seed in range(self.seeds):
+        others = [s for s in range(self.seeds) if s != only_seed]
+        for seed in others if only_seed is None else [only_seed, *others]:  # the others' parts read after
+            self.measuring = only_seed in (None, seed)
             where = self.out / "parts" / f"seed{seed}"
             parts[(seed, "pixels")] = self.phase(f"[seed {seed}] pixels", where / "pixels.json",
                                                  partial(self.frozen_phase, "pixels", seed))
@@ -386,6 +400,11 @@ class Bench:
                     parts[(seed, init, "direction")] = self.phase(
                         f"[seed {seed}] finetune {init} direction", where / f"finetune_{init}_direction.json",
                         partial(self.finetune, init, 100, seed, "direction"))
+        waiting = sorted({key[0] for key, part in parts.items() if part is None})
+        if waiting:
+            print(f"seed {only_seed} done; the report waits for seed {', '.join(map(str, waiting))} (rerun once "
+                  f"it has finished)", flush=True)
+            return None
         results = collect(parts, self.seeds, dataset=self.data, data=data, classes=self.classes)
         if self.video:  # the ceiling of the shuffled-frames test
             results["order_blind_top1"] = order_blind_top1("test", self.budget.clips[1])
@@ -395,6 +414,15 @@ class Bench:
 
 
 # ---------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def locked(path: Path):
+    """An exclusive lock on `path` (made if missing) among processes, held for the `with` block."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def per_class(inputs: list[Input], cap: int) -> list[Input]:
@@ -500,15 +528,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", choices=("hiera", "mvitv2"), default="hiera",
                         help="configs/{pretrain,finetune}/fmnist_<model>.yaml")
     parser.add_argument("--seeds", type=int, default=1, help="repeat every measurement with seeds 0..N-1")
+    parser.add_argument("--only-seed", type=int, metavar="S",
+                        help="measure only seed S (processes sharing --out, one seed each; the last one reports)")
     parser.add_argument("--quick", action="store_true", help="a smoke-sized run (minutes)")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
+    if args.only_seed is not None and not 0 <= args.only_seed < args.seeds:
+        parser.error(f"--only-seed must be one of 0..{args.seeds - 1} (--seeds {args.seeds})")
     try:
-        results = Bench(args.data, args.out, args.model, QUICK if args.quick else FULL, args.seeds).run()
+        bench = Bench(args.data, args.out, args.model, QUICK if args.quick else FULL, args.seeds)
+        results = bench.run(args.only_seed)
     except (BenchError, FashionMnistError, ConfigError, CheckpointError, DataFailureError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if results is None:
+        return 0
     print(f"done in {results['seconds']:.0f} s of measured work: {args.out}/results.json, table.md"
           + (", plot.png" if (args.out / "plot.png").is_file() else ""))
     return 0
