@@ -377,8 +377,8 @@ class Bench:
         began = time.perf_counter()
         self.measuring = True
         self.splits, self.classes = self.split_inputs()
-        self.check_settings()
         with locked(self.out / "parts" / "data.lock"):  # processes that share OUT (--only-seed) write it once
+            self.check_settings()
             data = self.phase("data", self.out / "parts" / "data.json", self.prepare_data)
         parts = {}
         others = [s for s in range(self.seeds) if s != only_seed]
