@@ -84,8 +84,9 @@ def test_processes_that_share_the_output_measure_one_seed_each_and_the_last_repo
             "--seeds", "2", "--only-seed"]
     # Started together, so the data and the pixels' features are asked for by both at once (a lock makes one
     # process write them and the other read them).
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on the suite's share of the cores
     runs = [subprocess.Popen([*args, str(seed)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True) for seed in (0, 1)]
+                             text=True, env=env) for seed in (0, 1)]
     outputs = [run.communicate(timeout=600) for run in runs]
     for run, (stdout, stderr) in zip(runs, outputs):
         assert run.returncode == 0, stdout[-2000:] + stderr[-3000:]
