@@ -381,8 +381,7 @@ class Bench:
             self.check_settings()
             data = self.phase("data", self.out / "parts" / "data.json", self.prepare_data)
         parts = {}
-        others = [s for s in range(self.seeds) if s != only_seed]
-        for seed in others if only_seed is None else [only_seed, *others]:  # the others' parts read after
+        for seed in sorted(range(self.seeds), key=lambda s: s != only_seed):  # the others' parts read after
             self.measuring = only_seed in (None, seed)
             where = self.out / "parts" / f"seed{seed}"
             parts[(seed, "pixels")] = self.phase(f"[seed {seed}] pixels", where / "pixels.json",
